@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -83,7 +84,9 @@ class FakeModelAPI:
         self.hanging = 0
         self.disconnected = threading.Event()
         self.release: asyncio.Event | None = None
-        self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
+        self.app = Starlette(
+            routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])]
+        )
 
     def reset(self, *replies: Reply) -> None:
         self.script, self.requests, self.headers = list(replies), [], []
@@ -186,6 +189,10 @@ class ServerThread:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"
 
+    @property
+    def app_ctx(self) -> server.AppContext:
+        return self.server.config.app.state.ctx
+
     def call(self, coroutine: Any) -> Any:
         """Run a coroutine on the server's event loop and return its result."""
         loop = self.server.servers[0].get_loop()  # type: ignore[attr-defined]
@@ -282,13 +289,527 @@ def names(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Smoke
+# Streaming and JSON chat
 # ---------------------------------------------------------------------------
 
 
-def test_stream_sends_chunks_message_and_done_in_order(service: ServerThread, upstream: FakeModelAPI) -> None:
+def test_stream_sends_status_chunks_message_and_done_in_order(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
     upstream.reset(Reply(content="你好 世界 from the model"))
     response, events = stream(service.url, {"message": "hi"})
     assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-accel-buffering"] == "no"
     assert names(events) == ["status"] + ["chunk"] * 5 + ["message", "done"]
+    started, done = events[0][1], events[-1][1]
+    assert started["status"] == "started" and started["conversation_id"] == done["conversation_id"]
     assert "".join(d["content"] for n, d in events if n == "chunk") == "你好 世界 from the model"
+    assert events[-2][1] == {"content": "你好 世界 from the model", "source": "assistant"}
+    assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
+
+
+def test_stream_events_are_one_line_json_with_readable_chinese(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="第一行\n第二行"))
+    response, events = stream(service.url, {"message": "hi"})
+    assert "第一行\\n第二行" in response.text
+    for block in response.text.strip().split("\n\n"):
+        assert len(block.split("\n")) == 2
+    assert events[-2][1]["content"] == "第一行\n第二行"
+
+
+def test_model_api_is_asked_for_usage_in_streams(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    client.post("/api/chat", json={"message": "hi"})
+    assert upstream.requests[0]["stream"] is True
+    assert upstream.requests[0]["stream_options"] == {"include_usage": True}
+    assert upstream.headers[0]["authorization"] == f"Bearer {SERVICE_KEY}"
+
+
+def test_chat_answers_json_with_message_usage_and_conversation_id(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="Paris is the capital."))
+    response = client.post("/api/chat", json={"message": "Capital of France?"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "success"
+    assert body["message"] == "Paris is the capital."
+    assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
+    assert body["tool_calls"] == []
+    assert len(body["conversation_id"]) == 36
+
+
+def test_calculate_tool_runs_end_to_end_and_its_result_reaches_the_model(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(
+        Reply(tool_calls=[("calculate", {"expression": "(2 + 3) * 4 ** 2"})]),
+        Reply(content="It is 80."),
+    )
+    response, events = stream(service.url, {"message": "What is (2+3)*4^2?"})
+    assert names(events) == [
+        "status", "status", "tool_call", "tool_result", "status", "chunk", "chunk", "chunk", "message", "done",
+    ]  # fmt: skip
+    assert [d["status"] for n, d in events if n == "status"] == [
+        "started",
+        "calling_tool",
+        "responding",
+    ]
+    call, result = events[2][1], events[3][1]
+    assert call == {
+        "id": "call_0",
+        "name": "calculate",
+        "arguments": '{"expression": "(2 + 3) * 4 ** 2"}',
+    }
+    assert result == {"call_id": "call_0", "name": "calculate", "content": "80", "is_error": False}
+    tool_message = upstream.requests[1]["messages"][-1]
+    assert tool_message == {"role": "tool", "tool_call_id": "call_0", "content": "80"}
+    assert events[-1][1]["usage"] == {"prompt_tokens": 22, "completion_tokens": 14}
+
+
+def test_chat_json_lists_tool_calls_with_their_results(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(
+        Reply(tool_calls=[("get_current_time", {"timezone": "Asia/Tokyo"})]), Reply(content="Now.")
+    )
+    body = client.post("/api/chat", json={"message": "time in Tokyo?"}).json()
+    [call] = body["tool_calls"]
+    assert call["name"] == "get_current_time" and call["is_error"] is False
+    assert call["result"].endswith("Asia/Tokyo)") and "+09:00" in call["result"]
+    assert body["message"] == "Now."
+
+
+def test_bad_time_zone_is_a_tool_error_and_the_turn_still_completes(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(
+        Reply(tool_calls=[("get_current_time", {"timezone": "Mars/Base"})]), Reply(content="Sorry.")
+    )
+    _, events = stream(service.url, {"message": "time on Mars?"})
+    result = next(d for n, d in events if n == "tool_result")
+    assert result["is_error"] is True and "Mars/Base" in result["content"]
+    assert names(events)[-1] == "done"
+
+
+def test_reasoning_goes_to_thought_events_and_chunks_carry_only_the_answer(
+    service: ServerThread, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
+) -> None:
+    upstream.reset(Reply(reasoning="Let me think about it", content="The answer is 4."))
+    _, events = stream(service.url, {"message": "2+2?"})
+    thought = "".join(d["content"] for n, d in events if n == "thought")
+    answer = "".join(d["content"] for n, d in events if n == "chunk")
+    assert thought == "Let me think about it"
+    assert answer == "The answer is 4."
+    assert names(events).index("thought") < names(events).index("chunk")
+    assert events[-2] == ("message", {"content": "The answer is 4.", "source": "assistant"})
+
+
+def test_stored_assistant_message_keeps_the_thought_apart(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(reasoning="hmm", content="Four."))
+    conversation_id = client.post("/api/chat", json={"message": "2+2?"}).json()["conversation_id"]
+    messages = client.get(f"/api/conversations/{conversation_id}").json()["messages"]
+    assert messages[1]["content"] == "Four." and messages[1]["thought"] == "hmm"
+
+
+def test_a_ping_comment_is_sent_while_the_model_is_quiet(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))
+    with ServerThread(server.create_app(settings_for(PING_INTERVAL="0.05"))) as service:
+        with httpx.Client(timeout=10) as http:
+            with http.stream(
+                "POST", service.url + "/api/chat/stream", json={"message": "hi"}
+            ) as response:
+                seen = ""
+                for text in response.iter_text():
+                    seen += text
+                    if ": ping\n\n" in seen:
+                        break
+    assert "event: chunk" in seen and seen.index("event: chunk") < seen.index(": ping")
+
+
+# ---------------------------------------------------------------------------
+# Conversations and memory
+# ---------------------------------------------------------------------------
+
+
+def test_second_turn_sends_the_first_turn_to_the_model(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="Nice to meet you, Ada."), Reply(content="You are Ada."))
+    first = client.post("/api/chat", json={"message": "I am Ada."}).json()
+    client.post(
+        "/api/chat", json={"message": "Who am I?", "conversation_id": first["conversation_id"]}
+    )
+    sent = [(m["role"], m["content"]) for m in upstream.requests[1]["messages"]]
+    assert sent[0][0] == "system"
+    assert sent[1:] == [
+        ("user", "I am Ada."),
+        ("assistant", "Nice to meet you, Ada."),
+        ("user", "Who am I?"),
+    ]
+
+
+def test_unknown_conversation_id_starts_a_new_conversation_under_that_id(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    body = client.post("/api/chat", json={"message": "hi", "conversation_id": "my-chat:1"}).json()
+    assert body["conversation_id"] == "my-chat:1"
+    assert len(upstream.requests[0]["messages"]) == 2
+    assert client.get("/api/conversations/my-chat:1").status_code == 200
+
+
+def test_conversation_survives_a_restart_on_the_same_database(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    settings = settings_for()
+    with TestClient(server.create_app(settings)) as first:
+        first.post("/api/chat", json={"message": "Remember 42.", "conversation_id": "keep"})
+    with TestClient(server.create_app(settings)) as second:
+        second.post("/api/chat", json={"message": "What number?", "conversation_id": "keep"})
+        stored = second.get("/api/conversations/keep").json()
+    sent = [m["content"] for m in upstream.requests[1]["messages"][1:]]
+    assert sent == ["Remember 42.", "echo: Remember 42.", "What number?"]
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
+
+
+def test_history_sent_to_the_model_is_bounded_and_starts_at_a_user_message(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with TestClient(server.create_app(settings_for(MAX_HISTORY_MESSAGES="3"))) as client:
+        upstream.reset(Reply(tool_calls=[("calculate", {"expression": "1+1"})]), Reply(content="2"))
+        client.post("/api/chat", json={"message": "one", "conversation_id": "c"})
+        for text in ("two", "three"):
+            client.post("/api/chat", json={"message": text, "conversation_id": "c"})
+        stored = client.get("/api/conversations/c").json()["messages"]
+    sent = [(m["role"], m["content"]) for m in upstream.requests[-1]["messages"]]
+    assert sent == [
+        ("system", sent[0][1]),
+        ("user", "two"),
+        ("assistant", "echo: two"),
+        ("user", "three"),
+    ]
+    assert len(stored) == 8  # all are stored: user, call, result, answer, then two short turns
+
+
+def test_tool_result_is_never_sent_without_its_call(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with TestClient(server.create_app(settings_for(MAX_HISTORY_MESSAGES="2"))) as client:
+        upstream.reset(Reply(tool_calls=[("calculate", {"expression": "1+1"})]), Reply(content="2"))
+        client.post("/api/chat", json={"message": "one", "conversation_id": "c"})
+        client.post("/api/chat", json={"message": "two", "conversation_id": "c"})
+    for request in upstream.requests:
+        roles = [m["role"] for m in request["messages"]]
+        assert roles[1] == "user"
+        for index, role in enumerate(roles):
+            if role == "tool":
+                assert roles[index - 1] in {"assistant", "tool"}
+
+
+def test_conversations_are_listed_newest_first_with_paging(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    for name in ("a", "b", "c"):
+        client.post("/api/chat", json={"message": f"hello {name}", "conversation_id": name})
+    page = client.get("/api/conversations?limit=2").json()
+    assert [c["conversation_id"] for c in page["conversations"]] == ["c", "b"]
+    assert page["total"] == 3 and page["limit"] == 2 and page["offset"] == 0
+    rest = client.get("/api/conversations?limit=2&offset=2").json()
+    assert [c["conversation_id"] for c in rest["conversations"]] == ["a"]
+    assert rest["conversations"][0]["title"] == "hello a"
+    assert rest["conversations"][0]["message_count"] == 2
+
+
+def test_conversation_holds_messages_with_tool_calls_results_and_timestamps(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(tool_calls=[("calculate", {"expression": "6*7"})]), Reply(content="42"))
+    client.post("/api/chat", json={"message": "6 times 7?", "conversation_id": "t"})
+    body = client.get("/api/conversations/t").json()
+    user, call, result, answer = body["messages"]
+    assert user["role"] == "user" and user["content"] == "6 times 7?"
+    assert call["role"] == "assistant" and call["tool_calls"][0]["name"] == "calculate"
+    assert result == {
+        **result,
+        "role": "tool",
+        "call_id": "call_0",
+        "content": "42",
+        "is_error": False,
+    }
+    assert answer["role"] == "assistant" and answer["content"] == "42"
+    assert all(m["created_at"].endswith("Z") for m in body["messages"])
+    assert body["created_at"] <= body["updated_at"]
+
+
+def test_delete_removes_a_conversation_and_a_second_delete_is_404(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    client.post("/api/chat", json={"message": "hi", "conversation_id": "gone"})
+    assert client.delete("/api/conversations/gone").status_code == 204
+    assert client.get("/api/conversations/gone").status_code == 404
+    second = client.delete("/api/conversations/gone")
+    assert second.status_code == 404 and second.json()["error"]["code"] == "not_found"
+
+
+def test_a_running_conversation_is_busy_while_others_run_in_parallel(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d e", fault="hang"), Reply(content="other"))
+    with httpx.Client(timeout=10) as http:
+        with http.stream(
+            "POST",
+            service.url + "/api/chat/stream",
+            json={"message": "x", "conversation_id": "busy"},
+        ) as held:
+            received = held.iter_text()  # one iterator: dropping it would close the stream
+            assert next(received).startswith("event: status")
+            assert wait_until(lambda: upstream.hanging == 1)
+            again = http.post(
+                service.url + "/api/chat", json={"message": "y", "conversation_id": "busy"}
+            )
+            delete = http.delete(service.url + "/api/conversations/busy")
+            other = http.post(
+                service.url + "/api/chat", json={"message": "z", "conversation_id": "free"}
+            )
+    assert again.status_code == 409 and again.json()["error"]["code"] == "conversation_busy"
+    assert delete.status_code == 409
+    assert other.status_code == 200 and other.json()["message"] == "other"
+
+
+def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_nothing(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="saved"), Reply(content="a b c d e", fault="hang"))
+    with httpx.Client(timeout=10) as http:
+        http.post(service.url + "/api/chat", json={"message": "first", "conversation_id": "d"})
+        before = http.get(service.url + "/api/conversations/d").json()
+        with http.stream(
+            "POST",
+            service.url + "/api/chat/stream",
+            json={"message": "second", "conversation_id": "d"},
+        ) as response:
+            for text in response.iter_text():
+                if "event: chunk" in text:
+                    break
+        assert upstream.disconnected.wait(1.0), "the model request was not closed within 1 s"
+        assert wait_until(lambda: not service.app_ctx.turns)
+        after = http.get(service.url + "/api/conversations/d").json()
+        retry = http.post(
+            service.url + "/api/chat", json={"message": "second", "conversation_id": "d"}
+        )
+    assert after == before
+    assert retry.status_code == 200
+    assert [m["content"] for m in upstream.requests[-1]["messages"][1:]] == [
+        "first",
+        "saved",
+        "second",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Configuration, index, health and docs
+# ---------------------------------------------------------------------------
+
+
+def test_without_api_key_health_is_degraded_and_chat_says_to_set_it(
+    settings_for: Callable[..., server.Settings],
+) -> None:
+    with TestClient(server.create_app(settings_for(API_KEY=""))) as client:
+        health = client.get("/health")
+        chat = client.post("/api/chat", json={"message": "hi"})
+        streamed = client.post("/api/chat/stream", json={"message": "hi"})
+        assert client.get("/").status_code == 200 and client.get("/docs").status_code == 200
+        assert client.get("/api/conversations").status_code == 200
+    assert health.status_code == 200
+    assert health.json()["status"] == "degraded" and health.json()["agent_ready"] is False
+    assert "API_KEY" in health.json()["reasons"][0]
+    for response in (chat, streamed):
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "not_configured"
+        assert "API_KEY" in response.json()["error"]["message"]
+
+
+def test_health_is_ok_with_model_agent_and_database(client: TestClient) -> None:
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["reasons"] == []
+    assert (
+        body["model"] == "deepseek-chat"
+        and body["agent_ready"] is True
+        and body["database"] is True
+    )
+
+
+def test_index_names_model_and_host_but_never_the_key(client: TestClient) -> None:
+    response = client.get("/")
+    body = response.json()
+    assert body["model"] == "deepseek-chat" and body["base_url_host"] == "127.0.0.1"
+    assert body["docs"] == {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"}
+    assert SERVICE_KEY not in response.text
+
+
+@pytest.mark.parametrize(
+    "path, marker", [("/docs", "swagger-ui"), ("/redoc", "redoc")], ids=["swagger", "redoc"]
+)
+def test_docs_pages_load_the_openapi_document(client: TestClient, path: str, marker: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert marker in response.text and "/openapi.json" in response.text
+
+
+def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.1")
+    documented = {
+        (path, method.upper()) for path, item in document["paths"].items() for method in item
+    }
+    served = {
+        (route.path, method)
+        for route in client.app.routes  # type: ignore[attr-defined]
+        for method in route.methods - {"HEAD"}
+    }
+    assert documented == served
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            assert "200" in operation["responses"] or "204" in operation["responses"], path
+    refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(document)))
+    assert refs <= set(document["components"]["schemas"])
+    stream_doc = document["paths"]["/api/chat/stream"]["post"]["responses"]["200"]["description"]
+    for event in (
+        "status",
+        "chunk",
+        "thought",
+        "tool_call",
+        "tool_result",
+        "message",
+        "done",
+        "error",
+    ):
+        assert f"| {event} |" in stream_doc
+
+
+def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    codes = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"][
+        "enum"
+    ]
+    assert set(codes) == set(server.ERRORS)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PORT", "eighty"),
+        ("PORT", "0"),
+        ("REQUEST_TIMEOUT", "-1"),
+        ("MAX_HISTORY_MESSAGES", "0"),
+        ("BASE_URL", "api.deepseek.com"),
+        ("MODEL_FUNCTION_CALLING", "maybe"),
+        ("TOOLS", "calculate,shell"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+    ids=[
+        "port-text",
+        "port-zero",
+        "timeout-negative",
+        "history-zero",
+        "url-no-scheme",
+        "bool",
+        "tool",
+        "log",
+    ],
+)
+def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(server.SettingsError) as error:
+        server.load_settings()
+    assert name in str(error.value) and value in str(error.value)
+
+
+def test_dotenv_is_read_and_the_real_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text("MODEL_NAME=from-dotenv\nPORT=9001\n", encoding="utf-8")
+    monkeypatch.setenv("PORT", "9002")
+    settings = server.load_settings()
+    assert settings.model_name == "from-dotenv" and settings.port == 9002
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (
+            {"MODEL_NAME": "deepseek-chat"},
+            {"function_calling": True, "family": "unknown", "vision": False},
+        ),
+        ({"MODEL_NAME": "deepseek-reasoner"}, {"function_calling": False, "family": "r1"}),
+        (
+            {"MODEL_NAME": "qwen2.5:7b"},
+            {"function_calling": True, "json_output": False, "family": "unknown"},
+        ),
+        ({"MODEL_NAME": "gpt-4o"}, {"vision": True, "function_calling": True}),
+        (
+            {
+                "MODEL_NAME": "llava",
+                "MODEL_VISION": "true",
+                "MODEL_FUNCTION_CALLING": "false",
+                "MODEL_FAMILY": "x",
+            },
+            {"vision": True, "function_calling": False, "family": "x"},
+        ),
+    ],
+    ids=["deepseek-chat", "deepseek-reasoner", "ollama-default", "autogen-known", "overrides"],
+)
+def test_model_info_works_for_models_autogen_does_not_know(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: dict[str, Any]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    info = server.load_settings().model_info
+    assert {key: info[key] for key in expected} == expected
+    assert set(info) >= {"vision", "function_calling", "json_output", "family", "structured_output"}
+
+
+def test_tools_setting_empty_turns_tools_off(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with TestClient(server.create_app(settings_for(TOOLS=""))) as client:
+        client.post("/api/chat", json={"message": "hi"})
+    assert "tools" not in upstream.requests[0]
+    with TestClient(server.create_app(settings_for(TOOLS="calculate"))) as client:
+        client.post("/api/chat", json={"message": "hi"})
+    assert [t["function"]["name"] for t in upstream.requests[1]["tools"]] == ["calculate"]
+
+
+# ---------------------------------------------------------------------------
+# The calculator
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expression, result",
+    [("1 + 2 * 3", "7"), ("(1 + 2) * 3", "9"), ("7 / 2", "3.5"), ("7 // 2", "3"), ("7 % 4", "3"),
+     ("2 ** 10", "1024"), ("-3 + +4", "1"), ("0.1 + 0.2", "0.30000000000000004"), ("2 ** -1", "0.5")],
+)  # fmt: skip
+def test_calculate_does_arithmetic(expression: str, result: str) -> None:
+    assert server.calculate(expression) == result
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["__import__('os')", "x + 1", "abs(-1)", "1 / 0", "10 ** 100000", "(10 ** 300) ** 20", "1e308 * 10",
+     "(-8) ** 0.5", "1 +", "'a' * 3", "[1] * 2", "True + 1", "9" * 201],
+)  # fmt: skip
+def test_calculate_refuses_what_is_not_bounded_arithmetic(expression: str) -> None:
+    with pytest.raises(ValueError):
+        server.calculate(expression)
