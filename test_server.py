@@ -8,11 +8,13 @@ in-process; streams run under a real uvicorn so SSE framing and disconnects are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -813,3 +815,539 @@ def test_calculate_does_arithmetic(expression: str, result: str) -> None:
 def test_calculate_refuses_what_is_not_bounded_arithmetic(expression: str) -> None:
     with pytest.raises(ValueError):
         server.calculate(expression)
+
+
+# ---------------------------------------------------------------------------
+# Faults of the model API
+# ---------------------------------------------------------------------------
+
+FAULTS = [
+    ("401", Reply(status=401), "upstream_auth", 502),
+    ("403", Reply(status=403), "upstream_auth", 502),
+    (
+        "429-retry-after",
+        Reply(status=429, headers={"Retry-After": "7"}),
+        "upstream_rate_limited",
+        429,
+    ),
+    ("429", Reply(status=429), "upstream_rate_limited", 429),
+    ("500", Reply(status=500), "upstream_error", 502),
+    ("503", Reply(status=503), "upstream_error", 502),
+    ("dropped-mid-stream", Reply(content="a b c d", fault="drop"), "upstream_error", 502),
+    ("truncated", Reply(content="a b c d", fault="truncate"), "upstream_incomplete", 502),
+    ("bad-json-chunk", Reply(content="a b c d", fault="bad_json"), "upstream_error", 502),
+    ("no-first-byte", Reply(fault="stall"), "upstream_timeout", 504),
+    ("no-next-chunk", Reply(content="a b c d", fault="hang"), "upstream_timeout", 504),
+    ("model-404", Reply(status=404), "model_not_found", 502),
+]
+
+
+def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, Any]:
+    """Seed a conversation, fail a streamed and a JSON turn with `fault`, then chat again."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        upstream.reset(Reply(content="kept"))
+        http.post("/api/chat", json={"message": "first", "conversation_id": "f"})
+        before = http.get("/api/conversations/f").json()
+        upstream.reset(fault, Reply(**{**fault.__dict__}))
+        streamed = http.post("/api/chat/stream", json={"message": "boom", "conversation_id": "f"})
+        answered = http.post("/api/chat", json={"message": "boom", "conversation_id": "f"})
+        after = http.get("/api/conversations/f").json()
+        upstream.reset(Reply(content="fine"))
+        next_turn = http.post("/api/chat", json={"message": "again", "conversation_id": "f"})
+    return {
+        "events": parse_sse(streamed.text),
+        "answered": answered,
+        "unchanged": before == after,
+        "next": next_turn,
+    }
+
+
+@pytest.mark.parametrize("fault, code, status", [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
+def test_a_model_api_fault_ends_the_turn_with_one_error_and_changes_nothing(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    fault: Reply,
+    code: str,
+    status: int,
+) -> None:
+    with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT="0.5"))) as service:
+        outcome = fault_scenario(service.url, upstream, fault)
+    events = outcome["events"]
+    assert names(events).count("error") == 1 and events[-1][0] == "error"
+    assert events[-1][1]["code"] == code
+    assert outcome["answered"].status_code == status
+    assert outcome["answered"].json()["error"]["code"] == code
+    assert outcome["unchanged"], "the failed turn changed the stored conversation"
+    assert outcome["next"].status_code == 200 and outcome["next"].json()["message"] == "fine"
+
+
+def test_rate_limit_passes_the_wait_on(client: TestClient, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(status=429, headers={"Retry-After": "7"}))
+    response = client.post("/api/chat", json={"message": "hi"})
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["error"]["retry_after"] == 7
+
+
+def test_model_not_found_names_the_model_setting(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(status=404))
+    error = client.post("/api/chat", json={"message": "hi"}).json()["error"]
+    assert "MODEL_NAME='deepseek-chat'" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["http://127.0.0.1:9/v1", "http://nothing.invalid/v1"],
+    ids=["connection-refused", "name-not-resolved"],
+)
+def test_an_unreachable_model_api_is_reported_as_such(
+    settings_for: Callable[..., server.Settings], base_url: str
+) -> None:
+    with ServerThread(server.create_app(settings_for(BASE_URL=base_url))) as service:
+        _, events = stream(service.url, {"message": "hi", "conversation_id": "u"})
+        with httpx.Client(timeout=30) as http:
+            answered = http.post(service.url + "/api/chat", json={"message": "hi"})
+            stored = http.get(service.url + "/api/conversations/u")
+    assert events[-1] == (
+        "error",
+        {"code": "upstream_unreachable", "message": server.ERRORS["upstream_unreachable"][1]},
+    )
+    assert answered.status_code == 502 and stored.status_code == 404
+
+
+def test_errors_before_any_token_are_retried(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(status=500), Reply(content="second try"))
+    with TestClient(server.create_app(settings_for(MAX_RETRIES="1"))) as client:
+        response = client.post("/api/chat", json={"message": "hi"})
+    assert response.json()["message"] == "second try" and len(upstream.requests) == 2
+
+
+def test_a_stream_that_already_sent_tokens_is_never_retried(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="drop"), Reply(content="retried"))
+    with ServerThread(server.create_app(settings_for(MAX_RETRIES="2"))) as service:
+        _, events = stream(service.url, {"message": "hi"})
+    assert [d["content"] for n, d in events if n == "chunk"] == ["a", " b"]
+    assert events[-1][1]["code"] == "upstream_error" and len(upstream.requests) == 1
+
+
+# ---------------------------------------------------------------------------
+# Faults of the client
+# ---------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fifty_disconnects_leak_no_task_connection_or_lease(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    async def task_count() -> int:
+        return len(asyncio.all_tasks())
+
+    upstream.reset(Reply(content="warm"))
+    with httpx.Client(timeout=10) as http:
+        http.post(service.url + "/api/chat", json={"message": "warm up"})
+    tasks, fds = service.call(task_count()), open_fds()
+    for index in range(50):
+        upstream.reset(Reply(content="a b c d e", fault="hang"))
+        with httpx.Client(timeout=10) as http:
+            body = {"message": "hi", "conversation_id": f"d{index}"}
+            with http.stream("POST", service.url + "/api/chat/stream", json=body) as response:
+                for text in response.iter_text():
+                    if "event: chunk" in text:
+                        break
+        assert upstream.disconnected.wait(5)
+    assert wait_until(lambda: not service.app_ctx.turns and upstream.hanging == 0)
+    assert wait_until(lambda: service.call(task_count()) == tasks), "tasks leaked"
+    # At most the baseline: the warm-up left a keep-alive connection the pool may since have dropped.
+    assert wait_until(lambda: open_fds() <= fds), "connections or files leaked"
+    store = service.app_ctx.store
+    assert store.db.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+    assert store.list_conversations(100, 0)[1] == 1
+
+
+def test_a_slow_reader_does_not_hold_up_other_streams(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    long_answer = " ".join(f"word{i}" for i in range(6000))
+    upstream.reset(Reply(content=long_answer), Reply(content="quick"))
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    host, port = service.url.removeprefix("http://").split(":")
+    slow.connect((host, int(port)))
+    body = json.dumps({"message": "long please", "conversation_id": "slow"}).encode()
+    slow.sendall(
+        b"POST /api/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    try:
+        assert wait_until(lambda: len(upstream.requests) == 1)
+        _, events = stream(service.url, {"message": "quick one", "conversation_id": "fast"})
+        assert names(events)[-1] == "done"
+        assert any(turn.conversation_id == "slow" for turn in service.app_ctx.turns), (
+            "the slow reader was not actually held back"
+        )
+    finally:
+        slow.close()
+    assert wait_until(lambda: not service.app_ctx.turns)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("body-not-json", "POST", "/api/chat", {"content": b"{nope"}, 400, "invalid_json"),
+    ("body-not-utf8", "POST", "/api/chat", {"content": b"\xff\xfe"}, 400, "invalid_json"),
+    ("json-not-object", "POST", "/api/chat", {"json": ["hi"]}, 422, "validation_error"),
+    ("message-missing", "POST", "/api/chat", {"json": {}}, 422, "validation_error"),
+    ("message-not-string", "POST", "/api/chat", {"json": {"message": 5}}, 422, "validation_error"),
+    ("message-empty", "POST", "/api/chat", {"json": {"message": ""}}, 422, "validation_error"),
+    ("message-whitespace", "POST", "/api/chat/stream", {"json": {"message": " \n\t"}}, 422, "validation_error"),
+    ("message-too-long", "POST", "/api/chat", {"json": {"message": "x" * 32001}}, 413, "payload_too_large"),
+    ("body-too-large", "POST", "/api/chat/stream", {"content": b"x" * 300_000}, 413, "payload_too_large"),
+    ("id-not-string", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": 7}}, 422, "validation_error"),
+    ("id-bad-pattern", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "../x"}}, 422, "validation_error"),
+    ("id-too-long", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "a" * 129}}, 422, "validation_error"),
+    ("wrong-method", "GET", "/api/chat", {}, 405, "method_not_allowed"),
+    ("unknown-path", "GET", "/api/nothing", {}, 404, "not_found"),
+    ("xml-content-type", "POST", "/api/chat", {"content": b"<m/>", "headers": {"Content-Type": "application/xml"}}, 415, "unsupported_media_type"),
+    ("bad-limit", "GET", "/api/conversations?limit=0", {}, 422, "validation_error"),
+    ("bad-path-id", "GET", "/api/conversations/a%20b", {}, 422, "validation_error"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method, path, kwargs, status, code",
+    [b[1:] for b in BAD_REQUESTS],
+    ids=[b[0] for b in BAD_REQUESTS],
+)
+def test_bad_input_gets_a_json_error_one_log_line_and_changes_nothing(
+    client: TestClient,
+    upstream: FakeModelAPI,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="autogen_chat")
+    response = client.request(method, path, **kwargs)
+    assert response.status_code == status
+    assert response.json() == {
+        "status": "error",
+        "error": {"code": code, "message": response.json()["error"]["message"]},
+    }
+    assert len([r for r in caplog.records if r.name == "autogen_chat"]) <= 1
+    assert upstream.requests == []
+    assert client.get("/api/conversations").json()["total"] == 0
+
+
+def test_json_body_is_accepted_without_a_json_content_type(client: TestClient) -> None:
+    for headers in ({}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        response = client.post("/api/chat", content=b'{"message": "curl -d"}', headers=headers)
+        assert response.status_code == 200
+
+
+def test_a_large_body_is_refused_while_it_is_read(client: TestClient) -> None:
+    chunk = b" " * 65536
+    consumed: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        consumed.append(1)
+        return {"type": "http.request", "body": chunk, "more_body": len(consumed) < 100}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/api/chat", "raw_path": b"/api/chat",
+        "query_string": b"", "headers": [], "http_version": "1.1", "scheme": "http",
+        "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": client.app,
+    }  # fmt: skip
+    client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr]
+    assert sent[0]["status"] == 413
+    assert len(consumed) <= server.Settings.max_body_bytes // len(chunk) + 1
+
+
+# ---------------------------------------------------------------------------
+# Access
+# ---------------------------------------------------------------------------
+
+
+def test_server_key_guards_every_api_route_and_leaves_the_rest_open(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
+        for method, path in [("POST", "/api/chat"), ("POST", "/api/chat/stream"), ("GET", "/api/conversations"),
+                             ("GET", "/api/conversations/x"), ("DELETE", "/api/conversations/x")]:  # fmt: skip
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SERVER_KEY}):
+                response = client.request(method, path, json={"message": "hi"}, headers=headers)
+                assert response.status_code == 401, (method, path, headers)
+                assert response.headers["www-authenticate"] == "Bearer"
+                assert response.json()["error"]["code"] == "unauthorized"
+        for path in ("/", "/health", "/openapi.json", "/docs", "/redoc"):
+            assert client.get(path).status_code == 200
+        authorized = client.post(
+            "/api/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {SERVER_KEY}"}
+        )
+        document = client.get("/openapi.json").json()
+    assert authorized.status_code == 200
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+    }
+    assert document["paths"]["/api/chat"]["post"]["security"] == [{"bearer": []}]
+    assert upstream.requests and len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "host, server_key, warned",
+    [
+        ("0.0.0.0", "", True),
+        ("0.0.0.0", SERVER_KEY, False),
+        ("127.0.0.1", "", False),
+        ("::1", "", False),
+    ],
+    ids=["exposed", "exposed-with-key", "loopback", "loopback-v6"],
+)
+def test_start_up_warns_when_exposed_without_a_server_key(
+    settings_for: Callable[..., server.Settings],
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    server_key: str,
+    warned: bool,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="autogen_chat")
+    with TestClient(server.create_app(settings_for(HOST=host, SERVER_API_KEY=server_key))):
+        pass
+    assert any("SERVER_API_KEY" in r.getMessage() for r in caplog.records) is warned
+
+
+def test_cors_preflight_works_from_an_allowed_origin_and_fails_from_another(
+    settings_for: Callable[..., server.Settings],
+) -> None:
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    with TestClient(server.create_app(settings_for(CORS_ORIGINS="https://app.example"))) as client:
+        allowed = client.options(
+            "/api/chat/stream", headers={"Origin": "https://app.example", **preflight}
+        )
+        denied = client.options(
+            "/api/chat/stream", headers={"Origin": "https://evil.example", **preflight}
+        )
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert allowed.headers["access-control-allow-credentials"] == "true"
+    assert denied.status_code == 400 and "access-control-allow-origin" not in denied.headers
+
+
+def test_cors_wildcard_never_allows_credentials(client: TestClient) -> None:
+    response = client.get("/health", headers={"Origin": "https://any.example"})
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in response.headers
+
+
+def test_keys_never_reach_a_response_an_event_or_the_logs(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    leak = {"error": {"message": f"Incorrect API key provided: {SERVICE_KEY}", "type": "auth"}}
+    auth = {"Authorization": f"Bearer {SERVER_KEY}"}
+    texts = []
+    with ServerThread(
+        server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY, HOST="0.0.0.0"))
+    ) as service:
+        upstream.reset(
+            Reply(status=401, error_body=leak),
+            Reply(status=401, error_body=leak),
+            Reply(status=500, error_body=leak),
+        )
+        with httpx.Client(base_url=service.url, headers=auth, timeout=10) as http:
+            texts.append(http.post("/api/chat/stream", json={"message": "hi"}).text)
+            for _ in range(2):
+                texts.append(http.post("/api/chat", json={"message": "hi"}).text)
+            for path in ("/", "/health", "/openapi.json", "/api/conversations"):
+                texts.append(http.get(path).text)
+            texts.append(
+                http.get("/api/conversations", headers={"Authorization": "Bearer nope"}).text
+            )
+    logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
+    assert "upstream_auth" in texts[0] and "upstream_error" in texts[2]
+    for secret in (SERVICE_KEY, SERVER_KEY, "Incorrect API key"):
+        assert all(secret not in text for text in texts), secret
+        assert secret not in logged, secret
+
+
+# ---------------------------------------------------------------------------
+# Load and processes
+# ---------------------------------------------------------------------------
+
+
+def test_two_hundred_concurrent_streams_complete_without_cross_talk(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    async def one(http: httpx.AsyncClient, index: int) -> list[tuple[str, dict[str, Any]]]:
+        body = {"message": f"message {index}", "conversation_id": f"load-{index}"}
+        response = await http.post("/api/chat/stream", json=body)
+        return parse_sse(response.text)
+
+    async def run_all() -> list[list[tuple[str, dict[str, Any]]]]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=service.url, timeout=60, limits=limits) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(200)))
+
+    results = asyncio.run(run_all())
+    assert [names(events)[-1] for events in results] == ["done"] * 200
+    store = service.app_ctx.store
+    for index in range(200):
+        stored = store.get_conversation(f"load-{index}")
+        assert stored is not None
+        assert [m["content"] for m in stored["messages"]] == [
+            f"message {index}",
+            f"echo: message {index}",
+        ]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def service_process(
+    env: dict[str, str], cwd: Path, *args: str
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`uvicorn server:app` in its own process(es) on a free loopback port."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(HERE),
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]  # fmt: skip
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env})
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(ready, timeout=30), "service process did not start"
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def process_env(settings_for: Callable[..., server.Settings], **overrides: str) -> dict[str, str]:
+    settings = settings_for()
+    return {"API_KEY": SERVICE_KEY, "BASE_URL": settings.base_url, "DATABASE_PATH": settings.database_path,
+            "MAX_RETRIES": "0", **overrides}  # fmt: skip
+
+
+def test_busy_rule_holds_across_two_worker_processes(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))
+    with service_process(process_env(settings_for), tmp_path, "--workers", "2") as (_, url):
+        with httpx.Client(timeout=10) as http:
+            body = {"message": "x", "conversation_id": "shared"}
+            with http.stream("POST", url + "/api/chat/stream", json=body) as held:
+                received = held.iter_text()
+                next(received)
+                assert wait_until(lambda: upstream.hanging == 1)
+                statuses = {
+                    httpx.post(url + "/api/chat", json=body, timeout=10).status_code
+                    for _ in range(10)
+                }
+    assert statuses == {409}
+
+
+def test_a_lease_left_by_a_killed_process_expires(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))
+    env = process_env(settings_for, LEASE_SECONDS="1")
+    with service_process(env, tmp_path) as (process, url):
+        with httpx.Client(timeout=10) as http:
+            body = {"message": "x", "conversation_id": "orphan"}
+            with http.stream("POST", url + "/api/chat/stream", json=body) as held:
+                received = held.iter_text()
+                next(received)
+                assert wait_until(lambda: upstream.hanging == 1)
+                process.send_signal(signal.SIGKILL)
+                process.wait(10)
+    database = sqlite3.connect(env["DATABASE_PATH"])
+    assert database.execute(
+        "SELECT count(*) FROM leases WHERE conversation_id = 'orphan'"
+    ).fetchone() == (1,)
+    database.close()
+    upstream.reset()
+    with TestClient(server.create_app(settings_for())) as client:
+        body = {"message": "retry", "conversation_id": "orphan"}
+        assert wait_until(lambda: client.post("/api/chat", json=body).status_code == 200)
+        stored = client.get("/api/conversations/orphan").json()["messages"]
+    assert [m["content"] for m in stored] == ["retry", "echo: retry"]
+
+
+def test_sigterm_ends_open_streams_with_an_error_and_keeps_the_database_consistent(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    env = process_env(settings_for, SHUTDOWN_GRACE_SECONDS="0.5")
+    with service_process(env, tmp_path) as (process, url):
+        upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="hang"))
+        with httpx.Client(timeout=10) as http:
+            http.post(url + "/api/chat", json={"message": "first", "conversation_id": "term"})
+            body = {"message": "second", "conversation_id": "term"}
+            with http.stream("POST", url + "/api/chat/stream", json=body) as held:
+                received = held.iter_text()
+                text = next(received)
+                assert wait_until(lambda: upstream.hanging == 1)
+                process.send_signal(signal.SIGTERM)
+                text += "".join(received)
+        # After a graceful shutdown uvicorn re-raises the signal it caught, so -SIGTERM is normal.
+        assert process.wait(15) in (0, -signal.SIGTERM)
+    events = parse_sse(text)
+    assert events[-1] == (
+        "error",
+        {"code": "server_shutting_down", "message": server.ERRORS["server_shutting_down"][1]},
+    )
+    database = sqlite3.connect(env["DATABASE_PATH"])
+    assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert database.execute("SELECT count(*) FROM leases").fetchone() == (0,)
+    database.close()
+    with TestClient(server.create_app(settings_for())) as client:
+        stored = client.get("/api/conversations/term").json()["messages"]
+    assert [m["content"] for m in stored] == ["first", "kept"]
+
+
+def test_a_database_path_that_cannot_be_opened_stops_start_up(
+    settings_for: Callable[..., server.Settings], tmp_path: Path
+) -> None:
+    for path in (tmp_path, tmp_path / "missing" / "chat.db"):
+        with pytest.raises(server.SettingsError, match="DATABASE_PATH"):
+            with TestClient(server.create_app(settings_for(DATABASE_PATH=str(path)))):
+                pass
+
+
+def test_health_is_degraded_when_the_database_stops_answering(client: TestClient) -> None:
+    client.app.state.ctx.store.db.close()  # type: ignore[attr-defined]
+    response = client.get("/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "degraded" and response.json()["database"] is False
