@@ -86,9 +86,7 @@ class FakeModelAPI:
         self.hanging = 0
         self.disconnected = threading.Event()
         self.release: asyncio.Event | None = None
-        self.app = Starlette(
-            routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])]
-        )
+        self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
 
     def reset(self, *replies: Reply) -> None:
         self.script, self.requests, self.headers = list(replies), [], []
@@ -236,9 +234,7 @@ ENV_NAMES = {
 
 
 @pytest.fixture
-def settings_for(
-    upstream: FakeModelAPI, _upstream_server: Any, tmp_path: Path
-) -> Callable[..., server.Settings]:
+def settings_for(upstream: FakeModelAPI, _upstream_server: Any, tmp_path: Path) -> Callable[..., server.Settings]:
     """Settings of a service pointed at the fake API, with env-style overrides."""
     url = _upstream_server[1].url + "/v1"
 
@@ -295,9 +291,7 @@ def names(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def test_stream_sends_status_chunks_message_and_done_in_order(
-    service: ServerThread, upstream: FakeModelAPI
-) -> None:
+def test_stream_sends_status_chunks_message_and_done_in_order(service: ServerThread, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(content="你好 世界 from the model"))
     response, events = stream(service.url, {"message": "hi"})
     assert response.status_code == 200
@@ -312,9 +306,7 @@ def test_stream_sends_status_chunks_message_and_done_in_order(
     assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
 
 
-def test_stream_events_are_one_line_json_with_readable_chinese(
-    service: ServerThread, upstream: FakeModelAPI
-) -> None:
+def test_stream_events_are_one_line_json_with_readable_chinese(service: ServerThread, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(content="第一行\n第二行"))
     response, events = stream(service.url, {"message": "hi"})
     assert "第一行\\n第二行" in response.text
@@ -323,18 +315,14 @@ def test_stream_events_are_one_line_json_with_readable_chinese(
     assert events[-2][1]["content"] == "第一行\n第二行"
 
 
-def test_model_api_is_asked_for_usage_in_streams(
-    client: TestClient, upstream: FakeModelAPI
-) -> None:
+def test_model_api_is_asked_for_usage_in_streams(client: TestClient, upstream: FakeModelAPI) -> None:
     client.post("/api/chat", json={"message": "hi"})
     assert upstream.requests[0]["stream"] is True
     assert upstream.requests[0]["stream_options"] == {"include_usage": True}
     assert upstream.headers[0]["authorization"] == f"Bearer {SERVICE_KEY}"
 
 
-def test_chat_answers_json_with_message_usage_and_conversation_id(
-    client: TestClient, upstream: FakeModelAPI
-) -> None:
+def test_chat_answers_json_with_message_usage_and_conversation_id(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(content="Paris is the capital."))
     response = client.post("/api/chat", json={"message": "Capital of France?"})
     assert response.status_code == 200
@@ -349,37 +337,22 @@ def test_chat_answers_json_with_message_usage_and_conversation_id(
 def test_calculate_tool_runs_end_to_end_and_its_result_reaches_the_model(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
-    upstream.reset(
-        Reply(tool_calls=[("calculate", {"expression": "(2 + 3) * 4 ** 2"})]),
-        Reply(content="It is 80."),
-    )
+    upstream.reset(Reply(tool_calls=[("calculate", {"expression": "(2 + 3) * 4 ** 2"})]), Reply(content="It is 80."))
     response, events = stream(service.url, {"message": "What is (2+3)*4^2?"})
     assert names(events) == [
         "status", "status", "tool_call", "tool_result", "status", "chunk", "chunk", "chunk", "message", "done",
     ]  # fmt: skip
-    assert [d["status"] for n, d in events if n == "status"] == [
-        "started",
-        "calling_tool",
-        "responding",
-    ]
+    assert [d["status"] for n, d in events if n == "status"] == ["started", "calling_tool", "responding"]
     call, result = events[2][1], events[3][1]
-    assert call == {
-        "id": "call_0",
-        "name": "calculate",
-        "arguments": '{"expression": "(2 + 3) * 4 ** 2"}',
-    }
+    assert call == {"id": "call_0", "name": "calculate", "arguments": '{"expression": "(2 + 3) * 4 ** 2"}'}
     assert result == {"call_id": "call_0", "name": "calculate", "content": "80", "is_error": False}
     tool_message = upstream.requests[1]["messages"][-1]
     assert tool_message == {"role": "tool", "tool_call_id": "call_0", "content": "80"}
     assert events[-1][1]["usage"] == {"prompt_tokens": 22, "completion_tokens": 14}
 
 
-def test_chat_json_lists_tool_calls_with_their_results(
-    client: TestClient, upstream: FakeModelAPI
-) -> None:
-    upstream.reset(
-        Reply(tool_calls=[("get_current_time", {"timezone": "Asia/Tokyo"})]), Reply(content="Now.")
-    )
+def test_chat_json_lists_tool_calls_with_their_results(client: TestClient, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(tool_calls=[("get_current_time", {"timezone": "Asia/Tokyo"})]), Reply(content="Now."))
     body = client.post("/api/chat", json={"message": "time in Tokyo?"}).json()
     [call] = body["tool_calls"]
     assert call["name"] == "get_current_time" and call["is_error"] is False
@@ -390,9 +363,7 @@ def test_chat_json_lists_tool_calls_with_their_results(
 def test_bad_time_zone_is_a_tool_error_and_the_turn_still_completes(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
-    upstream.reset(
-        Reply(tool_calls=[("get_current_time", {"timezone": "Mars/Base"})]), Reply(content="Sorry.")
-    )
+    upstream.reset(Reply(tool_calls=[("get_current_time", {"timezone": "Mars/Base"})]), Reply(content="Sorry."))
     _, events = stream(service.url, {"message": "time on Mars?"})
     result = next(d for n, d in events if n == "tool_result")
     assert result["is_error"] is True and "Mars/Base" in result["content"]
@@ -412,9 +383,7 @@ def test_reasoning_goes_to_thought_events_and_chunks_carry_only_the_answer(
     assert events[-2] == ("message", {"content": "The answer is 4.", "source": "assistant"})
 
 
-def test_stored_assistant_message_keeps_the_thought_apart(
-    client: TestClient, upstream: FakeModelAPI
-) -> None:
+def test_stored_assistant_message_keeps_the_thought_apart(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(reasoning="hmm", content="Four."))
     conversation_id = client.post("/api/chat", json={"message": "2+2?"}).json()["conversation_id"]
     messages = client.get(f"/api/conversations/{conversation_id}").json()["messages"]
@@ -427,9 +396,7 @@ def test_a_ping_comment_is_sent_while_the_model_is_quiet(
     upstream.reset(Reply(content="a b c d", fault="hang"))
     with ServerThread(server.create_app(settings_for(PING_INTERVAL="0.05"))) as service:
         with httpx.Client(timeout=10) as http:
-            with http.stream(
-                "POST", service.url + "/api/chat/stream", json={"message": "hi"}
-            ) as response:
+            with http.stream("POST", service.url + "/api/chat/stream", json={"message": "hi"}) as response:
                 seen = ""
                 for text in response.iter_text():
                     seen += text
@@ -443,21 +410,13 @@ def test_a_ping_comment_is_sent_while_the_model_is_quiet(
 # ---------------------------------------------------------------------------
 
 
-def test_second_turn_sends_the_first_turn_to_the_model(
-    client: TestClient, upstream: FakeModelAPI
-) -> None:
+def test_second_turn_sends_the_first_turn_to_the_model(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(content="Nice to meet you, Ada."), Reply(content="You are Ada."))
     first = client.post("/api/chat", json={"message": "I am Ada."}).json()
-    client.post(
-        "/api/chat", json={"message": "Who am I?", "conversation_id": first["conversation_id"]}
-    )
+    client.post("/api/chat", json={"message": "Who am I?", "conversation_id": first["conversation_id"]})
     sent = [(m["role"], m["content"]) for m in upstream.requests[1]["messages"]]
     assert sent[0][0] == "system"
-    assert sent[1:] == [
-        ("user", "I am Ada."),
-        ("assistant", "Nice to meet you, Ada."),
-        ("user", "Who am I?"),
-    ]
+    assert sent[1:] == [("user", "I am Ada."), ("assistant", "Nice to meet you, Ada."), ("user", "Who am I?")]
 
 
 def test_unknown_conversation_id_starts_a_new_conversation_under_that_id(
@@ -493,12 +452,7 @@ def test_history_sent_to_the_model_is_bounded_and_starts_at_a_user_message(
             client.post("/api/chat", json={"message": text, "conversation_id": "c"})
         stored = client.get("/api/conversations/c").json()["messages"]
     sent = [(m["role"], m["content"]) for m in upstream.requests[-1]["messages"]]
-    assert sent == [
-        ("system", sent[0][1]),
-        ("user", "two"),
-        ("assistant", "echo: two"),
-        ("user", "three"),
-    ]
+    assert sent == [("system", sent[0][1]), ("user", "two"), ("assistant", "echo: two"), ("user", "three")]
     assert len(stored) == 8  # all are stored: user, call, result, answer, then two short turns
 
 
@@ -517,9 +471,7 @@ def test_tool_result_is_never_sent_without_its_call(
                 assert roles[index - 1] in {"assistant", "tool"}
 
 
-def test_conversations_are_listed_newest_first_with_paging(
-    client: TestClient, upstream: FakeModelAPI
-) -> None:
+def test_conversations_are_listed_newest_first_with_paging(client: TestClient, upstream: FakeModelAPI) -> None:
     for name in ("a", "b", "c"):
         client.post("/api/chat", json={"message": f"hello {name}", "conversation_id": name})
     page = client.get("/api/conversations?limit=2").json()
@@ -540,21 +492,13 @@ def test_conversation_holds_messages_with_tool_calls_results_and_timestamps(
     user, call, result, answer = body["messages"]
     assert user["role"] == "user" and user["content"] == "6 times 7?"
     assert call["role"] == "assistant" and call["tool_calls"][0]["name"] == "calculate"
-    assert result == {
-        **result,
-        "role": "tool",
-        "call_id": "call_0",
-        "content": "42",
-        "is_error": False,
-    }
+    assert result == {**result, "role": "tool", "call_id": "call_0", "content": "42", "is_error": False}
     assert answer["role"] == "assistant" and answer["content"] == "42"
     assert all(m["created_at"].endswith("Z") for m in body["messages"])
     assert body["created_at"] <= body["updated_at"]
 
 
-def test_delete_removes_a_conversation_and_a_second_delete_is_404(
-    client: TestClient, upstream: FakeModelAPI
-) -> None:
+def test_delete_removes_a_conversation_and_a_second_delete_is_404(client: TestClient, upstream: FakeModelAPI) -> None:
     client.post("/api/chat", json={"message": "hi", "conversation_id": "gone"})
     assert client.delete("/api/conversations/gone").status_code == 204
     assert client.get("/api/conversations/gone").status_code == 404
@@ -568,20 +512,14 @@ def test_a_running_conversation_is_busy_while_others_run_in_parallel(
     upstream.reset(Reply(content="a b c d e", fault="hang"), Reply(content="other"))
     with httpx.Client(timeout=10) as http:
         with http.stream(
-            "POST",
-            service.url + "/api/chat/stream",
-            json={"message": "x", "conversation_id": "busy"},
+            "POST", service.url + "/api/chat/stream", json={"message": "x", "conversation_id": "busy"}
         ) as held:
             received = held.iter_text()  # one iterator: dropping it would close the stream
             assert next(received).startswith("event: status")
             assert wait_until(lambda: upstream.hanging == 1)
-            again = http.post(
-                service.url + "/api/chat", json={"message": "y", "conversation_id": "busy"}
-            )
+            again = http.post(service.url + "/api/chat", json={"message": "y", "conversation_id": "busy"})
             delete = http.delete(service.url + "/api/conversations/busy")
-            other = http.post(
-                service.url + "/api/chat", json={"message": "z", "conversation_id": "free"}
-            )
+            other = http.post(service.url + "/api/chat", json={"message": "z", "conversation_id": "free"})
     assert again.status_code == 409 and again.json()["error"]["code"] == "conversation_busy"
     assert delete.status_code == 409
     assert other.status_code == 200 and other.json()["message"] == "other"
@@ -595,9 +533,7 @@ def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_n
         http.post(service.url + "/api/chat", json={"message": "first", "conversation_id": "d"})
         before = http.get(service.url + "/api/conversations/d").json()
         with http.stream(
-            "POST",
-            service.url + "/api/chat/stream",
-            json={"message": "second", "conversation_id": "d"},
+            "POST", service.url + "/api/chat/stream", json={"message": "second", "conversation_id": "d"}
         ) as response:
             for text in response.iter_text():
                 if "event: chunk" in text:
@@ -605,16 +541,10 @@ def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_n
         assert upstream.disconnected.wait(1.0), "the model request was not closed within 1 s"
         assert wait_until(lambda: not service.app_ctx.turns)
         after = http.get(service.url + "/api/conversations/d").json()
-        retry = http.post(
-            service.url + "/api/chat", json={"message": "second", "conversation_id": "d"}
-        )
+        retry = http.post(service.url + "/api/chat", json={"message": "second", "conversation_id": "d"})
     assert after == before
     assert retry.status_code == 200
-    assert [m["content"] for m in upstream.requests[-1]["messages"][1:]] == [
-        "first",
-        "saved",
-        "second",
-    ]
+    assert [m["content"] for m in upstream.requests[-1]["messages"][1:]] == ["first", "saved", "second"]
 
 
 # ---------------------------------------------------------------------------
@@ -643,11 +573,7 @@ def test_without_api_key_health_is_degraded_and_chat_says_to_set_it(
 def test_health_is_ok_with_model_agent_and_database(client: TestClient) -> None:
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["reasons"] == []
-    assert (
-        body["model"] == "deepseek-chat"
-        and body["agent_ready"] is True
-        and body["database"] is True
-    )
+    assert body["model"] == "deepseek-chat" and body["agent_ready"] is True and body["database"] is True
 
 
 def test_index_names_model_and_host_but_never_the_key(client: TestClient) -> None:
@@ -658,9 +584,7 @@ def test_index_names_model_and_host_but_never_the_key(client: TestClient) -> Non
     assert SERVICE_KEY not in response.text
 
 
-@pytest.mark.parametrize(
-    "path, marker", [("/docs", "swagger-ui"), ("/redoc", "redoc")], ids=["swagger", "redoc"]
-)
+@pytest.mark.parametrize("path, marker", [("/docs", "swagger-ui"), ("/redoc", "redoc")], ids=["swagger", "redoc"])
 def test_docs_pages_load_the_openapi_document(client: TestClient, path: str, marker: str) -> None:
     response = client.get(path)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
@@ -670,9 +594,7 @@ def test_docs_pages_load_the_openapi_document(client: TestClient, path: str, mar
 def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestClient) -> None:
     document = client.get("/openapi.json").json()
     assert document["openapi"].startswith("3.1")
-    documented = {
-        (path, method.upper()) for path, item in document["paths"].items() for method in item
-    }
+    documented = {(path, method.upper()) for path, item in document["paths"].items() for method in item}
     served = {
         (route.path, method)
         for route in client.app.routes  # type: ignore[attr-defined]
@@ -685,24 +607,13 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
     refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(document)))
     assert refs <= set(document["components"]["schemas"])
     stream_doc = document["paths"]["/api/chat/stream"]["post"]["responses"]["200"]["description"]
-    for event in (
-        "status",
-        "chunk",
-        "thought",
-        "tool_call",
-        "tool_result",
-        "message",
-        "done",
-        "error",
-    ):
+    for event in ("status", "chunk", "thought", "tool_call", "tool_result", "message", "done", "error"):
         assert f"| {event} |" in stream_doc
 
 
 def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClient) -> None:
     document = client.get("/openapi.json").json()
-    codes = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"][
-        "enum"
-    ]
+    codes = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
     assert set(codes) == set(server.ERRORS)
 
 
@@ -718,16 +629,7 @@ def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClie
         ("TOOLS", "calculate,shell"),
         ("LOG_LEVEL", "LOUD"),
     ],
-    ids=[
-        "port-text",
-        "port-zero",
-        "timeout-negative",
-        "history-zero",
-        "url-no-scheme",
-        "bool",
-        "tool",
-        "log",
-    ],
+    ids=["port-text", "port-zero", "timeout-negative", "history-zero", "url-no-scheme", "bool", "tool", "log"],
 )
 def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
@@ -738,9 +640,7 @@ def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
     assert name in str(error.value) and value in str(error.value)
 
 
-def test_dotenv_is_read_and_the_real_environment_wins(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_dotenv_is_read_and_the_real_environment_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("MODEL_NAME=from-dotenv\nPORT=9001\n", encoding="utf-8")
     monkeypatch.setenv("PORT", "9002")
     settings = server.load_settings()
@@ -750,23 +650,12 @@ def test_dotenv_is_read_and_the_real_environment_wins(
 @pytest.mark.parametrize(
     "env, expected",
     [
-        (
-            {"MODEL_NAME": "deepseek-chat"},
-            {"function_calling": True, "family": "unknown", "vision": False},
-        ),
+        ({"MODEL_NAME": "deepseek-chat"}, {"function_calling": True, "family": "unknown", "vision": False}),
         ({"MODEL_NAME": "deepseek-reasoner"}, {"function_calling": False, "family": "r1"}),
-        (
-            {"MODEL_NAME": "qwen2.5:7b"},
-            {"function_calling": True, "json_output": False, "family": "unknown"},
-        ),
+        ({"MODEL_NAME": "qwen2.5:7b"}, {"function_calling": True, "json_output": False, "family": "unknown"}),
         ({"MODEL_NAME": "gpt-4o"}, {"vision": True, "function_calling": True}),
         (
-            {
-                "MODEL_NAME": "llava",
-                "MODEL_VISION": "true",
-                "MODEL_FUNCTION_CALLING": "false",
-                "MODEL_FAMILY": "x",
-            },
+            {"MODEL_NAME": "llava", "MODEL_VISION": "true", "MODEL_FUNCTION_CALLING": "false", "MODEL_FAMILY": "x"},
             {"vision": True, "function_calling": False, "family": "x"},
         ),
     ],
@@ -824,12 +713,7 @@ def test_calculate_refuses_what_is_not_bounded_arithmetic(expression: str) -> No
 FAULTS = [
     ("401", Reply(status=401), "upstream_auth", 502),
     ("403", Reply(status=403), "upstream_auth", 502),
-    (
-        "429-retry-after",
-        Reply(status=429, headers={"Retry-After": "7"}),
-        "upstream_rate_limited",
-        429,
-    ),
+    ("429-retry-after", Reply(status=429, headers={"Retry-After": "7"}), "upstream_rate_limited", 429),
     ("429", Reply(status=429), "upstream_rate_limited", 429),
     ("500", Reply(status=500), "upstream_error", 502),
     ("503", Reply(status=503), "upstream_error", 502),
@@ -854,21 +738,12 @@ def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, 
         after = http.get("/api/conversations/f").json()
         upstream.reset(Reply(content="fine"))
         next_turn = http.post("/api/chat", json={"message": "again", "conversation_id": "f"})
-    return {
-        "events": parse_sse(streamed.text),
-        "answered": answered,
-        "unchanged": before == after,
-        "next": next_turn,
-    }
+    return {"events": parse_sse(streamed.text), "answered": answered, "unchanged": before == after, "next": next_turn}
 
 
 @pytest.mark.parametrize("fault, code, status", [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
 def test_a_model_api_fault_ends_the_turn_with_one_error_and_changes_nothing(
-    settings_for: Callable[..., server.Settings],
-    upstream: FakeModelAPI,
-    fault: Reply,
-    code: str,
-    status: int,
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, fault: Reply, code: str, status: int
 ) -> None:
     with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT="0.5"))) as service:
         outcome = fault_scenario(service.url, upstream, fault)
@@ -888,18 +763,14 @@ def test_rate_limit_passes_the_wait_on(client: TestClient, upstream: FakeModelAP
     assert response.json()["error"]["retry_after"] == 7
 
 
-def test_model_not_found_names_the_model_setting(
-    client: TestClient, upstream: FakeModelAPI
-) -> None:
+def test_model_not_found_names_the_model_setting(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(status=404))
     error = client.post("/api/chat", json={"message": "hi"}).json()["error"]
     assert "MODEL_NAME='deepseek-chat'" in error["message"]
 
 
 @pytest.mark.parametrize(
-    "base_url",
-    ["http://127.0.0.1:9/v1", "http://nothing.invalid/v1"],
-    ids=["connection-refused", "name-not-resolved"],
+    "base_url", ["http://127.0.0.1:9/v1", "http://nothing.invalid/v1"], ids=["connection-refused", "name-not-resolved"]
 )
 def test_an_unreachable_model_api_is_reported_as_such(
     settings_for: Callable[..., server.Settings], base_url: str
@@ -944,9 +815,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_fifty_disconnects_leak_no_task_connection_or_lease(
-    service: ServerThread, upstream: FakeModelAPI
-) -> None:
+def test_fifty_disconnects_leak_no_task_connection_or_lease(service: ServerThread, upstream: FakeModelAPI) -> None:
     async def task_count() -> int:
         return len(asyncio.all_tasks())
 
@@ -972,9 +841,7 @@ def test_fifty_disconnects_leak_no_task_connection_or_lease(
     assert store.list_conversations(100, 0)[1] == 1
 
 
-def test_a_slow_reader_does_not_hold_up_other_streams(
-    service: ServerThread, upstream: FakeModelAPI
-) -> None:
+def test_a_slow_reader_does_not_hold_up_other_streams(service: ServerThread, upstream: FakeModelAPI) -> None:
     long_answer = " ".join(f"word{i}" for i in range(6000))
     upstream.reset(Reply(content=long_answer), Reply(content="quick"))
     slow = socket.socket()
@@ -1025,9 +892,7 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(
-    "method, path, kwargs, status, code",
-    [b[1:] for b in BAD_REQUESTS],
-    ids=[b[0] for b in BAD_REQUESTS],
+    "method, path, kwargs, status, code", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
 )
 def test_bad_input_gets_a_json_error_one_log_line_and_changes_nothing(
     client: TestClient,
@@ -1098,27 +963,17 @@ def test_server_key_guards_every_api_route_and_leaves_the_rest_open(
                 assert response.json()["error"]["code"] == "unauthorized"
         for path in ("/", "/health", "/openapi.json", "/docs", "/redoc"):
             assert client.get(path).status_code == 200
-        authorized = client.post(
-            "/api/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {SERVER_KEY}"}
-        )
+        authorized = client.post("/api/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {SERVER_KEY}"})
         document = client.get("/openapi.json").json()
     assert authorized.status_code == 200
-    assert document["components"]["securitySchemes"]["bearer"] == {
-        "type": "http",
-        "scheme": "bearer",
-    }
+    assert document["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     assert document["paths"]["/api/chat"]["post"]["security"] == [{"bearer": []}]
     assert upstream.requests and len(upstream.requests) == 1
 
 
 @pytest.mark.parametrize(
     "host, server_key, warned",
-    [
-        ("0.0.0.0", "", True),
-        ("0.0.0.0", SERVER_KEY, False),
-        ("127.0.0.1", "", False),
-        ("::1", "", False),
-    ],
+    [("0.0.0.0", "", True), ("0.0.0.0", SERVER_KEY, False), ("127.0.0.1", "", False), ("::1", "", False)],
     ids=["exposed", "exposed-with-key", "loopback", "loopback-v6"],
 )
 def test_start_up_warns_when_exposed_without_a_server_key(
@@ -1142,12 +997,8 @@ def test_cors_preflight_works_from_an_allowed_origin_and_fails_from_another(
         "Access-Control-Request-Headers": "authorization,content-type",
     }
     with TestClient(server.create_app(settings_for(CORS_ORIGINS="https://app.example"))) as client:
-        allowed = client.options(
-            "/api/chat/stream", headers={"Origin": "https://app.example", **preflight}
-        )
-        denied = client.options(
-            "/api/chat/stream", headers={"Origin": "https://evil.example", **preflight}
-        )
+        allowed = client.options("/api/chat/stream", headers={"Origin": "https://app.example", **preflight})
+        denied = client.options("/api/chat/stream", headers={"Origin": "https://evil.example", **preflight})
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert allowed.headers["access-control-allow-credentials"] == "true"
@@ -1161,21 +1012,15 @@ def test_cors_wildcard_never_allows_credentials(client: TestClient) -> None:
 
 
 def test_keys_never_reach_a_response_an_event_or_the_logs(
-    settings_for: Callable[..., server.Settings],
-    upstream: FakeModelAPI,
-    caplog: pytest.LogCaptureFixture,
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     leak = {"error": {"message": f"Incorrect API key provided: {SERVICE_KEY}", "type": "auth"}}
     auth = {"Authorization": f"Bearer {SERVER_KEY}"}
     texts = []
-    with ServerThread(
-        server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY, HOST="0.0.0.0"))
-    ) as service:
+    with ServerThread(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY, HOST="0.0.0.0"))) as service:
         upstream.reset(
-            Reply(status=401, error_body=leak),
-            Reply(status=401, error_body=leak),
-            Reply(status=500, error_body=leak),
+            Reply(status=401, error_body=leak), Reply(status=401, error_body=leak), Reply(status=500, error_body=leak)
         )
         with httpx.Client(base_url=service.url, headers=auth, timeout=10) as http:
             texts.append(http.post("/api/chat/stream", json={"message": "hi"}).text)
@@ -1183,9 +1028,7 @@ def test_keys_never_reach_a_response_an_event_or_the_logs(
                 texts.append(http.post("/api/chat", json={"message": "hi"}).text)
             for path in ("/", "/health", "/openapi.json", "/api/conversations"):
                 texts.append(http.get(path).text)
-            texts.append(
-                http.get("/api/conversations", headers={"Authorization": "Bearer nope"}).text
-            )
+            texts.append(http.get("/api/conversations", headers={"Authorization": "Bearer nope"}).text)
     logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
     assert "upstream_auth" in texts[0] and "upstream_error" in texts[2]
     for secret in (SERVICE_KEY, SERVER_KEY, "Incorrect API key"):
@@ -1217,10 +1060,7 @@ def test_two_hundred_concurrent_streams_complete_without_cross_talk(
     for index in range(200):
         stored = store.get_conversation(f"load-{index}")
         assert stored is not None
-        assert [m["content"] for m in stored["messages"]] == [
-            f"message {index}",
-            f"echo: message {index}",
-        ]
+        assert [m["content"] for m in stored["messages"]] == [f"message {index}", f"echo: message {index}"]
 
 
 def free_port() -> int:
@@ -1230,9 +1070,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def service_process(
-    env: dict[str, str], cwd: Path, *args: str
-) -> Iterator[tuple[subprocess.Popen, str]]:
+def service_process(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """`uvicorn server:app` in its own process(es) on a free loopback port."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(HERE),
@@ -1272,10 +1110,7 @@ def test_busy_rule_holds_across_two_worker_processes(
                 received = held.iter_text()
                 next(received)
                 assert wait_until(lambda: upstream.hanging == 1)
-                statuses = {
-                    httpx.post(url + "/api/chat", json=body, timeout=10).status_code
-                    for _ in range(10)
-                }
+                statuses = {httpx.post(url + "/api/chat", json=body, timeout=10).status_code for _ in range(10)}
     assert statuses == {409}
 
 
@@ -1294,9 +1129,7 @@ def test_a_lease_left_by_a_killed_process_expires(
                 process.send_signal(signal.SIGKILL)
                 process.wait(10)
     database = sqlite3.connect(env["DATABASE_PATH"])
-    assert database.execute(
-        "SELECT count(*) FROM leases WHERE conversation_id = 'orphan'"
-    ).fetchone() == (1,)
+    assert database.execute("SELECT count(*) FROM leases WHERE conversation_id = 'orphan'").fetchone() == (1,)
     database.close()
     upstream.reset()
     with TestClient(server.create_app(settings_for())) as client:
