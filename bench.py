@@ -31,7 +31,11 @@ from typing import Any
 
 HERE = Path(__file__).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-UVICORN_OPTIONS = os.environ.get("BENCH_UVICORN_OPTIONS", "--loop uvloop --http httptools").split() + ["--log-level", "warning", "--no-access-log"]
+UVICORN_OPTIONS = os.environ.get("BENCH_UVICORN_OPTIONS", "--loop uvloop --http httptools").split() + [
+    "--log-level",
+    "warning",
+    "--no-access-log",
+]
 
 # ---------------------------------------------------------------------------
 # The mock model API: raw asyncio HTTP/1.1, pre-encoded chunks, so its own cost stays small
@@ -249,7 +253,9 @@ async def http_json(port: int, path: str, body: dict[str, Any] | None = None) ->
     method = "POST" if body is not None else "GET"
     writer.write(f"{method} {path} HTTP/1.1\r\nhost: b\r\ncontent-length: {len(payload)}\r\n\r\n".encode() + payload)
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
     data = await reader.readexactly(length)
     writer.close()
     return json.loads(data)
@@ -293,8 +299,12 @@ async def latency(paths: dict[str, Path_], mock_port: int, rounds: int, deltas: 
             added = [r.ttft - d.ttft for r, d in zip(runs, direct, strict=True)]
             summary[name]["added_ttft_p50_ms"] = ms(percentile(added, 50))
             summary[name]["added_ttft_p99_ms"] = ms(percentile(added, 99))
-            summary[name]["added_gap_p50_ms"] = ms(percentile(gaps, 50) - percentile([g for r in direct for g in r.gaps], 50))
-            summary[name]["added_gap_p99_ms"] = ms(percentile(gaps, 99) - percentile([g for r in direct for g in r.gaps], 99))
+            summary[name]["added_gap_p50_ms"] = ms(
+                percentile(gaps, 50) - percentile([g for r in direct for g in r.gaps], 50)
+            )
+            summary[name]["added_gap_p99_ms"] = ms(
+                percentile(gaps, 99) - percentile([g for r in direct for g in r.gaps], 99)
+            )
             summary[name]["stream_ratio"] = round(summary[name]["stream_s"] / summary["direct"]["stream_s"], 4)
     return summary
 
@@ -309,7 +319,9 @@ async def cpu_per_token(path: Path_, pid: int, mock_port: int, streams: int, del
     return round((cpu_seconds(pid) - before) / max(tokens, 1) * 1e6, 2)
 
 
-async def sweep(paths: dict[str, Path_], service_pid: int, mock_port: int, levels: list[int], deltas: int) -> list[dict[str, Any]]:
+async def sweep(
+    paths: dict[str, Path_], service_pid: int, mock_port: int, levels: list[int], deltas: int
+) -> list[dict[str, Any]]:
     """Concurrent streams at the 20 ms pace: errors, gaps, added first-token time, RSS."""
     await http_json(mock_port, "/config", {"deltas": deltas, "pace_ms": 20})
     rows = []
@@ -329,7 +341,9 @@ async def sweep(paths: dict[str, Path_], service_pid: int, mock_port: int, level
         client_cpu = client_cpu_seconds() - cpu_before
         sampler.cancel()
         gaps = [g for r in results for g in r.gaps]
-        direct_ttft = statistics.median(r.ttft for r in direct if not r.error) if any(not r.error for r in direct) else 0
+        direct_ttft = (
+            statistics.median(r.ttft for r in direct if not r.error) if any(not r.error for r in direct) else 0
+        )
         ok = [r for r in results if not r.error]
         rows.append({
             "streams": level,
@@ -344,12 +358,16 @@ async def sweep(paths: dict[str, Path_], service_pid: int, mock_port: int, level
     return rows
 
 
-async def conversation_length(paths: dict[str, Path_], mock_port: int, turns: int, direct_ttft: float) -> list[dict[str, Any]]:
+async def conversation_length(
+    paths: dict[str, Path_], mock_port: int, turns: int, direct_ttft: float
+) -> list[dict[str, Any]]:
     """Turns 1..N of one conversation: request bytes sent upstream and added first-token time."""
     await http_json(mock_port, "/config", {"deltas": 8, "pace_ms": 0})
     rows = []
     for turn in range(1, turns + 1):
-        result = await run_stream(paths["service"], {"message": f"turn {turn}: tell me more", "conversation_id": "long"})
+        result = await run_stream(
+            paths["service"], {"message": f"turn {turn}: tell me more", "conversation_id": "long"}
+        )
         sent = await http_json(mock_port, "/stats")
         rows.append({"turn": turn, "request_bytes": sent[-1], "added_ttft_ms": ms(result.ttft - direct_ttft),
                      "error": result.error})  # fmt: skip
@@ -367,7 +385,9 @@ def slope(points: list[tuple[float, float]]) -> float:
 # ---------------------------------------------------------------------------
 
 
-async def measure(args: argparse.Namespace, ports: dict[str, int], pids: dict[str, int], database: Path) -> dict[str, Any]:
+async def measure(
+    args: argparse.Namespace, ports: dict[str, int], pids: dict[str, int], database: Path
+) -> dict[str, Any]:
     chat = {"message": "Say something long."}
     paths = {
         "direct": Path_("direct", ports["mock"], "/v1/chat/completions", b'"delta":{"content":', (b"[DONE]",),
@@ -403,7 +423,7 @@ async def measure(args: argparse.Namespace, ports: dict[str, int], pids: dict[st
     report["conversation"] = await conversation_length(paths, ports["mock"], args.turns, direct_ttft)
     with sqlite3.connect(database) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        turns = db.execute("SELECT count(*) FROM messages WHERE body LIKE '{\"role\":\"user\"%'").fetchone()[0]
+        turns = db.execute('SELECT count(*) FROM messages WHERE body LIKE \'{"role":"user"%\'').fetchone()[0]
     report["memory"]["db_bytes_per_turn"] = round(database.stat().st_size / max(turns, 1))
     return report
 
@@ -424,10 +444,12 @@ def print_table(report: dict[str, Any]) -> None:
         ("request bytes upstream, turn 1 / last", "", f"{conv[0]['request_bytes']} / {conv[-1]['request_bytes']}", "levels off"),
         ("added first-token time, turn 1 / last (ms)", "", f"{conv[0]['added_ttft_ms']} / {conv[-1]['added_ttft_ms']}", "last <= 2x first"),
     ]  # fmt: skip
-    print(f"\n| measure | bare relay | service | goal |\n|---|---|---|---|")
+    print("\n| measure | bare relay | service | goal |\n|---|---|---|---|")
     for name, relay, service, goal in rows:
         print(f"| {name} | {relay} | {service} | {goal} |")
-    print("\n| streams | errors | gap p99 (ms) | gap max (ms) | added first-token p99 (ms) | RSS (MiB) | client CPU (s) |")
+    print(
+        "\n| streams | errors | gap p99 (ms) | gap max (ms) | added first-token p99 (ms) | RSS (MiB) | client CPU (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in report["sweep"]:
         print(f"| {row['streams']} | {row['errors']} | {row['gap_p99_ms']} | {row['gap_max_ms']} | "
@@ -444,7 +466,7 @@ def main() -> None:
     if args.role == "mock":
         asyncio.run(serve_mock(args.port))
         return
-    args.rounds, args.deltas, args.cpu_streams = (10, 16, 20) if args.quick else (200, 64, 300)
+    args.rounds, args.deltas, args.cpu_streams = (10, 16, 20) if args.quick else (50, 64, 300)
     args.levels = [1, 10] if args.quick else [1, 10, 50, 100, 200, 500, 1000]
     args.turns = 5 if args.quick else 100
     ports = {name: free_port() for name in ("mock", "relay", "service")}

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -314,14 +315,22 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     return ApiError("internal_error")
 
 
-def dumps(data: Any) -> str:
-    """One-line JSON; Chinese stays readable."""
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+# One encoder for all: json.dumps() with any option builds a new encoder on every call.
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one line, Chinese readable
+
+Event = tuple[str, dict[str, Any]]
+PING: Event = ("ping", {})
 
 
-def sse_event(name: str, data: Mapping[str, Any]) -> bytes:
-    # json.dumps escapes newlines, so one data: line always carries the whole event.
-    return f"event: {name}\ndata: {dumps(data)}\n\n".encode()
+def sse_event(event: Event) -> bytes:
+    # JSON escapes newlines, so one data: line always carries the whole event.
+    name, data = event
+    if name in TEXT_EVENTS:  # one per token: skip the dict encoder
+        return f'event: {name}\ndata: {{"content":{encode_basestring(data["content"])}}}\n\n'.encode()
+    return SSE_PING if event is PING else f"event: {name}\ndata: {dumps(data)}\n\n".encode()
+
+
+TEXT_EVENTS = {"chunk", "thought"}
 
 
 SSE_PING = b": ping\n\n"
@@ -490,8 +499,11 @@ class Store:
         row = self.db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def save_turn(self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]]) -> None:
-        """Store a completed turn: the agent's new state and the turn's messages, atomically."""
+    def save_turn(
+        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+    ) -> None:
+        """Store a completed turn, the agent's new state and the turn's messages, and release
+        the turn's lease, in one transaction."""
         now = utc_now()
         with self._transaction() as db:
             row = db.execute("SELECT message_count FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
@@ -503,6 +515,7 @@ class Store:
                 " updated_at = excluded.updated_at",
                 (conversation_id, title, dumps(state), seq + len(messages), now, now),
             )
+            db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, lease))
             db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?)",
                 [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
@@ -594,19 +607,29 @@ class FastChunkOpenAI(openai.AsyncOpenAI):
 
 
 class ChatClient(OpenAIChatCompletionClient):
-    """AutoGen's OpenAI client, with FastChunkOpenAI underneath, and a stream that ends
-    without a finish reason fails: AutoGen 0.7.5 returns what came before a cut as complete."""
+    """AutoGen's OpenAI client over FastChunkOpenAI, reading the stream its own way."""
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
         keys = ("api_key", "base_url", "timeout", "max_retries")
         self._client = FastChunkOpenAI(**{key: config[key] for key in keys})
 
-    async def _create_stream_chunks(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    async def _create_stream_chunks(
+        self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        # AutoGen 0.7.5 wraps each chunk's read in a task linked to the cancellation token (a
+        # task, a lock and a callback per token); a Turn cancels its task with the token, so
+        # the stream is read directly. And a stream that ends without a finish reason fails:
+        # AutoGen would return what came before the cut as a complete answer.
+        tools = tool_params or openai.NOT_GIVEN
+        request = asyncio.ensure_future(
+            self._client.chat.completions.create(messages=oai_messages, stream=True, tools=tools, **create_args)
+        )
+        if cancellation_token is not None:
+            cancellation_token.link_future(request)
         finished = False
-        async for chunk in super()._create_stream_chunks(*args, **kwargs):
-            if chunk.choices and chunk.choices[0].finish_reason:
-                finished = True
+        async for chunk in await request:
+            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
             yield chunk
         if not finished:
             raise UpstreamIncomplete
@@ -715,9 +738,6 @@ class AppContext:
     shutting_down: bool = False
 
 
-Event = tuple[str, dict[str, Any]]
-
-
 class Turn:
     """One message run through the agent in its own task, its events queued for the
     response. Holds the conversation's lease until close(); saves only if it completes."""
@@ -735,8 +755,10 @@ class Turn:
         self.splitter = ThinkSplitter()
         self.stream_id: str | None = None
         self.thought: list[str] = []
-        loop = asyncio.get_running_loop()
-        self.renewal = loop.call_later(ctx.settings.lease_seconds / 3, self._renew_lease)
+        self.saved = False
+        self.loop = asyncio.get_running_loop()
+        self.last_event = self.renewed = self.loop.time()
+        self.timer = self.loop.call_later(self._next_tick(), self._tick)
         self.task = asyncio.create_task(self._pump())
         ctx.turns.add(self)
 
@@ -758,23 +780,36 @@ class Turn:
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait([self.task])
         finally:
-            self.renewal.cancel()
+            self.timer.cancel()
             if self in self.ctx.turns:
                 self.ctx.turns.discard(self)
-                self.ctx.store.release_lease(self.conversation_id, self.lease)
+                if not self.saved:
+                    self.ctx.store.release_lease(self.conversation_id, self.lease)
 
-    def _renew_lease(self) -> None:
-        try:
-            self.ctx.store.renew_lease(self.conversation_id, self.lease, self.ctx.settings.lease_seconds)
-        except sqlite3.Error:
-            logger.warning("could not renew the lease of conversation %s", self.conversation_id)
-        loop = asyncio.get_running_loop()
-        self.renewal = loop.call_later(self.ctx.settings.lease_seconds / 3, self._renew_lease)
+    def _next_tick(self) -> float:
+        settings = self.ctx.settings
+        due = min(self.last_event + settings.ping_interval, self.renewed + settings.lease_seconds / 3)
+        return max(due - self.loop.time(), 0.001)
+
+    def _tick(self) -> None:
+        """One timer per turn, not per event: pings a quiet stream and renews the lease."""
+        now, settings = self.loop.time(), self.ctx.settings
+        if now - self.last_event >= settings.ping_interval:
+            self.events.put_nowait(PING)
+            self.last_event = now
+        if now - self.renewed >= settings.lease_seconds / 3:
+            try:
+                self.ctx.store.renew_lease(self.conversation_id, self.lease, settings.lease_seconds)
+            except sqlite3.Error:
+                logger.warning("could not renew the lease of conversation %s", self.conversation_id)
+            self.renewed = now
+        self.timer = self.loop.call_later(self._next_tick(), self._tick)
 
     async def _pump(self) -> None:
         try:
             async for event in self._run():
                 self.events.put_nowait(event)
+                self.last_event = self.loop.time()
         finally:
             self.events.put_nowait(None)
 
@@ -786,7 +821,11 @@ class Turn:
             async for event in agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False):
                 for item in self._translate(event):
                     yield item
-            self.ctx.store.save_turn(self.conversation_id, await agent.save_state(), self.records)
+            state = await agent.save_state()
+            # The lease goes in the same transaction, so the client that reads `done` can send
+            # its next message at once without meeting its own turn's lease.
+            self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
+            self.saved = True
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise
@@ -872,18 +911,18 @@ class Turn:
         )
 
 
-async def stream_turn(turn: Turn, ping_interval: float) -> AsyncIterator[bytes]:
-    """The turn's events as SSE, with a ping comment whenever nothing was sent for a while."""
+async def stream_turn(turn: Turn) -> AsyncIterator[bytes]:
+    """The turn's events as SSE; events that queued up while the last write was going out
+    leave together in one write, so a busy server makes fewer, larger writes."""
     while True:
-        try:
-            async with asyncio.timeout(ping_interval):
-                event = await turn.events.get()
-        except TimeoutError:
-            yield SSE_PING
-            continue
-        if event is None:
+        batch = [await turn.events.get()]
+        while not turn.events.empty():
+            batch.append(turn.events.get_nowait())
+        body = b"".join(sse_event(event) for event in batch if event is not None)
+        if body:
+            yield body
+        if batch[-1] is None:
             return
-        yield sse_event(*event)
 
 
 async def collect_turn(turn: Turn) -> dict[str, Any]:
@@ -911,8 +950,8 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
 class TurnStream(StreamingResponse):
     """The SSE response of a turn; closes the turn however the response ends."""
 
-    def __init__(self, turn: Turn, ping_interval: float) -> None:
-        super().__init__(stream_turn(turn, ping_interval), media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, turn: Turn) -> None:
+        super().__init__(stream_turn(turn), media_type="text/event-stream", headers=SSE_HEADERS)
         self.turn = turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1053,7 +1092,7 @@ async def chat(request: Request) -> JSONResponse:
 
 async def chat_stream(request: Request) -> TurnStream:
     turn = await start_turn(request)
-    return TurnStream(turn, context(request).settings.ping_interval)
+    return TurnStream(turn)
 
 
 async def list_conversations(request: Request) -> JSONResponse:
@@ -1230,32 +1269,43 @@ PAGING = [
 ]
 PATH_ID = [{"name": "conversation_id", "in": "path", "required": True, "schema": ID_SCHEMA}]
 
-# path, method, summary, request body, success (status, media type, schema), errors, parameters
-OPERATIONS: list[tuple[str, str, str, str | None, tuple[str, str, str | None], str, list]] = [
-    ("/", "get", "Service: name, version, model, links", None, ("200", "application/json", "Info"), "", []),
-    ("/health", "get", "Health: ok, or degraded with reasons (503 if the database does not answer)", None, ("200", "application/json", "Info"), "", []),
-    ("/api/chat", "post", "Run one turn, answer with JSON", "ChatRequest", ("200", "application/json", "ChatResponse"), CHAT_ERRORS, []),
-    ("/api/chat/stream", "post", "Run one turn, stream it as Server-Sent Events", "ChatRequest", ("200", "text/event-stream", None), CHAT_ERRORS, []),
-    ("/api/conversations", "get", "Conversations, newest first", None, ("200", "application/json", "ConversationPage"), "unauthorized validation_error", PAGING),
-    ("/api/conversations/{conversation_id}", "get", "A conversation and its messages", None, ("200", "application/json", "Conversation"), "unauthorized not_found validation_error", PATH_ID),
-    ("/api/conversations/{conversation_id}", "delete", "Delete a conversation", None, ("204", "", None), "unauthorized not_found conversation_busy validation_error", PATH_ID),
-    ("/openapi.json", "get", "This OpenAPI document", None, ("200", "application/json", "Info"), "", []),
-    ("/docs", "get", "Swagger UI", None, ("200", "text/html", None), "", []),
-    ("/redoc", "get", "ReDoc", None, ("200", "text/html", None), "", []),
+ID_ERRORS = "unauthorized not_found validation_error"
+
+# path, method, summary, request schema, response schema ("" for 204, SSE, HTML), error codes
+OPERATIONS = [
+    ("/", "get", "Service: name, version, model, links", None, "Info", ""),
+    ("/health", "get", "Health: ok, or degraded with reasons; 503 if the database fails", None, "Info", ""),
+    ("/api/chat", "post", "Run one turn, answer with JSON", "ChatRequest", "ChatResponse", CHAT_ERRORS),
+    ("/api/chat/stream", "post", "Run one turn, stream it as Server-Sent Events", "ChatRequest", "SSE", CHAT_ERRORS),
+    ("/api/conversations", "get", "Newest first", None, "ConversationPage", "unauthorized validation_error"),
+    ("/api/conversations/{conversation_id}", "get", "A conversation and its messages", None, "Conversation", ID_ERRORS),
+    ("/api/conversations/{conversation_id}", "delete", "Delete it", None, "", ID_ERRORS + " conversation_busy"),
+    ("/openapi.json", "get", "This OpenAPI document", None, "Info", ""),
+    ("/docs", "get", "Swagger UI", None, "HTML", ""),
+    ("/redoc", "get", "ReDoc", None, "HTML", ""),
 ]  # fmt: skip
 
 
-def _operation(summary: str, body: str | None, success: tuple[str, str, str | None], errors: str,
-               parameters: list, secured: bool) -> dict[str, Any]:  # fmt: skip
-    status, media_type, schema = success
-    description = SSE_EVENTS if media_type == "text/event-stream" else summary
-    content = {media_type: {"schema": _ref(schema) if schema else STRING}} if media_type else None
-    responses: dict[str, Any] = {status: {"description": description, **({"content": content} if content else {})}}
+def _success(summary: str, schema: str) -> dict[str, Any]:
+    if not schema:
+        return {"204": {"description": summary}}
+    if schema in {"SSE", "HTML"}:
+        media_type = "text/event-stream" if schema == "SSE" else "text/html"
+        description = SSE_EVENTS if schema == "SSE" else summary
+        return {"200": {"description": description, "content": {media_type: {"schema": STRING}}}}
+    return {"200": {"description": summary, "content": {"application/json": {"schema": _ref(schema)}}}}
+
+
+def _operation(path: str, summary: str, body: str | None, schema: str, errors: str, secured: bool) -> dict[str, Any]:
+    responses = _success(summary, schema)
     for code in errors.split():
-        error_status = str(ERRORS[code][0])
-        listed = responses.get(error_status, {}).get("description", "Error:")
-        content = {"application/json": {"schema": _ref("Error")}}
-        responses[error_status] = {"description": f"{listed} {code}", "content": content}
+        status = str(ERRORS[code][0])
+        listed = responses.get(status, {}).get("description", "Error:")
+        responses[status] = {
+            "description": f"{listed} {code}",
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
+    parameters = PATH_ID if "{conversation_id}" in path else PAGING if path == "/api/conversations" else []
     operation: dict[str, Any] = {"summary": summary, "parameters": parameters, "responses": responses}
     if body:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
@@ -1265,9 +1315,9 @@ def _operation(summary: str, body: str | None, success: tuple[str, str, str | No
 
 def openapi_document(settings: Settings) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
-    for path, method, *spec in OPERATIONS:
+    for path, method, summary, body, schema, errors in OPERATIONS:
         secured = bool(settings.server_api_key) and path.startswith("/api/")
-        paths.setdefault(path, {})[method] = _operation(*spec, secured=secured)
+        paths.setdefault(path, {})[method] = _operation(path, summary, body, schema, errors, secured)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -1349,7 +1399,8 @@ def is_loopback(host: str) -> bool:
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    logging.getLogger("autogen_core").setLevel(logging.WARNING)  # its INFO events log prompts
+    logging.getLogger("autogen_core").setLevel(logging.WARNING)  # its INFO events log whole prompts
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per model call
     store = Store(settings.database_path)
     client = make_client(settings) if settings.api_key else None
     tools = build_tools(settings.tools) if settings.model_info["function_calling"] else []

@@ -525,6 +525,20 @@ def test_a_running_conversation_is_busy_while_others_run_in_parallel(
     assert other.status_code == 200 and other.json()["message"] == "other"
 
 
+def test_the_next_message_can_follow_as_soon_as_done_is_read(service: ServerThread, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="first answer"), Reply(content="second answer"))
+    with httpx.Client(timeout=10) as http:
+        body = {"message": "one", "conversation_id": "quick"}
+        with http.stream("POST", service.url + "/api/chat/stream", json=body) as response:
+            seen = ""
+            for text in response.iter_text():
+                seen += text
+                if "event: done" in seen:
+                    follow = http.post(service.url + "/api/chat", json={"message": "two", "conversation_id": "quick"})
+                    break
+    assert follow.status_code == 200 and follow.json()["message"] == "second answer"
+
+
 def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_nothing(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
@@ -842,7 +856,7 @@ def test_fifty_disconnects_leak_no_task_connection_or_lease(service: ServerThrea
 
 
 def test_a_slow_reader_does_not_hold_up_other_streams(service: ServerThread, upstream: FakeModelAPI) -> None:
-    long_answer = " ".join(f"word{i}" for i in range(6000))
+    long_answer = " ".join(f"{i:05d}" + "x" * 500 for i in range(4000))  # about 2 MB of events
     upstream.reset(Reply(content=long_answer), Reply(content="quick"))
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
@@ -1075,7 +1089,8 @@ def service_process(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tupl
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(HERE),
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]  # fmt: skip
-    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env})
+    # Its own session, so the workers of --workers go down with it.
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -1088,9 +1103,13 @@ def service_process(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tupl
         assert wait_until(ready, timeout=30), "service process did not start"
         yield process, url
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def process_env(settings_for: Callable[..., server.Settings], **overrides: str) -> dict[str, str]:
