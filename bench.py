@@ -156,7 +156,7 @@ class Result:
     error: str | None = None
 
 
-async def run_stream(path: Path_, body: dict[str, Any] | None = None) -> Result:
+async def run_stream(path: Path_, body: dict[str, Any] | None = None, started: list[None] | None = None) -> Result:
     payload = json.dumps(body or path.body).encode()
     request = (f"POST {path.target} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
                f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload  # fmt: skip
@@ -173,7 +173,10 @@ async def run_stream(path: Path_, body: dict[str, Any] | None = None) -> Result:
                 result.error = "closed before the end"
                 break
             window = tail + data
-            times += [now] * (window.count(path.token) - tail.count(path.token))
+            fresh = window.count(path.token) - tail.count(path.token)
+            if fresh and not times and started is not None:
+                started.append(None)
+            times += [now] * fresh
             if any(marker in window for marker in path.end):
                 if b"event: error" in window:
                     result.error = "error event"
@@ -374,6 +377,20 @@ async def conversation_length(
     return rows
 
 
+async def memory_per_stream(path: Path_, pid: int, mock_port: int, levels: list[int]) -> list[dict[str, Any]]:
+    """RSS with N streams open, each waiting on a slow model after its first token."""
+    await http_json(mock_port, "/config", {"deltas": 2, "pace_ms": 4000})
+    rows = []
+    for level in levels:
+        started: list[None] = []
+        streams = [asyncio.create_task(run_stream(path, started=started)) for _ in range(level)]
+        while len(started) < level and not all(task.done() for task in streams):
+            await asyncio.sleep(0.02)
+        rows.append({"streams": level, "rss_kib": rss_kib(pid)})
+        await asyncio.gather(*streams)
+    return rows
+
+
 def slope(points: list[tuple[float, float]]) -> float:
     xs, ys = zip(*points, strict=True)
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
@@ -413,11 +430,10 @@ async def measure(
     report["sweep"] = await sweep(paths, pids["service"], ports["mock"], args.levels, args.deltas)
     sustained = [row["streams"] for row in report["sweep"] if row["errors"] == 0 and row["gap_p99_ms"] <= 40]
     report["sustained_streams"] = max(sustained, default=0)
-    points = [(row["streams"], row["rss_peak_kib"] - idle_rss) for row in report["sweep"]]
-    report["memory"] = {
-        "rss_idle_kib": idle_rss,
-        "rss_kib_per_stream": round(slope(points), 1) if len(points) > 1 else None,
-    }
+    print("memory per open stream ...", flush=True)
+    held = await memory_per_stream(paths["service"], pids["service"], ports["mock"], args.memory_levels)
+    points = [(0, idle_rss)] + [(row["streams"], row["rss_kib"]) for row in held]
+    report["memory"] = {"rss_idle_kib": idle_rss, "held_streams": held, "rss_kib_per_stream": round(slope(points), 1)}
     print("conversation length ...", flush=True)
     direct_ttft = report["latency"]["direct"]["ttft_p50_ms"] / 1000
     report["conversation"] = await conversation_length(paths, ports["mock"], args.turns, direct_ttft)
@@ -469,6 +485,7 @@ def main() -> None:
     args.rounds, args.deltas, args.cpu_streams = (10, 16, 20) if args.quick else (50, 64, 300)
     args.levels = [1, 10] if args.quick else [1, 10, 50, 100, 200, 500, 1000]
     args.turns = 5 if args.quick else 100
+    args.memory_levels = [10, 20] if args.quick else [100, 200, 400]
     ports = {name: free_port() for name in ("mock", "relay", "service")}
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", *UVICORN_OPTIONS]
     with tempfile.TemporaryDirectory() as scratch:

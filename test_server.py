@@ -759,7 +759,8 @@ def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, 
 def test_a_model_api_fault_ends_the_turn_with_one_error_and_changes_nothing(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, fault: Reply, code: str, status: int
 ) -> None:
-    with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT="0.5"))) as service:
+    timeout = "0.5" if code == "upstream_timeout" else "10"
+    with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT=timeout))) as service:
         outcome = fault_scenario(service.url, upstream, fault)
     events = outcome["events"]
     assert names(events).count("error") == 1 and events[-1][0] == "error"
