@@ -31,11 +31,7 @@ from typing import Any
 
 HERE = Path(__file__).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-UVICORN_OPTIONS = os.environ.get("BENCH_UVICORN_OPTIONS", "--loop uvloop --http httptools").split() + [
-    "--log-level",
-    "warning",
-    "--no-access-log",
-]
+QUIET = ["--log-level", "warning", "--no-access-log"]
 
 # ---------------------------------------------------------------------------
 # The mock model API: raw asyncio HTTP/1.1, pre-encoded chunks, so its own cost stays small
@@ -233,16 +229,33 @@ def started(command: list[str], port: int, env: dict[str, str], cwd: Path) -> It
             process.kill()
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its children (the workers of `uvicorn --workers N`)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return [pid, *children]
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    total = 0.0
+    for member in process_tree(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    total = 0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
 
 
 def client_cpu_seconds() -> float:
@@ -418,7 +431,7 @@ async def measure(
         await run_stream(paths[name])
     idle_rss = rss_kib(pids["service"])
     report: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
-                              "uvicorn_options": UVICORN_OPTIONS, "quick": args.quick}  # fmt: skip
+                              "uvicorn_options": args.uvicorn, "quick": args.quick}  # fmt: skip
     print("latency at concurrency 1 ...", flush=True)
     report["latency"] = await latency(paths, ports["mock"], args.rounds, args.deltas)
     print("CPU per token ...", flush=True)
@@ -444,32 +457,39 @@ async def measure(
     return report
 
 
+def _pair(row: dict[str, Any], first: str, second: str) -> str:
+    return f"{row[first]} / {row[second]}"
+
+
+def _pair_of(first: dict[str, Any], last: dict[str, Any], key: str) -> str:
+    return f"{first[key]} / {last[key]}"
+
+
 def print_table(report: dict[str, Any]) -> None:
-    lat, cpu, conv = report["latency"], report["cpu_us_per_token"], report["conversation"]
+    relay, service = report["latency"]["relay"], report["latency"]["service"]
+    cpu, conversation, memory = report["cpu_us_per_token"], report["conversation"], report["memory"]
+    first, last = conversation[0], conversation[-1]
     rows = [
-        ("added first-token time p50 / p99 (ms)", f"{lat['relay']['added_ttft_p50_ms']} / {lat['relay']['added_ttft_p99_ms']}",
-         f"{lat['service']['added_ttft_p50_ms']} / {lat['service']['added_ttft_p99_ms']}", "<= 2 / 5"),
-        ("added inter-chunk gap p50 / p99 (ms)", f"{lat['relay']['added_gap_p50_ms']} / {lat['relay']['added_gap_p99_ms']}",
-         f"{lat['service']['added_gap_p50_ms']} / {lat['service']['added_gap_p99_ms']}", "<= 0.1 / 1"),
-        ("whole-stream time / direct", lat["relay"]["stream_ratio"], lat["service"]["stream_ratio"], "<= 1.02"),
-        ("CPU per token (us)", cpu["relay"], cpu["service"], f"<= 2x relay ({round(cpu['service'] / cpu['relay'], 2)}x)"),
-        ("streams sustained at 20 ms pace", "", report["sustained_streams"], ">= 500"),
-        ("RSS idle (MiB)", "", round(report["memory"]["rss_idle_kib"] / 1024, 1), ""),
-        ("RSS per open stream (KiB)", "", report["memory"]["rss_kib_per_stream"], "<= 50"),
-        ("database bytes per turn", "", report["memory"]["db_bytes_per_turn"], ""),
-        ("request bytes upstream, turn 1 / last", "", f"{conv[0]['request_bytes']} / {conv[-1]['request_bytes']}", "levels off"),
-        ("added first-token time, turn 1 / last (ms)", "", f"{conv[0]['added_ttft_ms']} / {conv[-1]['added_ttft_ms']}", "last <= 2x first"),
+        ("added first-token time p50 / p99 (ms)", _pair(relay, "added_ttft_p50_ms", "added_ttft_p99_ms"),
+         _pair(service, "added_ttft_p50_ms", "added_ttft_p99_ms"), "<= 2 / 5"),
+        ("added inter-chunk gap p50 / p99 (ms)", _pair(relay, "added_gap_p50_ms", "added_gap_p99_ms"),
+         _pair(service, "added_gap_p50_ms", "added_gap_p99_ms"), "<= 0.1 / 1"),
+        ("whole-stream time / direct", relay["stream_ratio"], service["stream_ratio"], "<= 1.02"),
+        ("CPU per token (us)", cpu["relay"], cpu["service"], f"<= 2x relay: {cpu['service'] / cpu['relay']:.2f}x"),
+        ("streams sustained at the 20 ms pace", "", report["sustained_streams"], ">= 500"),
+        ("RSS idle (MiB)", "", round(memory["rss_idle_kib"] / 1024, 1), ""),
+        ("RSS per open stream (KiB)", "", memory["rss_kib_per_stream"], "<= 50"),
+        ("database bytes per turn", "", memory["db_bytes_per_turn"], ""),
+        ("request bytes upstream, turn 1 / last", "", _pair_of(first, last, "request_bytes"), "levels off"),
+        ("added first-token time, turn 1 / last (ms)", "", _pair_of(first, last, "added_ttft_ms"), "last <= 2x first"),
     ]  # fmt: skip
     print("\n| measure | bare relay | service | goal |\n|---|---|---|---|")
-    for name, relay, service, goal in rows:
-        print(f"| {name} | {relay} | {service} | {goal} |")
-    print(
-        "\n| streams | errors | gap p99 (ms) | gap max (ms) | added first-token p99 (ms) | RSS (MiB) | client CPU (s) |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    for name, relay_value, service_value, goal in rows:
+        print(f"| {name} | {relay_value} | {service_value} | {goal} |")
+    columns = ("streams", "errors", "gap_p99_ms", "gap_max_ms", "added_ttft_p99_ms", "rss_peak_kib", "client_cpu_s")
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in report["sweep"]:
-        print(f"| {row['streams']} | {row['errors']} | {row['gap_p99_ms']} | {row['gap_max_ms']} | "
-              f"{row['added_ttft_p99_ms']} | {round(row['rss_peak_kib'] / 1024, 1)} | {row['client_cpu_s']} |")  # fmt: skip
+        print("| " + " | ".join(str(row[column]) for column in columns) + " |")
 
 
 def main() -> None:
@@ -478,6 +498,7 @@ def main() -> None:
     parser.add_argument("--role", choices=["mock", "relay"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench-results.json")
+    parser.add_argument("--uvicorn", default="--loop asyncio --http h11", help="uvicorn options for both servers")
     args = parser.parse_args()
     if args.role == "mock":
         asyncio.run(serve_mock(args.port))
@@ -487,11 +508,13 @@ def main() -> None:
     args.turns = 5 if args.quick else 100
     args.memory_levels = [10, 20] if args.quick else [100, 200, 400]
     ports = {name: free_port() for name in ("mock", "relay", "service")}
-    uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", *UVICORN_OPTIONS]
+    uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", *args.uvicorn.split(), *QUIET]
     with tempfile.TemporaryDirectory() as scratch:
         database = Path(scratch) / "bench.db"
-        service_env = {"API_KEY": "bench", "BASE_URL": f"http://127.0.0.1:{ports['mock']}/v1", "MODEL_NAME": "mock",
-                       "DATABASE_PATH": str(database), "LOG_LEVEL": "WARNING", "MAX_RETRIES": "0", "HOST": "127.0.0.1"}  # fmt: skip
+        service_env = {
+            "API_KEY": "bench", "BASE_URL": f"http://127.0.0.1:{ports['mock']}/v1", "MODEL_NAME": "mock",
+            "DATABASE_PATH": str(database), "LOG_LEVEL": "WARNING", "MAX_RETRIES": "0", "HOST": "127.0.0.1",
+        }  # fmt: skip
         relay_env = {"RELAY_UPSTREAM": f"http://127.0.0.1:{ports['mock']}/v1/chat/completions"}
         mock_command = [sys.executable, str(HERE / "bench.py"), "--role", "mock", "--port", str(ports["mock"])]
         with (

@@ -60,7 +60,6 @@ from autogen_core.tools import FunctionTool, ToolSchema
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.openai import _model_info as autogen_model_info
 from dotenv import dotenv_values
-from openai._base_client import make_request_options
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -587,14 +586,14 @@ class ChatClient(OpenAIChatCompletionClient):
         self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
     ) -> AsyncIterator[ChatCompletionChunk]:
         body = {**create_args, "messages": oai_messages, "stream": True}
-        options = {key: body.pop(key) for key in REQUEST_OPTIONS if key in body}
+        options = {"timeout": body.pop("timeout")} if "timeout" in body else {}
         if tool_params:
             body["tools"] = tool_params
         request = asyncio.ensure_future(
             self._client.post(
                 "/chat/completions",
                 body=body,
-                options=make_request_options(**options),
+                options=options,
                 cast_to=ChatCompletion,
                 stream=True,
                 stream_cls=openai.AsyncStream[Chunk],
@@ -608,9 +607,6 @@ class ChatClient(OpenAIChatCompletionClient):
             yield chunk
         if not finished:
             raise UpstreamIncomplete
-
-
-REQUEST_OPTIONS = ("extra_headers", "extra_query", "extra_body", "timeout")
 
 
 def make_client(settings: Settings) -> ChatClient:

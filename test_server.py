@@ -885,6 +885,7 @@ def test_a_slow_reader_does_not_hold_up_other_streams(service: ServerThread, ups
 # Bad input
 # ---------------------------------------------------------------------------
 
+INVALID, XML = "validation_error", {"Content-Type": "application/xml"}
 BAD_REQUESTS = [
     ("body-not-json", "POST", "/api/chat", {"content": b"{nope"}, 400, "invalid_json"),
     ("body-not-utf8", "POST", "/api/chat", {"content": b"\xff\xfe"}, 400, "invalid_json"),
@@ -896,11 +897,11 @@ BAD_REQUESTS = [
     ("message-too-long", "POST", "/api/chat", {"json": {"message": "x" * 32001}}, 413, "payload_too_large"),
     ("body-too-large", "POST", "/api/chat/stream", {"content": b"x" * 300_000}, 413, "payload_too_large"),
     ("id-not-string", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": 7}}, 422, "validation_error"),
-    ("id-bad-pattern", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "../x"}}, 422, "validation_error"),
-    ("id-too-long", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "a" * 129}}, 422, "validation_error"),
+    ("id-bad-pattern", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "../x"}}, 422, INVALID),
+    ("id-too-long", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "a" * 129}}, 422, INVALID),
     ("wrong-method", "GET", "/api/chat", {}, 405, "method_not_allowed"),
     ("unknown-path", "GET", "/api/nothing", {}, 404, "not_found"),
-    ("xml-content-type", "POST", "/api/chat", {"content": b"<m/>", "headers": {"Content-Type": "application/xml"}}, 415, "unsupported_media_type"),
+    ("xml-content-type", "POST", "/api/chat", {"content": b"<m/>", "headers": XML}, 415, "unsupported_media_type"),
     ("bad-limit", "GET", "/api/conversations?limit=0", {}, 422, "validation_error"),
     ("bad-path-id", "GET", "/api/conversations/a%20b", {}, 422, "validation_error"),
 ]  # fmt: skip
