@@ -693,6 +693,14 @@ class ThinkSplitter:
         return [("thought" if self.thinking else "chunk", text)] if text else []
 
 
+def without_thought(text: str) -> str:
+    """The answer of a message that starts with a <think> block, as local R1 models write."""
+    head = text.lstrip()
+    if head.startswith("<think>") and "</think>" in head:
+        return head.split("</think>", 1)[1].lstrip()
+    return text
+
+
 def _partial_tag_length(text: str, tag: str) -> int:
     for length in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:length]):
@@ -854,8 +862,9 @@ class Turn:
             yield "status", {"status": "responding"}
         elif isinstance(event, TextMessage | ToolCallSummaryMessage) and event.source != "user":
             yield from self._texts(self.splitter.flush())
-            self._record(event, content=event.content)
-            yield "message", {"content": event.content, "source": event.source}
+            content = without_thought(event.content)
+            self._record(event, content=content)
+            yield "message", {"content": content, "source": event.source}
 
     def _texts(self, parts: list[tuple[str, str]]) -> Iterator[Event]:
         for kind, text in parts:

@@ -383,6 +383,27 @@ def test_reasoning_goes_to_thought_events_and_chunks_carry_only_the_answer(
     assert events[-2] == ("message", {"content": "The answer is 4.", "source": "assistant"})
 
 
+def test_think_tags_in_the_content_of_local_r1_models_become_thought_events(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="<think>Two and two make four.</think> It is 4."))
+    _, events = stream(service.url, {"message": "2+2?"})
+    assert "".join(d["content"] for n, d in events if n == "thought") == "Two and two make four."
+    assert "".join(d["content"] for n, d in events if n == "chunk") == "It is 4."
+    assert events[-2] == ("message", {"content": "It is 4.", "source": "assistant"})
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 1000], ids=lambda size: f"pieces-of-{size}")
+def test_think_splitter_gives_the_same_parts_however_the_text_is_cut(size: int) -> None:
+    text = "  <think>plan: 1 < 2 </thin k></think>\n\nThe answer <think> stays text."
+    splitter, parts = server.ThinkSplitter(), []
+    for start in range(0, len(text), size):
+        parts += splitter.feed(text[start : start + size])
+    parts += splitter.flush()
+    assert "".join(t for kind, t in parts if kind == "thought") == "plan: 1 < 2 </thin k>"
+    assert "".join(t for kind, t in parts if kind == "chunk") == "The answer <think> stays text."
+
+
 def test_stored_assistant_message_keeps_the_thought_apart(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(reasoning="hmm", content="Four."))
     conversation_id = client.post("/api/chat", json={"message": "2+2?"}).json()["conversation_id"]
