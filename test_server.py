@@ -477,10 +477,11 @@ def test_history_sent_to_the_model_is_bounded_and_starts_at_a_user_message(
     assert len(stored) == 8  # all are stored: user, call, result, answer, then two short turns
 
 
+@pytest.mark.parametrize("size", [2, 3, 4, 5], ids=lambda size: f"window-{size}")
 def test_tool_result_is_never_sent_without_its_call(
-    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, size: int
 ) -> None:
-    with TestClient(server.create_app(settings_for(MAX_HISTORY_MESSAGES="2"))) as client:
+    with TestClient(server.create_app(settings_for(MAX_HISTORY_MESSAGES=str(size)))) as client:
         upstream.reset(Reply(tool_calls=[("calculate", {"expression": "1+1"})]), Reply(content="2"))
         client.post("/api/chat", json={"message": "one", "conversation_id": "c"})
         client.post("/api/chat", json={"message": "two", "conversation_id": "c"})
