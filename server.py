@@ -1452,5 +1452,9 @@ except SettingsError as exc:
 
 if __name__ == "__main__":
     settings: Settings = app.state.settings
+    try:
+        Store(settings.database_path).close()  # one clear line before uvicorn, not a traceback
+    except SettingsError as exc:
+        raise SystemExit(f"Configuration error: {exc}") from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())

@@ -1222,6 +1222,21 @@ def test_a_database_path_that_cannot_be_opened_stops_start_up(
                 pass
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [("DATABASE_PATH", "missing/dir/chat.db"), ("PORT", "eighty")],
+    ids=["database-path", "port"],
+)
+def test_python_server_py_refuses_a_bad_setting_with_one_clear_line(tmp_path: Path, name: str, value: str) -> None:
+    env = {**os.environ, name: value, "HOST": "127.0.0.1", "PORT": "1", "DATABASE_PATH": str(tmp_path / "ok.db")}
+    env[name] = value
+    result = subprocess.run([sys.executable, str(HERE / "server.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Configuration error: {name}={value!r}")
+    assert "Traceback" not in result.stderr
+
+
 def test_health_is_degraded_when_the_database_stops_answering(client: TestClient) -> None:
     client.app.state.ctx.store.db.close()  # type: ignore[attr-defined]
     response = client.get("/health")
