@@ -110,10 +110,12 @@ class SettingsError(ValueError):
     """A setting has a value the server cannot run with; the message names it."""
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float, kind: type, minimum: float) -> Any:
+def _env_number(env: Mapping[str, str], name: str, default: float, minimum: float = 0) -> Any:
+    """A whole number when the default is one, else any number; at least `minimum`."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
+    kind = type(default)
     try:
         value = kind(raw)
     except ValueError:
@@ -121,14 +123,6 @@ def _env_number(env: Mapping[str, str], name: str, default: float, kind: type, m
     if not math.isfinite(value) or value < minimum:
         raise SettingsError(f"{name}={raw!r} must be a number of at least {minimum}")
     return value
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    return _env_number(env, name, default, int, minimum)
-
-
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    return _env_number(env, name, default, float, 0.001)
 
 
 def _env_bool(env: Mapping[str, str], name: str) -> bool | None:
@@ -212,21 +206,21 @@ class Settings:
             model_name=model,
             base_url=_env_url(env, "BASE_URL", cls.base_url),
             host=env.get("HOST", "").strip() or cls.host,
-            port=_env_int(env, "PORT", cls.port, minimum=1),
+            port=_env_number(env, "PORT", cls.port, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
             database_path=env.get("DATABASE_PATH", "").strip() or cls.database_path,
-            max_history_messages=_env_int(env, "MAX_HISTORY_MESSAGES", 40, minimum=1),
+            max_history_messages=_env_number(env, "MAX_HISTORY_MESSAGES", cls.max_history_messages, 1),
             cors_origins=origins,
-            request_timeout=_env_float(env, "REQUEST_TIMEOUT", cls.request_timeout),
-            max_retries=_env_int(env, "MAX_RETRIES", cls.max_retries),
-            ping_interval=_env_float(env, "PING_INTERVAL", cls.ping_interval),
+            request_timeout=_env_number(env, "REQUEST_TIMEOUT", cls.request_timeout, 0.001),
+            max_retries=_env_number(env, "MAX_RETRIES", cls.max_retries),
+            ping_interval=_env_number(env, "PING_INTERVAL", cls.ping_interval, 0.001),
             tools=_tool_names(env),
             model_info=_model_info(env, model),
-            max_message_chars=_env_int(env, "MAX_MESSAGE_CHARS", 32000, minimum=1),
-            max_body_bytes=_env_int(env, "MAX_BODY_BYTES", 256 * 1024, minimum=64),
+            max_message_chars=_env_number(env, "MAX_MESSAGE_CHARS", cls.max_message_chars, 1),
+            max_body_bytes=_env_number(env, "MAX_BODY_BYTES", cls.max_body_bytes, 64),
             server_api_key=env.get("SERVER_API_KEY", "").strip() or None,
-            shutdown_grace_seconds=_env_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
-            lease_seconds=_env_float(env, "LEASE_SECONDS", cls.lease_seconds),
+            shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds, 0.001),
+            lease_seconds=_env_number(env, "LEASE_SECONDS", cls.lease_seconds, 0.001),
             log_level=log_level,
         )
 
