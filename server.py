@@ -731,7 +731,7 @@ class Turn:
         self.splitter = ThinkSplitter()
         self.stream_id: str | None = None
         self.thought: list[str] = []
-        self.saved = False
+        self.released = False
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
@@ -757,10 +757,17 @@ class Turn:
                     await asyncio.wait([self.task])
         finally:
             self.timer.cancel()
-            if self in self.ctx.turns:
-                self.ctx.turns.discard(self)
-                if not self.saved:
-                    self.ctx.store.release_lease(self.conversation_id, self.lease)
+            self.ctx.turns.discard(self)
+            self._release()  # for a task cancelled before it ever ran
+
+    def _release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        try:
+            self.ctx.store.release_lease(self.conversation_id, self.lease)
+        except sqlite3.Error:
+            logger.warning("could not release the lease of conversation %s", self.conversation_id)
 
     def _next_tick(self) -> float:
         settings = self.ctx.settings
@@ -787,7 +794,10 @@ class Turn:
                 self.events.put_nowait(event)
                 self.last_event = self.loop.time()
         finally:
+            # Both before the response task runs again: a client that reads the last event
+            # and sends its next message at once never meets this turn's lease.
             self.events.put_nowait(None)
+            self._release()
 
     async def _run(self) -> AsyncIterator[Event]:
         yield "status", {"status": "started", "conversation_id": self.conversation_id}
@@ -798,10 +808,8 @@ class Turn:
                 for item in self._translate(event):
                     yield item
             state = await agent.save_state()
-            # The lease goes in the same transaction, so the client that reads `done` can send
-            # its next message at once without meeting its own turn's lease.
             self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
-            self.saved = True
+            self.released = True  # in the same transaction
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise

@@ -547,15 +547,20 @@ def test_a_running_conversation_is_busy_while_others_run_in_parallel(
     assert other.status_code == 200 and other.json()["message"] == "other"
 
 
-def test_the_next_message_can_follow_as_soon_as_done_is_read(service: ServerThread, upstream: FakeModelAPI) -> None:
-    upstream.reset(Reply(content="first answer"), Reply(content="second answer"))
+@pytest.mark.parametrize(
+    "first, last_event", [(Reply(content="first answer"), "done"), (Reply(status=500), "error")], ids=["done", "error"]
+)
+def test_the_next_message_can_follow_as_soon_as_the_last_event_is_read(
+    service: ServerThread, upstream: FakeModelAPI, first: Reply, last_event: str
+) -> None:
+    upstream.reset(first, Reply(content="second answer"))
     with httpx.Client(timeout=10) as http:
         body = {"message": "one", "conversation_id": "quick"}
         with http.stream("POST", service.url + "/api/chat/stream", json=body) as response:
             seen = ""
-            for text in response.iter_text():
+            for text in response.iter_text():  # the response is still open when the next message goes
                 seen += text
-                if "event: done" in seen:
+                if f"event: {last_event}" in seen:
                     follow = http.post(service.url + "/api/chat", json={"message": "two", "conversation_id": "quick"})
                     break
     assert follow.status_code == 200 and follow.json()["message"] == "second answer"
