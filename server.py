@@ -31,12 +31,13 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -73,6 +74,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 __version__ = "1.0.0"
 
 logger = logging.getLogger("autogen_chat")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------
 # Settings
@@ -241,6 +244,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "not_found": (404, "Not found."),
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
+    "turn_superseded": (409, "Another turn took this conversation over while this one ran; nothing was saved."),
     "payload_too_large": (413, "The request is too large."),
     "unsupported_media_type": (415, "Send the body as JSON (Content-Type: application/json)."),
     "validation_error": (422, "The request is not valid."),
@@ -253,6 +257,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "model_not_found": (502, "The model API does not know this model."),
     "not_configured": (503, "The model is not configured: set API_KEY in .env and restart."),
     "server_shutting_down": (503, "The server is shutting down; try again shortly."),
+    "database_unavailable": (503, "The database is not answering; try again shortly."),
     "upstream_timeout": (504, "The model API did not answer in time (REQUEST_TIMEOUT)."),
 }
 
@@ -301,6 +306,10 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
         return ApiError("upstream_unreachable")
     if isinstance(exc, UpstreamIncomplete):
         return ApiError("upstream_incomplete")
+    if isinstance(exc, DatabaseUnavailable):
+        return ApiError("database_unavailable")
+    if isinstance(exc, LeaseLost):
+        return ApiError("turn_superseded")
     if isinstance(exc, openai.APIError | httpx.HTTPError | json.JSONDecodeError):
         return ApiError("upstream_error")
     return ApiError("internal_error")
@@ -418,7 +427,60 @@ def build_tools(names: tuple[str, ...]) -> list[FunctionTool]:
 # Storage
 # ---------------------------------------------------------------------------
 
-SCHEMA = """
+
+class DatabaseUnavailable(Exception):
+    """The database cannot answer now (locked, unreachable, restarting); the client may retry."""
+
+
+class LeaseLost(Exception):
+    """Another turn took over this turn's conversation: this turn must save nothing."""
+
+
+class Store(Protocol):
+    """Conversations and the one-turn-per-conversation leases. Two implementations, chosen
+    by the settings: SQLiteStore (DATABASE_PATH) and PostgresStore (DATABASE_URL). Every call
+    raises DatabaseUnavailable when the database cannot answer."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool: ...
+
+    async def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        """Extend the lease if `owner` still holds it; False when another turn has taken it."""
+        ...
+
+    async def release_lease(self, conversation_id: str, owner: str) -> None: ...
+    async def load_state(self, conversation_id: str) -> dict[str, Any] | None: ...
+
+    async def save_turn(
+        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+    ) -> None:
+        """Store a completed turn and delete its lease in one transaction; LeaseLost (and
+        nothing stored) if the lease is no longer this turn's."""
+        ...
+
+    async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]: ...
+    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None: ...
+    async def delete_conversation(self, conversation_id: str) -> bool: ...
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings choose, not yet opened."""
+    return SQLiteStore(settings.database_path)
+
+
+async def check_store(settings: Settings) -> None:
+    """Open and close the store: SettingsError if the database cannot be used."""
+    store = open_store(settings)
+    await store.open()
+    await store.close()
+
+
+SUMMARY_KEYS = ("conversation_id", "title", "message_count", "created_at", "updated_at")
+CONVERSATION_KEYS = ("conversation_id", "title", "created_at", "updated_at")
+SQLITE_BUSY_TIMEOUT_MS = 5000
+SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     title TEXT NOT NULL,
@@ -442,34 +504,69 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-class Store:
-    """Conversations in SQLite. Calls are synchronous: in WAL mode with synchronous=NORMAL
-    each is well under a millisecond, cheaper than a hop to a thread."""
+def in_thread(method: Callable[Concatenate[SQLiteStore, P], T]) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
+    """Run a SQLiteStore method on the store's own thread: a locked file waits busy_timeout
+    inside sqlite3, which must not stall the event loop."""
+
+    @functools.wraps(method)
+    async def call(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        work = functools.partial(method, self, *args, **kwargs)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.thread, work)
+        except sqlite3.OperationalError as exc:
+            raise DatabaseUnavailable(f"SQLite: {exc}") from None
+
+    return call
+
+
+class SQLiteStore:
+    """Conversations in one SQLite file (WAL, synchronous=NORMAL). One thread owns the
+    connection and runs every call in turn, so calls never overlap and never block the loop."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+        self.db: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.execute("PRAGMA busy_timeout=5000")
-            self.db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise SettingsError(f"DATABASE_PATH={path!r} cannot be opened or written: {exc}") from None
+            await self._connect()
+        except (sqlite3.Error, DatabaseUnavailable) as exc:
+            self.thread.shutdown()
+            raise SettingsError(f"DATABASE_PATH={self.path!r} cannot be opened or written: {exc}") from None
 
-    def close(self) -> None:
-        self.db.close()
+    @in_thread
+    def _connect(self) -> None:
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        self.db.executescript(SQLITE_SCHEMA)
 
+    async def close(self) -> None:
+        if self.db is not None:
+            await asyncio.get_running_loop().run_in_executor(self.thread, self.db.close)
+        self.thread.shutdown()
+
+    @in_thread
     def ping(self) -> bool:
         try:
-            self.db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
+            self._db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
         except sqlite3.Error:
             return False
         return True
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self.db is None:
+            raise sqlite3.OperationalError("the store is not open")
+        return self.db
+
+    @in_thread
     def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
         now = time.time()
-        cursor = self.db.execute(
+        cursor = self._db.execute(
             "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE"
             " SET owner = excluded.owner, expires_at = excluded.expires_at"
             " WHERE leases.expires_at < ?",
@@ -477,26 +574,34 @@ class Store:
         )
         return cursor.rowcount == 1
 
-    def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> None:
-        self.db.execute(
+    @in_thread
+    def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        cursor = self._db.execute(
             "UPDATE leases SET expires_at = ? WHERE conversation_id = ? AND owner = ?",
             (time.time() + seconds, conversation_id, owner),
         )
+        return cursor.rowcount == 1
 
+    @in_thread
     def release_lease(self, conversation_id: str, owner: str) -> None:
-        self.db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
+        self._db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
 
+    @in_thread
     def load_state(self, conversation_id: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        row = self._db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    @in_thread
     def save_turn(
         self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
     ) -> None:
-        """Store a completed turn, the agent's new state and the turn's messages, and release
-        the turn's lease, in one transaction."""
         now = utc_now()
         with self._transaction() as db:
+            released = db.execute(
+                "DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, lease)
+            )
+            if released.rowcount != 1:
+                raise LeaseLost
             row = db.execute("SELECT message_count FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
             seq = row[0] if row else 0
             title = messages[0].get("content", "")[:80]
@@ -506,7 +611,6 @@ class Store:
                 " updated_at = excluded.updated_at",
                 (conversation_id, title, dumps(state), seq + len(messages), now, now),
             )
-            db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, lease))
             db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?)",
                 [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
@@ -514,38 +618,39 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
+            yield self._db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        self._db.execute("COMMIT")
 
+    @in_thread
     def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        rows = self.db.execute(
+        rows = self._db.execute(
             "SELECT id, title, message_count, created_at, updated_at FROM conversations"
             " ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
-        total = self.db.execute("SELECT count(*) FROM conversations").fetchone()[0]
-        keys = ("conversation_id", "title", "message_count", "created_at", "updated_at")
-        return [dict(zip(keys, row, strict=True)) for row in rows], total
+        total = self._db.execute("SELECT count(*) FROM conversations").fetchone()[0]
+        return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
 
+    @in_thread
     def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
-        row = self.db.execute(
+        row = self._db.execute(
             "SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?", (conversation_id,)
         ).fetchone()
         if row is None:
             return None
-        bodies = self.db.execute(
+        bodies = self._db.execute(
             "SELECT body FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
         ).fetchall()
-        keys = ("conversation_id", "title", "created_at", "updated_at")
-        return {**dict(zip(keys, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
+        return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
 
+    @in_thread
     def delete_conversation(self, conversation_id: str) -> bool:
-        cursor = self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        cursor = self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return cursor.rowcount > 0
 
 
@@ -710,7 +815,36 @@ class AppContext:
     client: ChatClient | None
     tools: list[FunctionTool]
     turns: set[Turn] = field(default_factory=set)
+    releases: set[asyncio.Task[None]] = field(default_factory=set)
     shutting_down: bool = False
+
+
+LAST_EVENTS = {"done", "error"}
+
+
+def release_lease(ctx: AppContext, conversation_id: str, lease: str) -> asyncio.Task[None]:
+    """Release a lease in a task of its own; while the database fails, keep trying in the
+    background until the lease would have expired anyway: no lease outlives its turn."""
+    task = asyncio.create_task(ctx.store.release_lease(conversation_id, lease))
+
+    def retry(attempt: asyncio.Task[None]) -> None:
+        if not attempt.cancelled() and isinstance(attempt.exception(), DatabaseUnavailable):
+            logger.warning("could not release the lease of conversation %s: retrying", conversation_id)
+            retrying = asyncio.create_task(keep_releasing(ctx, conversation_id, lease))
+            ctx.releases.add(retrying)
+            retrying.add_done_callback(ctx.releases.discard)
+
+    task.add_done_callback(retry)
+    return task
+
+
+async def keep_releasing(ctx: AppContext, conversation_id: str, lease: str) -> None:
+    deadline = asyncio.get_running_loop().time() + ctx.settings.lease_seconds
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(min(1.0, ctx.settings.lease_seconds / 10))  # a pause between tries, not a wait for an event
+        with suppress(DatabaseUnavailable):
+            await ctx.store.release_lease(conversation_id, lease)
+            return
 
 
 class Turn:
@@ -730,7 +864,9 @@ class Turn:
         self.splitter = ThinkSplitter()
         self.stream_id: str | None = None
         self.thought: list[str] = []
-        self.released = False
+        self.saving = self.saved = False
+        self.releasing: asyncio.Future[None] | None = None
+        self.renewal: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
@@ -756,17 +892,25 @@ class Turn:
                     await asyncio.wait([self.task])
         finally:
             self.timer.cancel()
+            if self.renewal is not None:
+                self.renewal.cancel()
             self.ctx.turns.discard(self)
-            self._release()  # for a task cancelled before it ever ran
+            self._start_release()  # for a task cancelled before it ever ran
 
-    def _release(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        try:
-            self.ctx.store.release_lease(self.conversation_id, self.lease)
-        except sqlite3.Error:
-            logger.warning("could not release the lease of conversation %s", self.conversation_id)
+    def _start_release(self) -> asyncio.Future[None]:
+        """Release the lease once, in a task of its own: cancelling the turn cannot stop it."""
+        if self.releasing is None:
+            if self.saved:  # the save deleted it
+                self.releasing = self.loop.create_future()
+                self.releasing.set_result(None)
+            else:
+                self.releasing = release_lease(self.ctx, self.conversation_id, self.lease)
+        return self.releasing
+
+    async def _release(self) -> None:
+        releasing = self._start_release()
+        if not releasing.done():
+            await asyncio.wait([releasing])
 
     def _next_tick(self) -> float:
         settings = self.ctx.settings
@@ -779,24 +923,35 @@ class Turn:
         if now - self.last_event >= settings.ping_interval:
             self.events.put_nowait(PING)
             self.last_event = now
-        if now - self.renewed >= settings.lease_seconds / 3:
-            try:
-                self.ctx.store.renew_lease(self.conversation_id, self.lease, settings.lease_seconds)
-            except sqlite3.Error:
-                logger.warning("could not renew the lease of conversation %s", self.conversation_id)
+        if now - self.renewed >= settings.lease_seconds / 3 and (self.renewal is None or self.renewal.done()):
+            self.renewal = asyncio.create_task(self._renew())
             self.renewed = now
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
+
+    async def _renew(self) -> None:
+        try:
+            owned = await self.ctx.store.renew_lease(self.conversation_id, self.lease, self.ctx.settings.lease_seconds)
+        except DatabaseUnavailable:
+            logger.warning("could not renew the lease of conversation %s", self.conversation_id)
+            return
+        if not owned and not self.saving:  # a save in flight has deleted it, or finds it gone itself
+            logger.warning("conversation %s was taken over by another turn: stopping this one", self.conversation_id)
+            self.stop("turn_superseded")
 
     async def _pump(self) -> None:
         try:
             async for event in self._run():
+                if event[0] in LAST_EVENTS:
+                    # Before the client can read it: a client that sends its next message as
+                    # soon as it reads the last event never meets this turn's lease.
+                    await self._release()
                 self.events.put_nowait(event)
                 self.last_event = self.loop.time()
         finally:
-            # Both before the response task runs again: a client that reads the last event
-            # and sends its next message at once never meets this turn's lease.
-            self.events.put_nowait(None)
-            self._release()
+            try:
+                await self._release()
+            finally:
+                self.events.put_nowait(None)
 
     async def _run(self) -> AsyncIterator[Event]:
         yield "status", {"status": "started", "conversation_id": self.conversation_id}
@@ -807,8 +962,9 @@ class Turn:
                 for item in self._translate(event):
                     yield item
             state = await agent.save_state()
-            self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
-            self.released = True  # in the same transaction
+            self.saving = True
+            await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
+            self.saved = True
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise
@@ -832,7 +988,7 @@ class Turn:
             reflect_on_tool_use=bool(tools),
             model_context=HistoryWindow(settings.max_history_messages),
         )
-        state = self.ctx.store.load_state(self.conversation_id)
+        state = await self.ctx.store.load_state(self.conversation_id)
         if state is not None:
             await agent.load_state(state)
         return agent
@@ -1036,7 +1192,7 @@ async def index(request: Request) -> JSONResponse:
 
 async def health(request: Request) -> JSONResponse:
     ctx = context(request)
-    database = ctx.store.ping()
+    database = await ctx.store.ping()
     reasons = []
     if ctx.client is None:
         reasons.append("model not configured: set API_KEY in .env")
@@ -1064,7 +1220,7 @@ async def start_turn(request: Request) -> Turn:
     data = await read_json(request, ctx.settings.max_body_bytes)
     message, conversation_id = parse_chat_request(data, ctx.settings)
     lease = uuid.uuid4().hex
-    if not ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    if not await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
         raise ApiError("conversation_busy")
     return Turn(ctx, conversation_id, message, lease)
 
@@ -1082,7 +1238,7 @@ async def chat_stream(request: Request) -> TurnStream:
 async def list_conversations(request: Request) -> JSONResponse:
     limit = query_int(request, "limit", 20, 1, 100)
     offset = query_int(request, "offset", 0, 0, 10**9)
-    items, total = context(request).store.list_conversations(limit, offset)
+    items, total = await context(request).store.list_conversations(limit, offset)
     return JSONResponse({"conversations": items, "total": total, "limit": limit, "offset": offset})
 
 
@@ -1090,22 +1246,22 @@ async def conversation(request: Request) -> Response:
     ctx = context(request)
     conversation_id = check_conversation_id(request.path_params["conversation_id"])
     if request.method == "DELETE":
-        return delete_conversation(ctx, conversation_id)
-    found = ctx.store.get_conversation(conversation_id)
+        return await delete_conversation(ctx, conversation_id)
+    found = await ctx.store.get_conversation(conversation_id)
     if found is None:
         raise ApiError("not_found", f"No conversation {conversation_id!r}.")
     return JSONResponse(found)
 
 
-def delete_conversation(ctx: AppContext, conversation_id: str) -> Response:
+async def delete_conversation(ctx: AppContext, conversation_id: str) -> Response:
     # Taking the lease means a running turn cannot save the conversation back afterwards.
     lease = uuid.uuid4().hex
-    if not ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    if not await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
         raise ApiError("conversation_busy")
     try:
-        deleted = ctx.store.delete_conversation(conversation_id)
+        deleted = await ctx.store.delete_conversation(conversation_id)
     finally:
-        ctx.store.release_lease(conversation_id, lease)
+        await asyncio.wait([release_lease(ctx, conversation_id, lease)])
     if not deleted:
         raise ApiError("not_found", f"No conversation {conversation_id!r}.")
     return Response(status_code=204)
@@ -1136,6 +1292,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
     response = ApiError(code).response()
     response.headers.update(exc.headers or {})
     return response
+
+
+async def database_error(request: Request, exc: Exception) -> Response:
+    logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
+    return ApiError("database_unavailable").response()
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -1386,7 +1547,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     logging.getLogger("autogen_core").setLevel(logging.WARNING)  # its INFO events log whole prompts
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per model call
-    store = Store(settings.database_path)
+    store = open_store(settings)
+    await store.open()
     client = make_client(settings) if settings.api_key else None
     tools = build_tools(settings.tools) if settings.model_info["function_calling"] else []
     ctx = app.state.ctx = AppContext(settings, store, client, tools)
@@ -1404,9 +1566,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         restore_signals()
         stop_turns(ctx)
         await asyncio.gather(*(turn.close() for turn in list(ctx.turns)))
+        for task in list(ctx.releases):
+            task.cancel()  # a lease left behind expires by itself
+        await asyncio.gather(*ctx.releases, return_exceptions=True)
         if client is not None:
             await client.close()
-        store.close()
+        await store.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1440,7 +1605,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
         Middleware(RequireServerKey, key=settings.server_api_key),
     ]
-    handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
+    handlers = {
+        ApiError: api_error,
+        HTTPException: http_error,
+        DatabaseUnavailable: database_error,
+        Exception: server_error,
+    }
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings = settings
     return app
@@ -1455,7 +1625,7 @@ except SettingsError as exc:
 if __name__ == "__main__":
     settings: Settings = app.state.settings
     try:
-        Store(settings.database_path).close()  # one clear line before uvicorn, not a traceback
+        asyncio.run(check_store(settings))  # one clear line before uvicorn, not a traceback
     except SettingsError as exc:
         raise SystemExit(f"Configuration error: {exc}") from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

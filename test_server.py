@@ -94,7 +94,7 @@ class FakeModelAPI:
 
     async def completions(self, request: Request) -> Response:
         if self.release is None:
-            self.release = asyncio.Event()
+            self.release, self.loop = asyncio.Event(), asyncio.get_running_loop()
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
@@ -105,6 +105,11 @@ class FakeModelAPI:
         if reply.fault == "stall":
             await self._hang()
         return StreamingResponse(self._stream(body, reply), media_type="text/event-stream")
+
+    def end_hang(self) -> None:
+        """Let hanging requests go on (from the test's thread)."""
+        assert self.release is not None
+        self.loop.call_soon_threadsafe(self.release.set)
 
     async def _hang(self) -> None:
         self.hanging += 1
@@ -887,8 +892,8 @@ def test_fifty_disconnects_leak_no_task_connection_or_lease(service: ServerThrea
     # At most the baseline: the warm-up left a keep-alive connection the pool may since have dropped.
     assert wait_until(lambda: open_fds() <= fds), "connections or files leaked"
     store = service.app_ctx.store
-    assert store.db.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
-    assert store.list_conversations(100, 0)[1] == 1
+    assert all(service.call(store.acquire_lease(f"d{index}", "probe", 1)) for index in range(50)), "a lease leaked"
+    assert service.call(store.list_conversations(100, 0))[1] == 1
 
 
 def test_a_slow_reader_does_not_hold_up_other_streams(service: ServerThread, upstream: FakeModelAPI) -> None:
@@ -1109,7 +1114,7 @@ def test_two_hundred_concurrent_streams_complete_without_cross_talk(
     assert [names(events)[-1] for events in results] == ["done"] * 200
     store = service.app_ctx.store
     for index in range(200):
-        stored = store.get_conversation(f"load-{index}")
+        stored = service.call(store.get_conversation(f"load-{index}"))
         assert stored is not None
         assert [m["content"] for m in stored["messages"]] == [f"message {index}", f"echo: message {index}"]
 
@@ -1241,3 +1246,100 @@ def test_health_is_degraded_when_the_database_stops_answering(client: TestClient
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "degraded" and response.json()["database"] is False
+
+
+# ---------------------------------------------------------------------------
+# Storage faults and leases
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sqlite_write_lock(path: str) -> Iterator[None]:
+    """Hold the write lock of a SQLite file, as a backup or a second tool would."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("COMMIT")
+        other.close()
+
+
+def test_a_locked_sqlite_file_never_stalls_the_event_loop(
+    service: ServerThread, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
+) -> None:
+    # The save waits out busy_timeout (5 s) inside sqlite3. On the event loop, GET / would
+    # answer only after the save gave up; off the loop it answers at once, the lock goes,
+    # and the waiting save goes through.
+    upstream.reset(Reply(content="a b c d", fault="stall"))
+    with held_stream(service.url, {"message": "x", "conversation_id": "locked"}, upstream) as (seen, rest):
+        with sqlite_write_lock(settings_for().database_path):
+            upstream.end_hang()
+            for text in rest:
+                seen += text
+                if "event: message" in seen:  # the save comes next
+                    break
+            index = httpx.get(service.url + "/", timeout=10)
+        seen += "".join(rest)
+    assert index.status_code == 200
+    assert names(parse_sse(seen))[-1] == "done"
+
+
+def test_a_database_that_cannot_be_written_answers_503_saves_nothing_and_keeps_no_lease(
+    monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    monkeypatch.setattr(server, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    settings = settings_for()
+    with ServerThread(server.create_app(settings)) as service, httpx.Client(base_url=service.url, timeout=10) as http:
+        upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="stall"))
+        http.post("/api/chat", json={"message": "first", "conversation_id": "w"})
+        before = http.get("/api/conversations/w").json()
+        with held_stream(service.url, {"message": "second", "conversation_id": "w"}, upstream) as (seen, rest):
+            with sqlite_write_lock(settings.database_path):
+                refused = http.post("/api/chat", json={"message": "hi", "conversation_id": "other"})
+                deleted = http.delete("/api/conversations/w")
+                upstream.end_hang()
+                seen += "".join(rest)  # the answer streams, then its save fails
+                listed = http.get("/api/conversations")
+        after = http.get("/api/conversations/w").json()
+        upstream.reset()
+        assert wait_until(
+            lambda: http.post("/api/chat", json={"message": "3", "conversation_id": "w"}).status_code == 200
+        )
+    for response in (refused, deleted):
+        assert response.status_code == 503 and response.json()["error"]["code"] == "database_unavailable"
+    events = parse_sse(seen)
+    assert "message" in names(events) and names(events).count("error") == 1
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "database_unavailable"
+    assert listed.status_code == 200 and after == before
+
+
+def test_a_turn_whose_lease_was_taken_over_saves_nothing(service: ServerThread, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="stall"))
+    httpx.post(service.url + "/api/chat", json={"message": "first", "conversation_id": "taken"}, timeout=10)
+    with held_stream(service.url, {"message": "lost", "conversation_id": "taken"}, upstream) as (seen, rest):
+        [turn], store = service.app_ctx.turns, service.app_ctx.store
+        service.call(store.release_lease("taken", turn.lease))  # as if it expired while the process was paused
+        assert service.call(store.acquire_lease("taken", "another-process", 90))
+        upstream.end_hang()
+        seen += "".join(rest)
+    events = parse_sse(seen)
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "turn_superseded"
+    stored = service.call(store.get_conversation("taken"))
+    assert [m["content"] for m in stored["messages"]] == ["first", "kept"]
+
+
+def test_a_renewal_that_finds_the_lease_taken_stops_the_turn(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))
+    with ServerThread(server.create_app(settings_for(LEASE_SECONDS="0.3"))) as service:
+        with held_stream(service.url, {"message": "x", "conversation_id": "renew"}, upstream) as (seen, rest):
+            [turn], store = service.app_ctx.turns, service.app_ctx.store
+            service.call(store.release_lease("renew", turn.lease))
+            assert service.call(store.acquire_lease("renew", "another-process", 90))
+            seen += "".join(rest)  # ends while the model is still answering
+        assert upstream.disconnected.wait(5), "the model request was not closed"
+        assert service.call(store.get_conversation("renew")) is None
+    events = parse_sse(seen)
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "turn_superseded"
