@@ -793,8 +793,10 @@ class Turn:
                 self.events.put_nowait(event)
                 self.last_event = self.loop.time()
         finally:
-            # Both before the response task runs again: a client that reads the last event
-            # and sends its next message at once never meets this turn's lease.
+            # All before the response task runs again: a client that reads the last event
+            # and sends its next message at once never meets this turn's lease, and no ping
+            # or renewal follows the end.
+            self.timer.cancel()
             self.events.put_nowait(None)
             self._release()
 
@@ -900,12 +902,12 @@ async def stream_turn(turn: Turn) -> AsyncIterator[bytes]:
     leave together in one write, so a busy server makes fewer, larger writes."""
     while True:
         batch = [await turn.events.get()]
-        while not turn.events.empty():
+        while batch[-1] is not None and not turn.events.empty():
             batch.append(turn.events.get_nowait())
         body = b"".join(sse_event(event) for event in batch if event is not None)
         if body:
             yield body
-        if batch[-1] is None:
+        if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
             return
 
 
@@ -1143,23 +1145,29 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 class RequireServerKey:
-    """With SERVER_API_KEY set, /api/* needs 'Authorization: Bearer <key>'."""
+    """A route's guard: with SERVER_API_KEY set, the route needs 'Authorization: Bearer <key>'.
 
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
+    Applied per route (``middleware=SECURED``), never by path prefix: behind
+    ``--root-path`` uvicorn puts the prefix into ``scope["path"]``, the router strips it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.expected is not None
-            and scope["type"] == "http"
-            and scope["path"].startswith("/api/")
-            and scope["method"] != "OPTIONS"
-            and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected)
-        ):
-            await ApiError("unauthorized").response()(scope, receive, send)
-            return
+        key = scope["app"].state.settings.server_api_key
+        if key and not bearer_matches(dict(scope["headers"]).get(b"authorization", b""), key):
+            raise ApiError("unauthorized")
         await self.app(scope, receive, send)
+
+
+def bearer_matches(header: bytes, key: str) -> bool:
+    """Whether the header carries the key; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+
+
+SECURED = [Middleware(RequireServerKey)]
 
 
 # ---------------------------------------------------------------------------
@@ -1416,10 +1424,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 routes = [
     Route("/", index),
     Route("/health", health),
-    Route("/api/chat", chat, methods=["POST"]),
-    Route("/api/chat/stream", chat_stream, methods=["POST"]),
-    Route("/api/conversations", list_conversations),
-    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"]),
+    Route("/api/chat", chat, methods=["POST"], middleware=SECURED),
+    Route("/api/chat/stream", chat_stream, methods=["POST"], middleware=SECURED),
+    Route("/api/conversations", list_conversations, middleware=SECURED),
+    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"], middleware=SECURED),
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
@@ -1438,7 +1446,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
             allow_credentials=not wildcard,  # never credentials together with '*'
             expose_headers=["Retry-After"],
         ),
-        Middleware(RequireServerKey, key=settings.server_api_key),
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
