@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from openapi_spec_validator import OpenAPIV31SpecValidator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -710,6 +711,12 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
     stream_doc = document["paths"]["/api/chat/stream"]["post"]["responses"]["200"]["description"]
     for event in ("status", "chunk", "thought", "tool_call", "tool_result", "message", "done", "error"):
         assert f"| {event} |" in stream_doc
+
+
+def test_openapi_json_is_a_valid_openapi_3_1_document() -> None:
+    document = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
+    OpenAPIV31SpecValidator(document).validate()
+    assert document["info"]["version"] == server.__version__
 
 
 def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClient) -> None:
