@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from playwright.sync_api import BrowserContext, Page, sync_playwright
+from playwright.sync_api import Route as BrowserRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -644,7 +646,7 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
     assert document["openapi"].startswith("3.1")
     documented = {(path, method.upper()) for path, item in document["paths"].items() for method in item}
     served = {
-        (route.path, method)
+        (re.sub(r":\w+}", "}", route.path), method)  # /static/{path:path} is /static/{path} in OpenAPI
         for route in client.app.routes  # type: ignore[attr-defined]
         for method in route.methods - {"HEAD"}
     }
@@ -663,6 +665,149 @@ def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClie
     document = client.get("/openapi.json").json()
     codes = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
     assert set(codes) == set(server.ERRORS)
+
+
+# ---------------------------------------------------------------------------
+# Static files, and the documentation pages in a real browser
+# ---------------------------------------------------------------------------
+
+
+def docs_assets(client: TestClient) -> list[str]:
+    return [url for path in ("/docs", "/redoc") for url in re.findall(r'(?:src|href)="([^"]+)"', client.get(path).text)]
+
+
+def test_docs_pages_load_every_asset_from_the_app_and_forbid_other_hosts(client: TestClient) -> None:
+    urls = docs_assets(client)
+    assert len(urls) == 4 and all(url.startswith("/static/vendor/") for url in urls), urls
+    for path in ("/docs", "/redoc"):
+        assert "//" not in client.get(path).text
+        assert "default-src 'self'" in client.get(path).headers["content-security-policy"]
+
+
+def test_vendored_assets_are_served_with_type_long_caching_and_gzip(client: TestClient) -> None:
+    types = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".png": "image/png"}
+    for url in docs_assets(client):
+        plain = client.get(url, headers={"Accept-Encoding": "identity"})
+        assert plain.status_code == 200 and plain.headers["content-type"] == types[Path(url).suffix], url
+        assert plain.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert "content-encoding" not in plain.headers
+        again = client.get(url, headers={"Accept-Encoding": "identity", "If-None-Match": plain.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
+        if url.endswith(".png"):
+            continue
+        zipped = client.get(url, headers={"Accept-Encoding": "br;q=1, gzip;q=0.5"})
+        assert zipped.headers["content-encoding"] == "gzip" and zipped.headers["vary"].startswith("Accept-Encoding")
+        assert int(zipped.headers["content-length"]) < len(plain.content) / 3
+        assert zipped.content == plain.content and zipped.headers["etag"] != plain.headers["etag"]
+        refused = client.get(url, headers={"Accept-Encoding": "gzip;q=0, *"})
+        assert "content-encoding" not in refused.headers
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["%2e%2e/server.py", "%2E%2E%2Fserver.py", "%2Fetc%2Fpasswd", "vendor", "", "vendor/none.js", "a%00b"],
+    ids=["dot-dot", "encoded-slash", "absolute", "directory", "root", "missing", "nul"],
+)
+def test_only_files_inside_static_are_served(client: TestClient, path: str) -> None:
+    response = client.get(f"/static/{path}")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_an_unversioned_static_file_is_revalidated_and_served_anew_when_it_changes(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(server, "STATIC_DIR", tmp_path)
+    (tmp_path / "page.html").write_text("<p>one</p>", encoding="utf-8")
+    first = client.get("/static/page.html")
+    (tmp_path / "page.html").write_text("<p>two, longer</p>", encoding="utf-8")
+    second = client.get("/static/page.html", headers={"If-None-Match": first.headers["etag"]})
+    assert first.headers["cache-control"] == "no-cache" and first.text == "<p>one</p>"
+    assert first.headers["content-type"] == "text/html; charset=utf-8"
+    assert second.status_code == 200 and second.text == "<p>two, longer</p>"
+
+
+CHROMIUM = "/usr/bin/chromium"
+# A name that is not loopback: Swagger UI, for one, behaves differently on localhost.
+PAGE_HOST = "autogen-chat.test"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--host-resolver-rules=MAP {PAGE_HOST} 127.0.0.1"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def _chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    with sync_playwright() as playwright:
+        profile = tmp_path_factory.mktemp("chromium-profile")
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        yield context
+        context.close()
+
+
+@dataclass
+class Tab:
+    page: Page
+    url: str  # the service, as the browser reaches it
+    elsewhere: list[str] = field(default_factory=list)  # requests for other hosts, all blocked
+    errors: list[str] = field(default_factory=list)  # uncaught script errors
+
+
+@pytest.fixture
+def tab(_chromium: BrowserContext, service: ServerThread) -> Iterator[Tab]:
+    """A Chromium page on the service that can reach no other host."""
+    tab = Tab(_chromium.new_page(), service.url.replace("127.0.0.1", PAGE_HOST))
+
+    def only_the_service(route: BrowserRoute) -> None:
+        if route.request.url.startswith(tab.url + "/"):
+            route.continue_()
+        else:
+            tab.elsewhere.append(route.request.url)
+            route.abort()
+
+    tab.page.route("**/*", only_the_service)
+    tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
+    yield tab
+    tab.page.close()
+
+
+def documented_operations(service: ServerThread) -> set[tuple[str, str]]:
+    document = httpx.get(service.url + "/openapi.json").json()
+    return {(method, path) for path, item in document["paths"].items() for method in item}
+
+
+def test_swagger_ui_shows_every_operation_and_runs_one_with_no_other_host(tab: Tab, service: ServerThread) -> None:
+    tab.page.goto(tab.url + "/docs")
+    stream = tab.page.locator('.opblock-post .opblock-summary-path[data-path="/api/chat/stream"]')
+    stream.wait_for()
+    assert stream.is_visible()
+    shown = tab.page.eval_on_selector_all(
+        ".opblock", "els => els.map(e => [e.querySelector('.opblock-summary-method').textContent.toLowerCase(),"
+        " e.querySelector('.opblock-summary-path').dataset.path])"
+    )  # fmt: skip
+    assert {tuple(operation) for operation in shown} == documented_operations(service)
+    health = tab.page.locator("#operations-default-get_health")
+    health.locator(".opblock-summary-control").click()
+    health.get_by_role("button", name="Try it out").click()
+    health.get_by_role("button", name="Execute").click()
+    health.locator(".live-responses-table .response-col_status", has_text="200").wait_for()
+    assert tab.elsewhere == [] and tab.errors == []
+
+
+def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab, service: ServerThread) -> None:
+    tab.page.goto(tab.url + "/redoc")
+    stream = tab.page.locator('[data-section-id="/paths/~1api~1chat~1stream/post"]')
+    stream.get_by_text("/api/chat/stream").first.wait_for()
+    shown = tab.page.eval_on_selector_all(
+        "[data-section-id^='/paths/']", "els => els.map(e => e.dataset.sectionId.split('/').slice(2))"
+    )
+    pointer = {(method, path.replace("~1", "/")) for path, method in shown}
+    assert pointer == documented_operations(service)
+    tab.page.get_by_placeholder("Search...").fill("stream")
+    tab.page.get_by_role("menuitem", name="Run one turn, stream it as Server-Sent Events").wait_for()
+    assert tab.elsewhere == [] and tab.errors == []
 
 
 @pytest.mark.parametrize(
