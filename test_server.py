@@ -29,7 +29,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from playwright.sync_api import BrowserContext, Page, sync_playwright
+from openapi_spec_validator import OpenAPIV31SpecValidator
+from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import Route as BrowserRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -661,6 +662,12 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
         assert f"| {event} |" in stream_doc
 
 
+def test_openapi_json_is_a_valid_openapi_3_1_document() -> None:
+    document = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
+    OpenAPIV31SpecValidator(document).validate()
+    assert document["info"]["version"] == server.__version__
+
+
 def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClient) -> None:
     document = client.get("/openapi.json").json()
     codes = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
@@ -734,19 +741,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  f"--host-resolver-rules=MAP {PAGE_HOST} 127.0.0.1"]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def _chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    with sync_playwright() as playwright:
-        profile = tmp_path_factory.mktemp("chromium-profile")
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        yield context
-        context.close()
-
-
 @dataclass
 class Tab:
     page: Page
@@ -756,21 +750,31 @@ class Tab:
 
 
 @pytest.fixture
-def tab(_chromium: BrowserContext, service: ServerThread) -> Iterator[Tab]:
-    """A Chromium page on the service that can reach no other host."""
-    tab = Tab(_chromium.new_page(), service.url.replace("127.0.0.1", PAGE_HOST))
+def tab(service: ServerThread, tmp_path: Path) -> Iterator[Tab]:
+    """A page in a fresh Chromium on the service that can reach no other host."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    # Per test, not per session: sync_playwright() marks an event loop running on this thread
+    # for as long as it is open, which breaks asyncio.run() in the tests after it.
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            tmp_path / "chromium-profile", executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        tab = Tab(browser.new_page(), service.url.replace("127.0.0.1", PAGE_HOST))
 
-    def only_the_service(route: BrowserRoute) -> None:
-        if route.request.url.startswith(tab.url + "/"):
-            route.continue_()
-        else:
-            tab.elsewhere.append(route.request.url)
-            route.abort()
+        def only_the_service(route: BrowserRoute) -> None:
+            if route.request.url.startswith(tab.url + "/"):
+                route.continue_()
+            else:
+                tab.elsewhere.append(route.request.url)
+                route.abort()
 
-    tab.page.route("**/*", only_the_service)
-    tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
-    yield tab
-    tab.page.close()
+        tab.page.route("**/*", only_the_service)
+        tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
+        try:
+            yield tab
+        finally:
+            browser.close()
 
 
 def documented_operations(service: ServerThread) -> set[tuple[str, str]]:
