@@ -33,7 +33,7 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,10 +58,11 @@ from autogen_agentchat.messages import (
 )
 from autogen_core import CancellationToken
 from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
-from autogen_core.models import LLMMessage, ModelInfo, UserMessage
+from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, UserMessage
 from autogen_core.tools import FunctionTool, ToolSchema
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.openai import _model_info as autogen_model_info
+from autogen_ext.models.openai._openai_client import CreateParams
 from dotenv import dotenv_values
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from starlette.applications import Starlette
@@ -88,15 +89,19 @@ DEFAULT_SYSTEM_MESSAGE = (
 )
 CONVERSATION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
-# AutoGen only knows OpenAI's model names; these are the DeepSeek ones it must be told about.
+# AutoGen only knows OpenAI's model names; these are DeepSeek's current ones (its Models &
+# Pricing page): deepseek-flash is V4.1 Flash and reads images; deepseek-v4-flash is still
+# accepted and served by the same model, documented without images; deepseek-v4-pro is text only.
 KNOWN_MODEL_INFO: dict[str, ModelInfo] = {
-    "deepseek-chat": ModelInfo(
-        vision=False, function_calling=True, json_output=True, family="unknown", structured_output=False
-    ),
-    "deepseek-reasoner": ModelInfo(
-        vision=False, function_calling=False, json_output=True, family="r1", structured_output=False
-    ),
+    name: ModelInfo(vision=vision, function_calling=True, json_output=True, family="unknown", structured_output=False)
+    for name, vision in (("deepseek-flash", True), ("deepseek-v4-flash", False), ("deepseek-v4-pro", False))
 }
+# Names DeepSeek retired on 2026-07-24; its API refuses them since. Each with what to set instead.
+RETIRED_MODELS = {"deepseek-chat": "deepseek-flash", "deepseek-reasoner": "deepseek-flash"}
+DEEPSEEK_HOSTS = {"api.deepseek.com"}
+OPENAI_HOSTS = {"api.openai.com"}
+THINKING_MODES = ("enabled", "disabled")
+REASONING_EFFORTS = ("low", "high", "max")
 DEFAULT_MODEL_INFO = ModelInfo(
     vision=False, function_calling=True, json_output=False, family="unknown", structured_output=False
 )
@@ -146,6 +151,30 @@ def _env_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if raw and raw not in choices:
+        raise SettingsError(f"{name}={raw!r} must be one of {', '.join(choices)}, or empty for the model's default")
+    return raw or None
+
+
+def _thinking_api(base_url: str, thinking: str | None, effort: str | None) -> bool:
+    """Whether the API takes DeepSeek's thinking fields and needs reasoning passed back:
+    DeepSeek's own, or any other where the user set THINKING or REASONING_EFFORT."""
+    host = urlsplit(base_url).hostname
+    for name, value in (("THINKING", thinking), ("REASONING_EFFORT", effort)):
+        if value and host in OPENAI_HOSTS:
+            raise SettingsError(f"{name}={value!r} is a DeepSeek setting; OpenAI's API (BASE_URL) refuses it")
+    return host in DEEPSEEK_HOSTS or bool(thinking or effort)
+
+
+def retired_model_note(model: str) -> str:
+    """For a model name DeepSeek retired, what to set instead; else nothing."""
+    if model not in RETIRED_MODELS:
+        return ""
+    return f"DeepSeek retired MODEL_NAME={model} on 2026-07-24: set MODEL_NAME={RETIRED_MODELS[model]} in .env."
+
+
 def _model_info(env: Mapping[str, str], model: str) -> ModelInfo:
     """DeepSeek's or AutoGen's own info for the model, else a default; MODEL_* override."""
     info = KNOWN_MODEL_INFO.get(model)
@@ -176,7 +205,7 @@ def _tool_names(env: Mapping[str, str]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Settings:
     api_key: str | None = None
-    model_name: str = "deepseek-chat"
+    model_name: str = "deepseek-flash"
     base_url: str = "https://api.deepseek.com"
     host: str = "0.0.0.0"
     port: int = 8000
@@ -188,13 +217,16 @@ class Settings:
     max_retries: int = 2
     ping_interval: float = 15.0
     tools: tuple[str, ...] = ("get_current_time", "calculate")
-    model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-chat"]))
+    model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-flash"]))
     max_message_chars: int = 32000
     max_body_bytes: int = 256 * 1024
     server_api_key: str | None = None
     shutdown_grace_seconds: float = 10.0
     lease_seconds: float = 90.0
     log_level: str = "INFO"
+    thinking: str | None = None
+    reasoning_effort: str | None = None
+    thinking_api: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -202,11 +234,14 @@ class Settings:
         log_level = env.get("LOG_LEVEL", "").strip().upper() or cls.log_level
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+        base_url = _env_url(env, "BASE_URL", cls.base_url)
+        thinking = _env_choice(env, "THINKING", THINKING_MODES)
+        effort = _env_choice(env, "REASONING_EFFORT", REASONING_EFFORTS)
         origins = tuple(o.strip() for o in env.get("CORS_ORIGINS", "*").split(",") if o.strip())
         return cls(
             api_key=env.get("API_KEY", "").strip() or None,
             model_name=model,
-            base_url=_env_url(env, "BASE_URL", cls.base_url),
+            base_url=base_url,
             host=env.get("HOST", "").strip() or cls.host,
             port=_env_number(env, "PORT", cls.port, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
@@ -224,6 +259,9 @@ class Settings:
             shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds, 0.001),
             lease_seconds=_env_number(env, "LEASE_SECONDS", cls.lease_seconds, 0.001),
             log_level=log_level,
+            thinking=thinking,
+            reasoning_effort=effort,
+            thinking_api=_thinking_api(base_url, thinking, effort),
         )
 
 
@@ -295,9 +333,10 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     if isinstance(exc, openai.RateLimitError):
         wait = exc.response.headers.get("retry-after", "")
         return ApiError("upstream_rate_limited", retry_after=int(wait) if wait.isdigit() else None)
-    if isinstance(exc, openai.NotFoundError):
+    if isinstance(exc, openai.NotFoundError) or _is_unknown_model(exc):
         model = settings.model_name
-        return ApiError("model_not_found", f"The model API does not know MODEL_NAME={model!r}.")
+        message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
+        return ApiError("model_not_found", message.strip())
     if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
         return ApiError("upstream_timeout")
     if isinstance(exc, openai.APIConnectionError | httpx.ConnectError):
@@ -307,6 +346,14 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     if isinstance(exc, openai.APIError | httpx.HTTPError | json.JSONDecodeError):
         return ApiError("upstream_error")
     return ApiError("internal_error")
+
+
+def _is_unknown_model(exc: BaseException) -> bool:
+    # DeepSeek answers an unknown model name with a 400, not OpenAI's 404.
+    body = getattr(exc, "body", None)
+    return (
+        isinstance(exc, openai.BadRequestError) and isinstance(body, dict) and body.get("message") == "Model Not Exist"
+    )
 
 
 # One encoder for all: json.dumps() with any option builds a new encoder on every call.
@@ -570,18 +617,68 @@ class Chunk(ChatCompletionChunk):
             return ChatCompletionChunk.construct(**data)
 
 
+REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
+
+
 class ChatClient(OpenAIChatCompletionClient):
     """AutoGen's OpenAI client, reading the stream its own way. Per turn it posts AutoGen's
     request body as it is: the SDK's create() first walks every message through each of six
     message types to apply aliases chat messages do not have (0.25 ms a message, 10 ms a turn
     at 40). Per token it awaits the stream directly: AutoGen 0.7.5 wraps each read in a task
     linked to the cancellation token, and a Turn cancels its task with the token anyway.
-    And a stream that ends without a finish reason fails rather than pass as complete."""
+    And a stream that ends without a finish reason fails rather than pass as complete.
+
+    It also keeps the model's reasoning exactly as streamed, and with ``pass_reasoning`` (a
+    thinking API: DeepSeek's) keeps it for tool calls too and sends it back as DeepSeek's rule
+    asks. AutoGen 0.7.5 trims it by characters, drops it from tool calls and never sends it
+    (microsoft/autogen#7127)."""
+
+    def __init__(self, *, pass_reasoning: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pass_reasoning = pass_reasoning
+
+    async def create_stream(  # type: ignore[override]
+        self, messages: Sequence[LLMMessage], **kwargs: Any
+    ) -> AsyncIterator[str | CreateResult]:
+        reasoning: list[str] = []  # filled by _create_stream_chunks, which gets it through the create args
+        kwargs["extra_create_args"] = {**kwargs.get("extra_create_args", {}), REASONING_SINK: reasoning}
+        async for item in super().create_stream(messages, **kwargs):
+            if isinstance(item, CreateResult) and reasoning:
+                if isinstance(item.content, str) or self.pass_reasoning:
+                    item.thought = "".join(reasoning)
+            yield item
+
+    def _process_create_args(
+        self,
+        messages: Sequence[LLMMessage],
+        tools: Sequence[Any],
+        tool_choice: Any,
+        json_output: Any,
+        extra_create_args: Mapping[str, Any],
+    ) -> CreateParams:
+        extra = dict(extra_create_args)
+        sink = extra.pop(REASONING_SINK, None)
+        if not self.pass_reasoning:
+            params = super()._process_create_args(messages, tools, tool_choice, json_output, extra)
+        else:
+            # AutoGen would send a tool call's thought as its content: send it as reasoning_content.
+            plain = [m.model_copy(update={"thought": None}) if isinstance(m, AssistantMessage) else m for m in messages]
+            params = super()._process_create_args(plain, tools, tool_choice, json_output, extra)
+            # Each AssistantMessage becomes exactly one assistant message, in order.
+            sent = [m for m in params.messages if m["role"] == "assistant"]
+            for message, reasoning in zip(sent, reasoning_to_pass_back(messages), strict=True):
+                if reasoning is not None:
+                    message["reasoning_content"] = reasoning  # type: ignore[typeddict-unknown-key]
+        if sink is not None:
+            params.create_args[REASONING_SINK] = sink
+        return params
 
     async def _create_stream_chunks(
         self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
     ) -> AsyncIterator[ChatCompletionChunk]:
         body = {**create_args, "messages": oai_messages, "stream": True}
+        sink: list[str] = body.pop(REASONING_SINK, [])
+        body.update(body.pop("extra_body", None) or {})  # as the SDK's create() would
         options = {"timeout": body.pop("timeout")} if "timeout" in body else {}
         if tool_params:
             body["tools"] = tool_params
@@ -599,13 +696,40 @@ class ChatClient(OpenAIChatCompletionClient):
             cancellation_token.link_future(request)
         finished = False
         async for chunk in await request:
-            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
+            if chunk.choices:
+                choice = chunk.choices[0]
+                finished = finished or bool(choice.finish_reason)
+                reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
+                if isinstance(reasoning, str):
+                    sink.append(reasoning)
             yield chunk
         if not finished:
             raise UpstreamIncomplete
 
 
+def reasoning_to_pass_back(messages: Sequence[LLMMessage]) -> list[str | None]:
+    """The reasoning_content for each assistant message, in order. DeepSeek wants it on every
+    assistant message of a turn (user message to user message) that called tools, and refuses
+    the request without it; elsewhere it is not needed. An empty one stands in for reasoning
+    never kept (a turn saved before this server passed it back)."""
+    result: list[str | None] = []
+    turn: list[AssistantMessage] = []
+    for message in [*messages, None]:
+        if message is None or isinstance(message, UserMessage):
+            called_tools = any(isinstance(m.content, list) for m in turn)
+            result += [(m.thought or "") if called_tools else None for m in turn]
+            turn = []
+        elif isinstance(message, AssistantMessage):
+            turn.append(message)
+    return result
+
+
 def make_client(settings: Settings) -> ChatClient:
+    extra: dict[str, Any] = {}
+    if settings.thinking:
+        extra["extra_body"] = {"thinking": {"type": settings.thinking}}
+    if settings.reasoning_effort:
+        extra["reasoning_effort"] = settings.reasoning_effort
     return ChatClient(
         model=settings.model_name,
         api_key=settings.api_key or "",
@@ -615,6 +739,8 @@ def make_client(settings: Settings) -> ChatClient:
         max_retries=settings.max_retries,
         # Real APIs send the usage chunk only when asked.
         stream_options={"include_usage": True},
+        pass_reasoning=settings.thinking_api and settings.thinking != "disabled",
+        **extra,
     )
 
 
@@ -797,8 +923,10 @@ class Turn:
                 self.events.put_nowait(event)
                 self.last_event = self.loop.time()
         finally:
-            # Both before the response task runs again: a client that reads the last event
-            # and sends its next message at once never meets this turn's lease.
+            # All before the response task runs again: a client that reads the last event
+            # and sends its next message at once never meets this turn's lease, and no ping
+            # or renewal follows the end.
+            self.timer.cancel()
             self.events.put_nowait(None)
             self._release()
 
@@ -904,12 +1032,12 @@ async def stream_turn(turn: Turn) -> AsyncIterator[bytes]:
     leave together in one write, so a busy server makes fewer, larger writes."""
     while True:
         batch = [await turn.events.get()]
-        while not turn.events.empty():
+        while batch[-1] is not None and not turn.events.empty():
             batch.append(turn.events.get_nowait())
         body = b"".join(sse_event(event) for event in batch if event is not None)
         if body:
             yield body
-        if batch[-1] is None:
+        if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
             return
 
 
@@ -1138,27 +1266,30 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return ApiError("internal_error").response()
 
 
-SECURED_PREFIXES = ("/api/", "/v1/")
-
-
 class RequireServerKey:
-    """With SERVER_API_KEY set, /api/* and /v1/* need 'Authorization: Bearer <key>'."""
+    """A route's guard: with SERVER_API_KEY set, the route needs 'Authorization: Bearer <key>'.
 
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
+    Applied per route (``middleware=SECURED``), never by path prefix: behind
+    ``--root-path`` uvicorn puts the prefix into ``scope["path"]``, the router strips it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.expected is not None
-            and scope["type"] == "http"
-            and scope["path"].startswith(SECURED_PREFIXES)
-            and scope["method"] != "OPTIONS"
-            and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected)
-        ):
-            await ApiError("unauthorized").response()(scope, receive, send)
-            return
+        key = scope["app"].state.settings.server_api_key
+        if key and not bearer_matches(dict(scope["headers"]).get(b"authorization", b""), key):
+            raise ApiError("unauthorized")
         await self.app(scope, receive, send)
+
+
+def bearer_matches(header: bytes, key: str) -> bool:
+    """Whether the header carries the key; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+
+
+SECURED = [Middleware(RequireServerKey)]
 
 
 # ---------------------------------------------------------------------------
@@ -1298,6 +1429,7 @@ async def redoc(request: Request) -> HTMLResponse:
 
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+SECURED_PREFIXES = ("/api/", "/v1/")  # where the routes have middleware=SECURED
 
 
 def openapi_document(settings: Settings) -> bytes:
@@ -1377,6 +1509,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     ctx = app.state.ctx = AppContext(settings, store, client, tools, openapi_document(settings))
     if client is None:
         logger.warning("API_KEY is not set: chat answers 503 until it is set in .env")
+    if retired_model_note(settings.model_name):
+        logger.warning(retired_model_note(settings.model_name))
     if not settings.server_api_key and not is_loopback(settings.host):
         logger.warning("HOST=%s is reachable from other machines and SERVER_API_KEY is not set", settings.host)
     restore_signals = watch_for_shutdown(ctx)
@@ -1401,10 +1535,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 routes = [
     Route("/", index),
     Route("/health", health),
-    Route("/api/chat", chat, methods=["POST"]),
-    Route("/api/chat/stream", chat_stream, methods=["POST"]),
-    Route("/api/conversations", list_conversations),
-    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"]),
+    Route("/api/chat", chat, methods=["POST"], middleware=SECURED),
+    Route("/api/chat/stream", chat_stream, methods=["POST"], middleware=SECURED),
+    Route("/api/conversations", list_conversations, middleware=SECURED),
+    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"], middleware=SECURED),
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
@@ -1424,7 +1558,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
             allow_credentials=not wildcard,  # never credentials together with '*'
             expose_headers=["Retry-After"],
         ),
-        Middleware(RequireServerKey, key=settings.server_api_key),
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
