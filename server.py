@@ -600,7 +600,7 @@ class Store:
 
 
 # ---------------------------------------------------------------------------
-# Agent and turns
+# Model client: AutoGen's, reading the stream its own way and keeping the reasoning
 # ---------------------------------------------------------------------------
 
 
@@ -742,6 +742,11 @@ def make_client(settings: Settings) -> ChatClient:
         pass_reasoning=settings.thinking_api and settings.thinking != "disabled",
         **extra,
     )
+
+
+# ---------------------------------------------------------------------------
+# Agent and turns
+# ---------------------------------------------------------------------------
 
 
 def history_window(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
