@@ -19,6 +19,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import functools
+import gzip
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -31,7 +33,7 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -57,10 +59,11 @@ from autogen_agentchat.messages import (
 )
 from autogen_core import CancellationToken
 from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
-from autogen_core.models import LLMMessage, ModelInfo, UserMessage
+from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, UserMessage
 from autogen_core.tools import FunctionTool, ToolSchema
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.openai import _model_info as autogen_model_info
+from autogen_ext.models.openai._openai_client import CreateParams
 from dotenv import dotenv_values
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from starlette.applications import Starlette
@@ -89,15 +92,19 @@ DEFAULT_SYSTEM_MESSAGE = (
 )
 CONVERSATION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
-# AutoGen only knows OpenAI's model names; these are the DeepSeek ones it must be told about.
+# AutoGen only knows OpenAI's model names; these are DeepSeek's current ones (its Models &
+# Pricing page): deepseek-flash is V4.1 Flash and reads images; deepseek-v4-flash is still
+# accepted and served by the same model, documented without images; deepseek-v4-pro is text only.
 KNOWN_MODEL_INFO: dict[str, ModelInfo] = {
-    "deepseek-chat": ModelInfo(
-        vision=False, function_calling=True, json_output=True, family="unknown", structured_output=False
-    ),
-    "deepseek-reasoner": ModelInfo(
-        vision=False, function_calling=False, json_output=True, family="r1", structured_output=False
-    ),
+    name: ModelInfo(vision=vision, function_calling=True, json_output=True, family="unknown", structured_output=False)
+    for name, vision in (("deepseek-flash", True), ("deepseek-v4-flash", False), ("deepseek-v4-pro", False))
 }
+# Names DeepSeek retired on 2026-07-24; its API refuses them since. Each with what to set instead.
+RETIRED_MODELS = {"deepseek-chat": "deepseek-flash", "deepseek-reasoner": "deepseek-flash"}
+DEEPSEEK_HOSTS = {"api.deepseek.com"}
+OPENAI_HOSTS = {"api.openai.com"}
+THINKING_MODES = ("enabled", "disabled")
+REASONING_EFFORTS = ("low", "high", "max")
 DEFAULT_MODEL_INFO = ModelInfo(
     vision=False, function_calling=True, json_output=False, family="unknown", structured_output=False
 )
@@ -147,6 +154,30 @@ def _env_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if raw and raw not in choices:
+        raise SettingsError(f"{name}={raw!r} must be one of {', '.join(choices)}, or empty for the model's default")
+    return raw or None
+
+
+def _thinking_api(base_url: str, thinking: str | None, effort: str | None) -> bool:
+    """Whether the API takes DeepSeek's thinking fields and needs reasoning passed back:
+    DeepSeek's own, or any other where the user set THINKING or REASONING_EFFORT."""
+    host = urlsplit(base_url).hostname
+    for name, value in (("THINKING", thinking), ("REASONING_EFFORT", effort)):
+        if value and host in OPENAI_HOSTS:
+            raise SettingsError(f"{name}={value!r} is a DeepSeek setting; OpenAI's API (BASE_URL) refuses it")
+    return host in DEEPSEEK_HOSTS or bool(thinking or effort)
+
+
+def retired_model_note(model: str) -> str:
+    """For a model name DeepSeek retired, what to set instead; else nothing."""
+    if model not in RETIRED_MODELS:
+        return ""
+    return f"DeepSeek retired MODEL_NAME={model} on 2026-07-24: set MODEL_NAME={RETIRED_MODELS[model]} in .env."
+
+
 def _model_info(env: Mapping[str, str], model: str) -> ModelInfo:
     """DeepSeek's or AutoGen's own info for the model, else a default; MODEL_* override."""
     info = KNOWN_MODEL_INFO.get(model)
@@ -177,7 +208,7 @@ def _tool_names(env: Mapping[str, str]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Settings:
     api_key: str | None = None
-    model_name: str = "deepseek-chat"
+    model_name: str = "deepseek-flash"
     base_url: str = "https://api.deepseek.com"
     host: str = "0.0.0.0"
     port: int = 8000
@@ -189,13 +220,16 @@ class Settings:
     max_retries: int = 2
     ping_interval: float = 15.0
     tools: tuple[str, ...] = ("get_current_time", "calculate")
-    model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-chat"]))
+    model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-flash"]))
     max_message_chars: int = 32000
     max_body_bytes: int = 256 * 1024
     server_api_key: str | None = None
     shutdown_grace_seconds: float = 10.0
     lease_seconds: float = 90.0
     log_level: str = "INFO"
+    thinking: str | None = None
+    reasoning_effort: str | None = None
+    thinking_api: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -203,11 +237,14 @@ class Settings:
         log_level = env.get("LOG_LEVEL", "").strip().upper() or cls.log_level
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+        base_url = _env_url(env, "BASE_URL", cls.base_url)
+        thinking = _env_choice(env, "THINKING", THINKING_MODES)
+        effort = _env_choice(env, "REASONING_EFFORT", REASONING_EFFORTS)
         origins = tuple(o.strip() for o in env.get("CORS_ORIGINS", "*").split(",") if o.strip())
         return cls(
             api_key=env.get("API_KEY", "").strip() or None,
             model_name=model,
-            base_url=_env_url(env, "BASE_URL", cls.base_url),
+            base_url=base_url,
             host=env.get("HOST", "").strip() or cls.host,
             port=_env_number(env, "PORT", cls.port, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
@@ -225,6 +262,9 @@ class Settings:
             shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds, 0.001),
             lease_seconds=_env_number(env, "LEASE_SECONDS", cls.lease_seconds, 0.001),
             log_level=log_level,
+            thinking=thinking,
+            reasoning_effort=effort,
+            thinking_api=_thinking_api(base_url, thinking, effort),
         )
 
 
@@ -298,9 +338,10 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     if isinstance(exc, openai.RateLimitError):
         wait = exc.response.headers.get("retry-after", "")
         return ApiError("upstream_rate_limited", retry_after=int(wait) if wait.isdigit() else None)
-    if isinstance(exc, openai.NotFoundError):
+    if isinstance(exc, openai.NotFoundError) or _is_unknown_model(exc):
         model = settings.model_name
-        return ApiError("model_not_found", f"The model API does not know MODEL_NAME={model!r}.")
+        message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
+        return ApiError("model_not_found", message.strip())
     if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
         return ApiError("upstream_timeout")
     if isinstance(exc, openai.APIConnectionError | httpx.ConnectError):
@@ -314,6 +355,14 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     if isinstance(exc, openai.APIError | httpx.HTTPError | json.JSONDecodeError):
         return ApiError("upstream_error")
     return ApiError("internal_error")
+
+
+def _is_unknown_model(exc: BaseException) -> bool:
+    # DeepSeek answers an unknown model name with a 400, not OpenAI's 404.
+    body = getattr(exc, "body", None)
+    return (
+        isinstance(exc, openai.BadRequestError) and isinstance(body, dict) and body.get("message") == "Model Not Exist"
+    )
 
 
 # One encoder for all: json.dumps() with any option builds a new encoder on every call.
@@ -656,7 +705,7 @@ class SQLiteStore:
 
 
 # ---------------------------------------------------------------------------
-# Agent and turns
+# Model client: AutoGen's, reading the stream its own way and keeping the reasoning
 # ---------------------------------------------------------------------------
 
 
@@ -673,18 +722,68 @@ class Chunk(ChatCompletionChunk):
             return ChatCompletionChunk.construct(**data)
 
 
+REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
+
+
 class ChatClient(OpenAIChatCompletionClient):
     """AutoGen's OpenAI client, reading the stream its own way. Per turn it posts AutoGen's
     request body as it is: the SDK's create() first walks every message through each of six
     message types to apply aliases chat messages do not have (0.25 ms a message, 10 ms a turn
     at 40). Per token it awaits the stream directly: AutoGen 0.7.5 wraps each read in a task
     linked to the cancellation token, and a Turn cancels its task with the token anyway.
-    And a stream that ends without a finish reason fails rather than pass as complete."""
+    And a stream that ends without a finish reason fails rather than pass as complete.
+
+    It also keeps the model's reasoning exactly as streamed, and with ``pass_reasoning`` (a
+    thinking API: DeepSeek's) keeps it for tool calls too and sends it back as DeepSeek's rule
+    asks. AutoGen 0.7.5 trims it by characters, drops it from tool calls and never sends it
+    (microsoft/autogen#7127)."""
+
+    def __init__(self, *, pass_reasoning: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pass_reasoning = pass_reasoning
+
+    async def create_stream(  # type: ignore[override]
+        self, messages: Sequence[LLMMessage], **kwargs: Any
+    ) -> AsyncIterator[str | CreateResult]:
+        reasoning: list[str] = []  # filled by _create_stream_chunks, which gets it through the create args
+        kwargs["extra_create_args"] = {**kwargs.get("extra_create_args", {}), REASONING_SINK: reasoning}
+        async for item in super().create_stream(messages, **kwargs):
+            if isinstance(item, CreateResult) and reasoning:
+                if isinstance(item.content, str) or self.pass_reasoning:
+                    item.thought = "".join(reasoning)
+            yield item
+
+    def _process_create_args(
+        self,
+        messages: Sequence[LLMMessage],
+        tools: Sequence[Any],
+        tool_choice: Any,
+        json_output: Any,
+        extra_create_args: Mapping[str, Any],
+    ) -> CreateParams:
+        extra = dict(extra_create_args)
+        sink = extra.pop(REASONING_SINK, None)
+        if not self.pass_reasoning:
+            params = super()._process_create_args(messages, tools, tool_choice, json_output, extra)
+        else:
+            # AutoGen would send a tool call's thought as its content: send it as reasoning_content.
+            plain = [m.model_copy(update={"thought": None}) if isinstance(m, AssistantMessage) else m for m in messages]
+            params = super()._process_create_args(plain, tools, tool_choice, json_output, extra)
+            # Each AssistantMessage becomes exactly one assistant message, in order.
+            sent = [m for m in params.messages if m["role"] == "assistant"]
+            for message, reasoning in zip(sent, reasoning_to_pass_back(messages), strict=True):
+                if reasoning is not None:
+                    message["reasoning_content"] = reasoning  # type: ignore[typeddict-unknown-key]
+        if sink is not None:
+            params.create_args[REASONING_SINK] = sink
+        return params
 
     async def _create_stream_chunks(
         self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
     ) -> AsyncIterator[ChatCompletionChunk]:
         body = {**create_args, "messages": oai_messages, "stream": True}
+        sink: list[str] = body.pop(REASONING_SINK, [])
+        body.update(body.pop("extra_body", None) or {})  # as the SDK's create() would
         options = {"timeout": body.pop("timeout")} if "timeout" in body else {}
         if tool_params:
             body["tools"] = tool_params
@@ -702,13 +801,40 @@ class ChatClient(OpenAIChatCompletionClient):
             cancellation_token.link_future(request)
         finished = False
         async for chunk in await request:
-            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
+            if chunk.choices:
+                choice = chunk.choices[0]
+                finished = finished or bool(choice.finish_reason)
+                reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
+                if isinstance(reasoning, str):
+                    sink.append(reasoning)
             yield chunk
         if not finished:
             raise UpstreamIncomplete
 
 
+def reasoning_to_pass_back(messages: Sequence[LLMMessage]) -> list[str | None]:
+    """The reasoning_content for each assistant message, in order. DeepSeek wants it on every
+    assistant message of a turn (user message to user message) that called tools, and refuses
+    the request without it; elsewhere it is not needed. An empty one stands in for reasoning
+    never kept (a turn saved before this server passed it back)."""
+    result: list[str | None] = []
+    turn: list[AssistantMessage] = []
+    for message in [*messages, None]:
+        if message is None or isinstance(message, UserMessage):
+            called_tools = any(isinstance(m.content, list) for m in turn)
+            result += [(m.thought or "") if called_tools else None for m in turn]
+            turn = []
+        elif isinstance(message, AssistantMessage):
+            turn.append(message)
+    return result
+
+
 def make_client(settings: Settings) -> ChatClient:
+    extra: dict[str, Any] = {}
+    if settings.thinking:
+        extra["extra_body"] = {"thinking": {"type": settings.thinking}}
+    if settings.reasoning_effort:
+        extra["reasoning_effort"] = settings.reasoning_effort
     return ChatClient(
         model=settings.model_name,
         api_key=settings.api_key or "",
@@ -718,7 +844,14 @@ def make_client(settings: Settings) -> ChatClient:
         max_retries=settings.max_retries,
         # Real APIs send the usage chunk only when asked.
         stream_options={"include_usage": True},
+        pass_reasoning=settings.thinking_api and settings.thinking != "disabled",
+        **extra,
     )
+
+
+# ---------------------------------------------------------------------------
+# Agent and turns
+# ---------------------------------------------------------------------------
 
 
 def history_window(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
@@ -1274,14 +1407,6 @@ async def openapi_json(request: Request) -> Response:
     return Response(context(request).openapi, media_type="application/json")
 
 
-async def swagger_ui(request: Request) -> HTMLResponse:
-    return HTMLResponse(SWAGGER_UI_HTML)
-
-
-async def redoc(request: Request) -> HTMLResponse:
-    return HTMLResponse(REDOC_HTML)
-
-
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     if exc.status_code < 500 and exc.code != "not_found":
@@ -1333,6 +1458,137 @@ SECURED = [Middleware(RequireServerKey)]
 
 
 # ---------------------------------------------------------------------------
+# Static files and documentation pages
+# ---------------------------------------------------------------------------
+
+STATIC_DIR = Path(__file__).resolve().with_name("static")
+# Vendored packages sit in directories named with their version, so their URLs change with it.
+IMMUTABLE = "public, max-age=31536000, immutable"
+CONTENT_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain; charset=utf-8",
+    "": "text/plain; charset=utf-8",  # LICENSE, NOTICE
+}
+COMPRESSIBLE = {".css", ".html", ".js", ".json", ".svg", ".txt", ""}
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A static file as served: its bytes, gzipped once, and the validators derived from them."""
+
+    body: bytes
+    gzipped: bytes | None
+    etag: str
+    content_type: str
+    cache_control: str
+
+
+@functools.lru_cache(maxsize=64)
+def load_asset(path: Path, mtime_ns: int, size: int) -> Asset:
+    """Read and compress a file once per version of it (the stat arguments key the cache)."""
+    body = path.read_bytes()
+    gzipped = gzip.compress(body, 9, mtime=0) if path.suffix in COMPRESSIBLE else None
+    versioned = path.relative_to(STATIC_DIR).parts[0] == "vendor"
+    return Asset(
+        body=body,
+        gzipped=gzipped if gzipped is not None and len(gzipped) < len(body) else None,
+        etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+        content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+        cache_control=IMMUTABLE if versioned else "no-cache",
+    )
+
+
+def find_asset(relative: str) -> Asset | None:
+    """The file at relative inside STATIC_DIR, or None; nothing outside it is ever read."""
+    try:
+        path = (STATIC_DIR / relative).resolve()
+        stat = path.stat()
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+    if not path.is_relative_to(STATIC_DIR) or not path.is_file() or path.name.startswith("."):
+        return None
+    return load_asset(path, stat.st_mtime_ns, stat.st_size)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether Accept-Encoding allows gzip, by name or by '*', with a q-value above zero."""
+    weights: dict[str, float] = {}
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        try:
+            weights[coding.strip()] = float(params.strip().removeprefix("q=") or 1)
+        except ValueError:
+            weights[coding.strip()] = 0.0
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
+
+
+async def static_response(request: Request, relative: str) -> Response:
+    """A file under static/ with its content type, caching headers, and gzip where accepted."""
+    asset = await anyio.to_thread.run_sync(find_asset, relative)
+    if asset is None:
+        raise ApiError("not_found", "No such static file.")
+    body, headers = asset.body, {"Cache-Control": asset.cache_control, "X-Content-Type-Options": "nosniff"}
+    etag = asset.etag
+    if asset.gzipped is not None:
+        headers["Vary"] = "Accept-Encoding"
+        if accepts_gzip(request.headers.get("accept-encoding", "")):
+            body, etag = asset.gzipped, etag[:-1] + '-gzip"'  # another representation, another tag
+            headers["Content-Encoding"] = "gzip"
+    headers["ETag"] = etag
+    if etag in (tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(body, headers=headers, media_type=asset.content_type)
+
+
+async def static_file(request: Request) -> Response:
+    return await static_response(request, request.path_params["path"])
+
+
+def vendored(pattern: str) -> str:
+    """The URL of the one file under static/vendor matching pattern (whatever version is vendored)."""
+    found = sorted(STATIC_DIR.glob(f"vendor/{pattern}"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one static/vendor/{pattern}, found {len(found)}: see README to vendor it")
+    return "/static/" + found[0].relative_to(STATIC_DIR).as_posix()
+
+
+# The pages load nothing from other hosts; the policy makes the browser hold them to it
+# (ReDoc's sidebar would fetch its logo from a CDN). Both libraries inject inline styles.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
+)
+
+SWAGGER_UI_HTML = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
+<link rel="icon" type="image/png" href="{vendored("swagger-ui-dist-*/favicon-32x32.png")}">
+<link rel="stylesheet" href="{vendored("swagger-ui-dist-*/swagger-ui.css")}">
+</head><body><div id="swagger-ui"></div>
+<script src="{vendored("swagger-ui-dist-*/swagger-ui-bundle.js")}"></script>
+<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
+</body></html>"""
+
+REDOC_HTML = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
+<body><redoc spec-url="/openapi.json"></redoc>
+<script src="{vendored("redoc-*/bundles/redoc.standalone.js")}"></script>
+</body></html>"""
+
+
+async def swagger_ui(request: Request) -> HTMLResponse:
+    return HTMLResponse(SWAGGER_UI_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+
+
+async def redoc(request: Request) -> HTMLResponse:
+    return HTMLResponse(REDOC_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+
+
+# ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
 
@@ -1350,21 +1606,6 @@ def openapi_document(settings: Settings) -> bytes:
                 for operation in item.values():
                     operation["security"] = [{"bearer": []}]
     return dumps(document).encode()
-
-
-SWAGGER_UI_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
-</head><body><div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body></html>"""
-
-REDOC_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js"></script>
-</body></html>"""
 
 
 # ---------------------------------------------------------------------------
@@ -1434,6 +1675,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     ctx = app.state.ctx = AppContext(settings, store, client, tools, openapi_document(settings))
     if client is None:
         logger.warning("API_KEY is not set: chat answers 503 until it is set in .env")
+    if retired_model_note(settings.model_name):
+        logger.warning(retired_model_note(settings.model_name))
     if not settings.server_api_key and not is_loopback(settings.host):
         logger.warning("HOST=%s is reachable from other machines and SERVER_API_KEY is not set", settings.host)
     restore_signals = watch_for_shutdown(ctx)
@@ -1468,6 +1711,7 @@ routes = [
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
+    Route("/static/{path:path}", static_file),
 ]
 
 
