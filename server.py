@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import copy
 import functools
 import gzip
 import hashlib
@@ -212,6 +213,7 @@ class Settings:
     base_url: str = "https://api.deepseek.com"
     host: str = "0.0.0.0"
     port: int = 8000
+    workers: int = 1
     system_message: str = DEFAULT_SYSTEM_MESSAGE
     database_path: str = "conversations.db"
     max_history_messages: int = 40
@@ -247,6 +249,7 @@ class Settings:
             base_url=base_url,
             host=env.get("HOST", "").strip() or cls.host,
             port=_env_number(env, "PORT", cls.port, 1),
+            workers=_env_number(env, "WORKERS", cls.workers, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
             database_path=env.get("DATABASE_PATH", "").strip() or cls.database_path,
             max_history_messages=_env_number(env, "MAX_HISTORY_MESSAGES", cls.max_history_messages, 1),
@@ -1654,6 +1657,15 @@ def watch_for_shutdown(ctx: AppContext) -> Callable[[], None]:
     return restore
 
 
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging plus the app's lines on stderr; uvicorn applies it in every worker."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["app"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["handlers"]["app"] = {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"}
+    config["root"] = {"handlers": ["app"], "level": level}
+    return config
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -1751,5 +1763,14 @@ if __name__ == "__main__":
         asyncio.run(check_store(settings))  # one clear line before uvicorn, not a traceback
     except SettingsError as exc:
         raise SystemExit(f"Configuration error: {exc}") from None
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    # Worker processes import the app themselves, so uvicorn needs its import string; the
+    # busy rule holds across them through the database's leases.
+    uvicorn.run(
+        "server:app" if settings.workers > 1 else app,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        app_dir=str(Path(__file__).parent),
+        log_config=log_config(settings.log_level),
+        log_level=settings.log_level.lower(),
+    )

@@ -1097,6 +1097,7 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     [
         ("PORT", "eighty"),
         ("PORT", "0"),
+        ("WORKERS", "0"),
         ("REQUEST_TIMEOUT", "-1"),
         ("MAX_HISTORY_MESSAGES", "0"),
         ("BASE_URL", "api.deepseek.com"),
@@ -1109,6 +1110,7 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     ids=[
         "port-text",
         "port-zero",
+        "workers-zero",
         "timeout-negative",
         "history-zero",
         "url-no-scheme",
@@ -1599,10 +1601,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def service_process(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`uvicorn server:app` in its own process(es) on a free loopback port."""
+    """`uvicorn server:app` in its own process(es) on a free loopback port; `python server.py`
+    when `args` is just that."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(HERE),
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]  # fmt: skip
+    if args == ("server.py",):
+        command, env = [sys.executable, str(HERE / "server.py")], {**env, "HOST": "127.0.0.1", "PORT": str(port)}
     # Its own session, so the workers of --workers go down with it.
     process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -1632,11 +1637,24 @@ def process_env(settings_for: Callable[..., server.Settings], **overrides: str) 
             "MAX_RETRIES": "0", **overrides}  # fmt: skip
 
 
-def test_busy_rule_holds_across_two_worker_processes(
+def child_processes(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if (
+                int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
+                and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+            ):
+                children.append(int(stat.parent.name))
+    return children
+
+
+def test_python_server_py_runs_workers_processes_and_the_busy_rule_holds_across_them(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
 ) -> None:
     upstream.reset(Reply(content="a b c d", fault="hang"))
-    with service_process(process_env(settings_for), tmp_path, "--workers", "2") as (_, url):
+    with service_process(process_env(settings_for, WORKERS="2"), tmp_path, "server.py") as (process, url):
+        assert len(child_processes(process.pid)) == 2
         body = {"message": "x", "conversation_id": "shared"}
         with held_stream(url, body, upstream):
             statuses = {httpx.post(url + "/api/chat", json=body, timeout=10).status_code for _ in range(10)}
