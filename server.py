@@ -723,17 +723,55 @@ class SQLiteStore:
 # ---------------------------------------------------------------------------
 
 
-class Chunk(ChatCompletionChunk):
-    """A streamed chunk parsed by pydantic's validator (about 4 us) instead of the SDK's
-    pure-Python constructor (about 100 us, once the largest cost per token), which stays
-    for chunks of unusual APIs that do not validate (say, an unknown finish reason)."""
+class ChunkStream(openai.AsyncStream[ChatCompletionChunk]):
+    """The model's SSE stream read here rather than by the SDK's decoder: each chunk is
+    validated by pydantic straight from its JSON bytes (no json.loads, no dict walk), a
+    quarter less CPU per token. As the SDK does, an event with an "error" raises APIError;
+    chunks of unusual APIs that do not validate (say, an unknown finish reason) are built
+    unvalidated."""
 
-    @classmethod
-    def build(cls, *, response: httpx.Response, data: Any) -> ChatCompletionChunk:
-        try:
-            return ChatCompletionChunk.model_validate(data)
-        except pydantic.ValidationError:
-            return ChatCompletionChunk.construct(**data)
+    async def __stream__(self) -> AsyncIterator[ChatCompletionChunk]:  # type: ignore[override]
+        done = False
+        async for data in sse_data(self.response.aiter_bytes()):
+            if done or data.startswith(b"[DONE]"):
+                done = True  # read on to the end: the connection goes back to the pool
+                continue
+            if b'"error"' not in data:
+                with suppress(pydantic.ValidationError):
+                    yield ChatCompletionChunk.model_validate_json(data)
+                    continue
+            yield self._slow_chunk(json.loads(data))
+
+    def _slow_chunk(self, data: Any) -> ChatCompletionChunk:
+        if isinstance(data, dict) and data.get("error"):
+            error = data["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            if not isinstance(message, str) or not message:
+                message = "An error occurred during streaming"
+            raise openai.APIError(message=message, request=self.response.request, body=error)
+        return ChatCompletionChunk.construct(**data)
+
+
+async def sse_data(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The data of each server-sent event (its data lines joined by newlines); comments,
+    event names and ids are dropped. Lines may end in CRLF, LF or CR."""
+    buffer, data = b"", []
+    async for received in stream:
+        *lines, buffer = (buffer + received).splitlines(keepends=True) or [b""]
+        if buffer.endswith(b"\n"):  # a CR alone waits: it may be half of a CRLF
+            lines.append(buffer)
+            buffer = b""
+        for line in lines:
+            line = line.rstrip(b"\r\n")
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+            elif not line and data:
+                yield b"\n".join(data)
+                data = []
+    if buffer.startswith(b"data:"):
+        data.append(buffer.rstrip(b"\r").removeprefix(b"data:").removeprefix(b" "))
+    if data:
+        yield b"\n".join(data)
 
 
 REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
@@ -808,7 +846,7 @@ class ChatClient(OpenAIChatCompletionClient):
                 options=options,
                 cast_to=ChatCompletion,
                 stream=True,
-                stream_cls=openai.AsyncStream[Chunk],
+                stream_cls=ChunkStream,
             )
         )
         if cancellation_token is not None:

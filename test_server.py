@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     error_body: dict[str, Any] | None = None
-    fault: str | None = None  # drop, truncate, bad_json, hang, stall
+    fault: str | None = None  # drop, truncate, bad_json, error_event, hang, stall
     usage: tuple[int, int] = (11, 7)
     call_ids: tuple[str, ...] = ()  # default: call_0, call_1, ...
 
@@ -151,7 +151,7 @@ class FakeModelAPI:
         for piece in _pieces(reply.reasoning):
             yield chunk({"reasoning_content": piece, "content": None})
         for index, piece in enumerate(_pieces(reply.content if not reply.tool_calls else "")):
-            if index == 2 and reply.fault in {"drop", "truncate", "bad_json", "hang"}:
+            if index == 2 and reply.fault in {"drop", "truncate", "bad_json", "error_event", "hang"}:
                 async for part in self._fault(reply.fault):
                     yield part
                 return
@@ -190,6 +190,10 @@ class FakeModelAPI:
             raise ConnectionResetError("scripted drop mid-stream")
         if fault == "bad_json":
             yield b"data: {this is not json\n\n"
+        if fault == "error_event":  # as OpenRouter reports a failure mid-stream: a chunk with an error
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}  # fmt: skip
+            yield f"data: {json.dumps({**chunk, 'error': {'message': 'overloaded', 'code': 502}})}\n\n".encode()
         if fault == "hang":
             await self._hang()
 
@@ -1221,10 +1225,29 @@ FAULTS = [
     ("dropped-mid-stream", Reply(content="a b c d", fault="drop"), "upstream_error", 502),
     ("truncated", Reply(content="a b c d", fault="truncate"), "upstream_incomplete", 502),
     ("bad-json-chunk", Reply(content="a b c d", fault="bad_json"), "upstream_error", 502),
+    ("error-event", Reply(content="a b c d", fault="error_event"), "upstream_error", 502),
     ("no-first-byte", Reply(fault="stall"), "upstream_timeout", 504),
     ("no-next-chunk", Reply(content="a b c d", fault="hang"), "upstream_timeout", 504),
     ("model-404", Reply(status=404), "model_not_found", 502),
 ]
+
+
+SSE_EVENTS = b'data: {"a": 1}\n\n: a comment\n\nevent: x\ndata: [\ndata: 2]\nid: 7\n\ndata:{"\xe4\xb8\xad"}\n\n'
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_the_model_stream_is_read_the_same_whatever_its_line_ends_and_wherever_a_read_ends(line_end: bytes) -> None:
+    raw = SSE_EVENTS.replace(b"\n", line_end)
+
+    async def read(parts: list[bytes]) -> list[bytes]:
+        async def stream() -> AsyncIterator[bytes]:
+            for part in parts:
+                yield part
+
+        return [data async for data in server.sse_data(stream())]
+
+    for cut in range(len(raw) + 1):
+        assert asyncio.run(read([raw[:cut], raw[cut:]])) == [b'{"a": 1}', b"[\n2]", '{"中"}'.encode()], cut
 
 
 def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, Any]:
