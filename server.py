@@ -286,13 +286,20 @@ class UpstreamIncomplete(Exception):
     """The model's stream ended without a finish reason: the answer was cut."""
 
 
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(text: str) -> int | None:
+    """A plain ASCII whole number, else None: str.isdigit() also passes '²', which int() refuses."""
+    return int(text) if WHOLE_NUMBER.fullmatch(text) else None
+
+
 def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     """Map a failure of the model API to a client error; never passes its text on."""
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return ApiError("upstream_auth")
     if isinstance(exc, openai.RateLimitError):
-        wait = exc.response.headers.get("retry-after", "")
-        return ApiError("upstream_rate_limited", retry_after=int(wait) if wait.isdigit() else None)
+        return ApiError("upstream_rate_limited", retry_after=whole_number(exc.response.headers.get("retry-after", "")))
     if isinstance(exc, openai.NotFoundError):
         model = settings.model_name
         return ApiError("model_not_found", f"The model API does not know MODEL_NAME={model!r}.")
@@ -374,14 +381,14 @@ def calculate(expression: str) -> str:
 
 def _evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if _too_large(node.value):  # 1e999 parses as inf
+            raise ValueError("Number too large.")
         return node.value
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
         return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        # An int power is computed exactly, however long it takes: bound it before. A float
-        # power overflows with an error instead.
-        if isinstance(node.op, ast.Pow) and isinstance(left, int) and abs(right) * left.bit_length() > MAX_RESULT_BITS:
+        if isinstance(node.op, ast.Pow) and _power_too_large(left, right):
             raise ValueError("Result too large.")
         try:
             result = BINARY_OPERATORS[type(node.op)](left, right)
@@ -393,6 +400,15 @@ def _evaluate(node: ast.AST) -> int | float:
             raise ValueError("Result too large or not a real number.")
         return result
     raise ValueError(f"Unsupported in arithmetic: {type(node).__name__}.")
+
+
+def _power_too_large(base: int | float, exponent: int | float) -> bool:
+    """Whether int ** int surely passes MAX_RESULT_BITS: Python computes it exactly, however
+    long that takes. |base| has b bits, so |base| ** n has at least (b - 1) * n + 1. Other
+    powers are floats, which overflow with an error instead."""
+    if not isinstance(base, int) or not isinstance(exponent, int) or exponent <= 0:
+        return False
+    return (abs(base).bit_length() - 1) * exponent + 1 > MAX_RESULT_BITS
 
 
 def _too_large(value: int | float) -> bool:
@@ -955,6 +971,8 @@ class TurnStream(StreamingResponse):
 
 # curl -d sends application/x-www-form-urlencoded; a JSON body is accepted under it so the
 # five-minute curl demo works. Types that cannot hold JSON are refused with 415.
+# JSON may escape half of a UTF-16 pair ("\ud800"), which no UTF-8 text (database, model API) can hold.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 JSON_CONTENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
 
 
@@ -964,8 +982,8 @@ async def read_json(request: Request, limit: int) -> Any:
     if content_type not in JSON_CONTENT_TYPES and not content_type.endswith("+json"):
         raise ApiError("unsupported_media_type")
     too_large = ApiError("payload_too_large", f"The body is larger than MAX_BODY_BYTES ({limit} bytes).")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = whole_number(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
@@ -976,6 +994,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError:
         raise ApiError("invalid_json") from None
+    except RecursionError:
+        raise ApiError("invalid_json", "The request body is nested too deeply.") from None
 
 
 def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
@@ -988,6 +1008,8 @@ def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
     if len(message) > settings.max_message_chars:
         limit = settings.max_message_chars
         raise ApiError("payload_too_large", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
+    if LONE_SURROGATE.search(message):
+        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff): it is not text.")
     conversation_id = data.get("conversation_id")
     if conversation_id is None:
         return message, str(uuid.uuid4())
@@ -1004,9 +1026,10 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    value = whole_number(raw)
+    if value is None or not low <= value <= high:
         raise ApiError("validation_error", f"'{name}' must be a whole number from {low} to {high}.")
-    return int(raw)
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -1129,17 +1152,22 @@ async def redoc(request: Request) -> HTMLResponse:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    if exc.status_code < 500 and exc.code != "not_found":
-        logger.info("%s %s -> %s %s", request.method, request.url.path, exc.status_code, exc.code)
-    return exc.response()
+    return refuse(request, exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "internal_error")
-    response = ApiError(code).response()
+    response = refuse(request, ApiError(code))
     response.headers.update(exc.headers or {})
     return response
+
+
+def refuse(request: Request, error: ApiError) -> Response:
+    """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
+    if error.status_code < 500:
+        logger.info("%s %s -> %s %s", request.method, request.url.path, error.status_code, error.code)
+    return error.response()
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
