@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import functools
 import hmac
 import ipaddress
@@ -85,6 +86,7 @@ DEFAULT_SYSTEM_MESSAGE = (
     "calculate for arithmetic."
 )
 CONVERSATION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+HANDOVER_SECONDS = 0.25  # how long a new turn waits for a stopped turn of its conversation here
 
 # AutoGen only knows OpenAI's model names; these are the DeepSeek ones it must be told about.
 KNOWN_MODEL_INFO: dict[str, ModelInfo] = {
@@ -258,6 +260,10 @@ ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# Seconds to wait before trying again, by status, for errors that do not know better.
+RETRY_AFTER = {409: 1, 503: 5}
+
+
 class ApiError(Exception):
     """An error for the client: a code from ERRORS, with an optional clearer message."""
 
@@ -266,7 +272,7 @@ class ApiError(Exception):
         self.code = code
         self.status_code = ERRORS[code][0]
         self.message = message or ERRORS[code][1]
-        self.retry_after = retry_after
+        self.retry_after = RETRY_AFTER.get(self.status_code) if retry_after is None else retry_after
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -748,7 +754,7 @@ class Turn:
         self.splitter = ThinkSplitter()
         self.stream_id: str | None = None
         self.thought: list[str] = []
-        self.released = False
+        self.released = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
@@ -768,6 +774,9 @@ class Turn:
             if not self.task.done():
                 self.token.cancel()
                 self.task.cancel()
+                # A cancelled turn saves nothing, so its lease need not wait for it to unwind
+                # (the model request closing): a client that stops and resends at once gets in.
+                self._release()
                 # On disconnect Starlette cancels the response's anyio scope, which re-delivers
                 # the cancellation at every await: shield the wait for the turn to unwind.
                 with anyio.CancelScope(shield=True):
@@ -778,9 +787,9 @@ class Turn:
             self._release()  # for a task cancelled before it ever ran
 
     def _release(self) -> None:
-        if self.released:
+        if self.released.is_set():
             return
-        self.released = True
+        self.released.set()
         try:
             self.ctx.store.release_lease(self.conversation_id, self.lease)
         except sqlite3.Error:
@@ -828,7 +837,7 @@ class Turn:
                     yield item
             state = await agent.save_state()
             self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
-            self.released = True  # in the same transaction
+            self.released.set()  # in the same transaction
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise
@@ -1091,9 +1100,23 @@ async def start_turn(request: Request) -> Turn:
     data = await read_json(request, ctx.settings.max_body_bytes)
     message, conversation_id = parse_chat_request(data, ctx.settings)
     lease = uuid.uuid4().hex
-    if not ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    if not await take_lease(ctx, conversation_id, lease):
         raise ApiError("conversation_busy")
     return Turn(ctx, conversation_id, message, lease)
+
+
+async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
+    """The conversation's lease for a new turn. A turn here that holds it may be one its
+    client stopped a moment ago ("stop, then resend"): the closed connection can reach the
+    server after the resend. Such a turn gets HANDOVER_SECONDS to let go."""
+    if ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+        return True
+    holder = next((turn for turn in ctx.turns if turn.conversation_id == conversation_id), None)
+    if holder is None:
+        return False
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(holder.released.wait(), HANDOVER_SECONDS)
+    return ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds)
 
 
 async def chat(request: Request) -> JSONResponse:

@@ -605,7 +605,8 @@ def test_a_running_conversation_is_busy_while_others_run_in_parallel(
             delete = http.delete(service.url + "/api/conversations/busy")
             other = http.post(service.url + "/api/chat", json={"message": "z", "conversation_id": "free"})
     assert again.status_code == 409 and again.json()["error"]["code"] == "conversation_busy"
-    assert delete.status_code == 409
+    assert again.headers["retry-after"] == "1" and again.json()["error"]["retry_after"] == 1
+    assert delete.status_code == 409 and delete.headers["retry-after"] == "1"
     assert other.status_code == 200 and other.json()["message"] == "other"
 
 
@@ -613,19 +614,46 @@ def test_a_running_conversation_is_busy_while_others_run_in_parallel(
     "first, last_event", [(Reply(content="first answer"), "done"), (Reply(status=500), "error")], ids=["done", "error"]
 )
 def test_the_next_message_can_follow_as_soon_as_the_last_event_is_read(
-    service: ServerThread, upstream: FakeModelAPI, first: Reply, last_event: str
+    service: ServerThread, upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch, first: Reply, last_event: str
 ) -> None:
+    # The race, widened: the first response does not close its turn until the next message is
+    # answered, so only a lease let go as the turn's task ends lets that message in.
+    answered, close = threading.Event(), server.Turn.close
+
+    async def close_after_the_next_message(turn: server.Turn) -> None:
+        if turn.message == "one":
+            await asyncio.get_running_loop().run_in_executor(None, answered.wait, 10)
+        await close(turn)
+
+    monkeypatch.setattr(server.Turn, "close", close_after_the_next_message)
     upstream.reset(first, Reply(content="second answer"))
     with httpx.Client(timeout=10) as http:
-        body = {"message": "one", "conversation_id": "quick"}
+        body, seen = {"message": "one", "conversation_id": "quick"}, ""
         with http.stream("POST", service.url + "/api/chat/stream", json=body) as response:
-            seen = ""
-            for text in response.iter_text():  # the response is still open when the next message goes
-                seen += text
-                if f"event: {last_event}" in seen:
-                    follow = http.post(service.url + "/api/chat", json={"message": "two", "conversation_id": "quick"})
-                    break
+            try:
+                for text in response.iter_text():  # the response is still open when the next message goes
+                    seen += text
+                    if f"event: {last_event}" in seen:
+                        follow = http.post(service.url + "/api/chat", json={**body, "message": "two"})
+                        break
+            finally:
+                answered.set()
     assert follow.status_code == 200 and follow.json()["message"] == "second answer"
+
+
+def test_a_client_can_stop_a_stream_and_resend_at_once(service: ServerThread, upstream: FakeModelAPI) -> None:
+    statuses = []
+    for attempt in range(5):
+        upstream.reset(Reply(content="a b c d e", fault="hang"), Reply(content="resent"))
+        body = {"message": "x", "conversation_id": f"stop-{attempt}"}
+        with httpx.Client(timeout=10) as resender, httpx.Client(timeout=10) as http:
+            resender.get(service.url + "/health")  # kept alive: the resend can overtake the closing connection
+            with http.stream("POST", service.url + "/api/chat/stream", json=body) as response:
+                for text in response.iter_text():
+                    if "event: chunk" in text:
+                        break
+            statuses.append(resender.post(service.url + "/api/chat", json=body).status_code)
+    assert statuses == [200] * 5
 
 
 def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_nothing(
@@ -668,7 +696,7 @@ def test_without_api_key_health_is_degraded_and_chat_says_to_set_it(
     assert health.json()["status"] == "degraded" and health.json()["agent_ready"] is False
     assert "API_KEY" in health.json()["reasons"][0]
     for response in (chat, streamed):
-        assert response.status_code == 503
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
         assert response.json()["error"]["code"] == "not_configured"
         assert "API_KEY" in response.json()["error"]["message"]
 
@@ -1304,7 +1332,7 @@ def test_sigterm_ends_open_streams_with_an_error_and_keeps_the_database_consiste
     events = parse_sse(text)
     assert events[-1] == (
         "error",
-        {"code": "server_shutting_down", "message": server.ERRORS["server_shutting_down"][1]},
+        {"code": "server_shutting_down", "message": server.ERRORS["server_shutting_down"][1], "retry_after": 5},
     )
     database = sqlite3.connect(env["DATABASE_PATH"])
     assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
