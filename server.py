@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
@@ -590,6 +591,30 @@ class Chunk(ChatCompletionChunk):
             return ChatCompletionChunk.construct(**data)
 
 
+# Reasons a model ends a complete answer. "length": cut at the token limit, kept and reported as
+# such. Any other reason (content_filter, DeepSeek's insufficient_system_resource) means the API
+# cut the answer: nothing of it is saved.
+FINISH_REASONS = {"stop", "tool_calls", "function_call", "length"}
+
+
+@dataclass
+class ModelCalls:
+    """The model calls of one turn, which AutoGen cannot pass between the turn and the client;
+    they meet in MODEL_CALLS, a context variable set in the turn's task."""
+
+    finish_reasons: list[str] = field(default_factory=list)
+    open: set[openai.AsyncStream[Any]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        """Close the model responses still open: AutoGen's nested generators, once left, are
+        closed only by the garbage collector, and so would be the model request."""
+        for stream in list(self.open):
+            await stream.close()
+
+
+MODEL_CALLS: ContextVar[ModelCalls | None] = ContextVar("model_calls", default=None)
+
+
 class ChatClient(OpenAIChatCompletionClient):
     """AutoGen's OpenAI client, reading the stream its own way. Per turn it posts AutoGen's
     request body as it is: the SDK's create() first walks every message through each of six
@@ -617,12 +642,17 @@ class ChatClient(OpenAIChatCompletionClient):
         )
         if cancellation_token is not None:
             cancellation_token.link_future(request)
-        finished = False
-        async for chunk in await request:
-            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
-            yield chunk
-        if not finished:
+        stream, calls, reason = await request, MODEL_CALLS.get() or ModelCalls(), None
+        calls.open.add(stream)
+        try:
+            async for chunk in stream:
+                reason = (chunk.choices and chunk.choices[0].finish_reason) or reason
+                yield chunk
+        finally:
+            calls.open.discard(stream)
+        if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
+        calls.finish_reasons.append(reason)
 
 
 def make_client(settings: Settings) -> ChatClient:
@@ -829,12 +859,18 @@ class Turn:
 
     async def _run(self) -> AsyncIterator[Event]:
         yield "status", {"status": "started", "conversation_id": self.conversation_id}
+        MODEL_CALLS.set(calls := ModelCalls())
         try:
             agent = await self._agent()
             task = TextMessage(content=self.message, source="user")
-            async for event in agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False):
-                for item in self._translate(event):
-                    yield item
+            events = agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
+            try:
+                async for event in events:
+                    for item in self._translate(event):
+                        yield item
+            finally:
+                await events.aclose()
+                await calls.close()
             state = await agent.save_state()
             self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
             self.released.set()  # in the same transaction
@@ -848,7 +884,8 @@ class Turn:
             self._log_failure(error, exc)
             yield "error", error.body()
             return
-        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage}
+        finish_reason = "length" if "length" in calls.finish_reasons else "stop"
+        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage, "finish_reason": finish_reason}
 
     async def _agent(self) -> AssistantAgent:
         settings, tools = self.ctx.settings, self.ctx.tools
@@ -952,7 +989,7 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
             elif name == "tool_result" and data["call_id"] in calls:
                 calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
             elif name == "done":
-                reply["usage"] = data["usage"]
+                reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
             elif name == "error":
                 raise ApiError(data["code"], data["message"], data.get("retry_after"))
     finally:
@@ -1095,10 +1132,10 @@ async def start_turn(request: Request) -> Turn:
     ctx = context(request)
     if ctx.client is None:
         raise ApiError("not_configured")
-    if ctx.shutting_down:
-        raise ApiError("server_shutting_down")
     data = await read_json(request, ctx.settings.max_body_bytes)
     message, conversation_id = parse_chat_request(data, ctx.settings)
+    if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
+        raise ApiError("server_shutting_down")
     lease = uuid.uuid4().hex
     if not await take_lease(ctx, conversation_id, lease):
         raise ApiError("conversation_busy")
@@ -1119,9 +1156,29 @@ async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
     return ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds)
 
 
-async def chat(request: Request) -> JSONResponse:
+async def chat(request: Request) -> Response:
+    """One turn as JSON. Starlette does not cancel a plain handler whose client went away, so
+    this one watches for that: the turn is cancelled, saves nothing and lets go of its lease."""
     turn = await start_turn(request)
-    return JSONResponse(await collect_turn(turn))
+    reply = asyncio.ensure_future(collect_turn(turn))
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait([reply, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not reply.done():
+            reply.cancel()  # collect_turn closes the turn as it unwinds
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([reply])
+    if reply.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return JSONResponse(reply.result())
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects; only once the body has been read."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def chat_stream(request: Request) -> TurnStream:

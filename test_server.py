@@ -64,6 +64,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     error_body: dict[str, Any] | None = None
     fault: str | None = None  # drop, truncate, bad_json, hang, stall
+    finish_reason: str | None = None  # None: "tool_calls" or "stop"
     usage: tuple[int, int] = (11, 7)
 
 
@@ -142,7 +143,7 @@ class FakeModelAPI:
             text = json.dumps(arguments)
             for part in (text[: len(text) // 2], text[len(text) // 2 :]):
                 yield chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]})
-        yield chunk({}, "tool_calls" if reply.tool_calls else "stop")
+        yield chunk({}, reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop"))
         if body.get("stream_options", {}).get("include_usage"):
             usage = {"prompt_tokens": reply.usage[0], "completion_tokens": reply.usage[1]}
             usage["total_tokens"] = sum(reply.usage)
@@ -316,7 +317,7 @@ def test_stream_sends_status_chunks_message_and_done_in_order(service: ServerThr
     assert started["status"] == "started" and started["conversation_id"] == done["conversation_id"]
     assert "".join(d["content"] for n, d in events if n == "chunk") == "你好 世界 from the model"
     assert events[-2][1] == {"content": "你好 世界 from the model", "source": "assistant"}
-    assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
+    assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 7} and done["finish_reason"] == "stop"
 
 
 def test_stream_events_are_one_line_json_with_readable_chinese(service: ServerThread, upstream: FakeModelAPI) -> None:
@@ -343,8 +344,21 @@ def test_chat_answers_json_with_message_usage_and_conversation_id(client: TestCl
     assert body["status"] == "success"
     assert body["message"] == "Paris is the capital."
     assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
-    assert body["tool_calls"] == []
+    assert body["tool_calls"] == [] and body["finish_reason"] == "stop"
     assert len(body["conversation_id"]) == 36
+
+
+def test_an_answer_cut_at_the_token_limit_is_kept_and_reported_as_length(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="the start of", finish_reason="length"), Reply(content="cut", finish_reason="length"))
+    _, events = stream(service.url, {"message": "long", "conversation_id": "cut"})
+    with httpx.Client(timeout=10) as http:
+        answered = http.post(service.url + "/api/chat", json={"message": "more", "conversation_id": "cut"}).json()
+        stored = http.get(service.url + "/api/conversations/cut").json()["messages"]
+    assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "length"
+    assert answered["status"] == "success" and answered["finish_reason"] == "length"
+    assert [m["content"] for m in stored] == ["long", "the start of", "more", "cut"]
 
 
 def test_calculate_tool_runs_end_to_end_and_its_result_reaches_the_model(
@@ -678,6 +692,43 @@ def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_n
     assert [m["content"] for m in upstream.requests[-1]["messages"][1:]] == ["first", "saved", "second"]
 
 
+def test_a_failure_in_the_event_translation_closes_the_model_request(
+    service: ServerThread, upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_translate(turn: server.Turn, event: Any) -> Any:
+        raise RuntimeError("scripted failure in the translation")
+
+    monkeypatch.setattr(server.Turn, "_translate", broken_translate)
+    upstream.reset(Reply(content="a b c d e", fault="hang"))
+    _, events = stream(service.url, {"message": "hi", "conversation_id": "broken"})
+    assert events[-1][1]["code"] == "internal_error"
+    assert upstream.disconnected.wait(5), "the model request stayed open"
+
+
+def test_a_json_chat_whose_client_disconnects_is_cancelled_and_saves_nothing(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d e", fault="hang"), Reply(content="answered"))
+    host, port = service.url.removeprefix("http://").split(":")
+    body = json.dumps({"message": "hello", "conversation_id": "gave-up"}).encode()
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_until(lambda: upstream.hanging == 1)
+    assert upstream.disconnected.wait(5), "the model request was not closed"
+    assert wait_until(lambda: not service.app_ctx.turns)
+    assert service.app_ctx.store.db.execute("SELECT count(*) FROM leases").fetchone() == (0,)
+    with httpx.Client(timeout=10) as http:
+        assert http.get(service.url + "/api/conversations/gave-up").status_code == 404
+        retry = http.post(service.url + "/api/chat", json={"message": "hello", "conversation_id": "gave-up"})
+        stored = http.get(service.url + "/api/conversations/gave-up").json()["messages"]
+    assert retry.status_code == 200 and retry.json()["message"] == "answered"
+    assert [m["content"] for m in stored] == ["hello", "answered"]
+
+
 # ---------------------------------------------------------------------------
 # Configuration, index, health and docs
 # ---------------------------------------------------------------------------
@@ -866,6 +917,14 @@ FAULTS = [
     ("503", Reply(status=503), "upstream_error", 502),
     ("dropped-mid-stream", Reply(content="a b c d", fault="drop"), "upstream_error", 502),
     ("truncated", Reply(content="a b c d", fault="truncate"), "upstream_incomplete", 502),
+    (
+        "cut-by-the-api",
+        Reply(content="a b c d", finish_reason="insufficient_system_resource"),
+        "upstream_incomplete",
+        502,
+    ),
+    ("content-filter", Reply(content="a b c d", finish_reason="content_filter"), "upstream_incomplete", 502),
+    ("unknown-reason", Reply(content="a b c d", finish_reason="gave_up"), "upstream_incomplete", 502),
     ("bad-json-chunk", Reply(content="a b c d", fault="bad_json"), "upstream_error", 502),
     ("no-first-byte", Reply(fault="stall"), "upstream_timeout", 504),
     ("no-next-chunk", Reply(content="a b c d", fault="hang"), "upstream_timeout", 504),
@@ -1098,6 +1157,31 @@ def test_a_large_body_is_refused_while_it_is_read(client: TestClient) -> None:
     client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr]
     assert sent[0]["status"] == 413
     assert len(consumed) <= server.Settings.max_body_bytes // len(chunk) + 1
+
+
+def test_a_body_that_finishes_arriving_after_shutdown_began_starts_no_turn(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    parts = [b'{"message": ', b'"late"}']
+
+    async def receive() -> dict[str, Any]:
+        if len(parts) == 1:
+            server.begin_shutdown(client.app.state.ctx)  # type: ignore[attr-defined]
+        return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/api/chat", "raw_path": b"/api/chat",
+        "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+        "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": client.app,
+    }  # fmt: skip
+    client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr]
+    assert sent[0]["status"] == 503 and b"server_shutting_down" in sent[1]["body"]
+    assert upstream.requests == [] and not client.app.state.ctx.turns  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------
