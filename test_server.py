@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ import httpx
 import pytest
 import uvicorn
 from openapi_spec_validator import OpenAPIV31SpecValidator
+from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Route as BrowserRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -66,6 +69,7 @@ class Reply:
     fault: str | None = None  # drop, truncate, bad_json, hang, stall
     finish_reason: str | None = None  # None: "tool_calls" or "stop"
     usage: tuple[int, int] = (11, 7)
+    call_ids: tuple[str, ...] = ()  # default: call_0, call_1, ...
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -89,25 +93,42 @@ class FakeModelAPI:
         self.hanging = 0
         self.disconnected = threading.Event()
         self.release: asyncio.Event | None = None
+        self.strict: str | None = None  # None: lenient; "deepseek" or "openai": that API's rules
+        self.produced: dict[str, str] = {}  # in deepseek mode: the reasoning of each answer it gave
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
 
-    def reset(self, *replies: Reply) -> None:
+    def reset(self, *replies: Reply, strict: str | None = None) -> None:
         self.script, self.requests, self.headers = list(replies), [], []
+        self.strict, self.produced = strict, {}
         self.disconnected.clear()
 
     async def completions(self, request: Request) -> Response:
         if self.release is None:
-            self.release = asyncio.Event()
+            self.release, self.loop = asyncio.Event(), asyncio.get_running_loop()
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        refusal = deepseek_refusal(body, self.produced) if self.strict == "deepseek" else None
+        refusal = openai_refusal(body) if self.strict == "openai" else refusal
+        if refusal is not None:
+            # Both APIs' error shape; DeepSeek repeats the type as the code, OpenAI leaves it null.
+            code = "invalid_request_error" if self.strict == "deepseek" else None
+            error = {"message": refusal, "type": "invalid_request_error", "param": None, "code": code}
+            return JSONResponse({"error": error}, status_code=400)
         reply = self.script.pop(0) if self.script else Reply()
+        if self.strict == "deepseek":
+            reply = self._deepseek_reply(body, reply)
         if reply.status != 200:
             error = reply.error_body or {"error": {"message": "scripted failure", "type": "x"}}
             return JSONResponse(error, status_code=reply.status, headers=reply.headers)
         if reply.fault == "stall":
             await self._hang()
         return StreamingResponse(self._stream(body, reply), media_type="text/event-stream")
+
+    def end_hang(self) -> None:
+        """Let hanging requests go on (from the test's thread)."""
+        assert self.release is not None
+        self.loop.call_soon_threadsafe(self.release.set)
 
     async def _hang(self) -> None:
         self.hanging += 1
@@ -136,9 +157,11 @@ class FakeModelAPI:
                 async for part in self._fault(reply.fault):
                     yield part
                 return
-            yield chunk({"content": piece})
+            # DeepSeek marks the end of the reasoning with a null reasoning_content.
+            yield chunk({"content": piece, **({"reasoning_content": None} if self.strict == "deepseek" else {})})
         for index, (name, arguments) in enumerate(reply.tool_calls):
-            call = {"index": index, "id": f"call_{index}", "type": "function"}
+            call_id = reply.call_ids[index] if reply.call_ids else f"call_{index}"
+            call = {"index": index, "id": call_id, "type": "function"}
             yield chunk({"tool_calls": [{**call, "function": {"name": name, "arguments": ""}}]})
             text = json.dumps(arguments)
             for part in (text[: len(text) // 2], text[len(text) // 2 :]):
@@ -151,6 +174,19 @@ class FakeModelAPI:
             yield f"data: {json.dumps({**data, 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
+    def _deepseek_reply(self, body: dict[str, Any], reply: Reply) -> Reply:
+        """As DeepSeek V4 answers: thinking unless told not to, remembering what it thought."""
+        if body.get("thinking", {}).get("type") == "disabled":
+            return dataclasses.replace(reply, reasoning="")
+        if reply.status != 200:
+            return reply
+        reasoning = reply.reasoning or DEFAULT_REASONING
+        # Call ids unique per request, so the reasoning of each call can be looked up later.
+        ids = tuple(f"call_{len(self.requests)}_{index}" for index in range(len(reply.tool_calls)))
+        key = " ".join(ids) or (reply.content if reply.content is not None else "echo: " + last_user_text(body))
+        self.produced[key] = reasoning
+        return dataclasses.replace(reply, reasoning=reasoning, content=None if ids else key, call_ids=ids)
+
     async def _fault(self, fault: str) -> Any:
         if fault == "drop":
             raise ConnectionResetError("scripted drop mid-stream")
@@ -158,6 +194,73 @@ class FakeModelAPI:
             yield b"data: {this is not json\n\n"
         if fault == "hang":
             await self._hang()
+
+
+# Starts with "the" and ends with "k": AutoGen 0.7.5's lstrip("<think>")/rstrip("</think>") would eat letters.
+DEFAULT_REASONING = "the user asks; a tool may help.\n  I should think"
+DEEPSEEK_MODELS = {"deepseek-flash", "deepseek-v4-flash", "deepseek-v4-pro"}
+PASS_BACK = "The `reasoning_content` in the thinking mode must be passed back to the API."
+OPENAI_BODY_FIELDS = {
+    "model", "messages", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls", "temperature",
+    "top_p", "max_tokens", "max_completion_tokens", "n", "stop", "presence_penalty", "frequency_penalty", "seed",
+    "user", "response_format", "logprobs", "top_logprobs", "logit_bias", "metadata", "store", "service_tier",
+}  # fmt: skip
+OPENAI_MESSAGE_FIELDS = {
+    "system": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "tool_calls", "refusal", "audio"},
+    "tool": {"role", "content", "tool_call_id"},
+}
+
+
+def deepseek_refusal(body: dict[str, Any], produced: dict[str, str]) -> str | None:
+    """What DeepSeek V4's API would refuse this request for, if anything."""
+    if body.get("model") not in DEEPSEEK_MODELS:
+        return "Model Not Exist"
+    if body.get("thinking", {"type": "enabled"}).get("type") not in ("enabled", "disabled"):
+        return "thinking.type must be enabled or disabled"
+    if body.get("reasoning_effort", "high") not in ("low", "high", "max"):
+        return "reasoning_effort must be low, high or max"
+    calls: set[str] = set()
+    for message in body["messages"]:
+        if message["role"] == "assistant":
+            calls = {call["id"] for call in message.get("tool_calls") or []}
+        elif message["role"] == "tool" and message["tool_call_id"] not in calls:
+            return "Messages with role 'tool' must be a response to a preceding message with 'tool_calls'"
+    if body.get("thinking", {}).get("type") == "disabled":
+        return None
+    for turn in split_turns(body["messages"]):
+        if not any(m.get("tool_calls") for m in turn):
+            continue
+        for message in turn:
+            key = " ".join(c["id"] for c in message.get("tool_calls") or []) or message.get("content")
+            sent = message.get("reasoning_content")
+            if not isinstance(sent, str) or produced.get(key, sent) != sent:
+                return PASS_BACK
+    return None
+
+
+def split_turns(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The assistant messages of each turn: the messages between two user messages."""
+    turns: list[list[dict[str, Any]]] = [[]]
+    for message in messages:
+        if message["role"] == "user":
+            turns.append([])
+        elif message["role"] == "assistant":
+            turns[-1].append(message)
+    return turns
+
+
+def openai_refusal(body: dict[str, Any]) -> str | None:
+    """What OpenAI's API would refuse for an unknown field in the body or a message."""
+    unknown = set(body) - OPENAI_BODY_FIELDS
+    if unknown:
+        return f"Unrecognized request argument supplied: {', '.join(sorted(unknown))}"
+    for index, message in enumerate(body["messages"]):
+        extra = set(message) - OPENAI_MESSAGE_FIELDS[message["role"]]
+        if extra:
+            return f"Additional properties are not allowed ({sorted(extra)} were unexpected) - 'messages.{index}'"
+    return None
 
 
 def last_user_text(body: dict[str, Any]) -> str:
@@ -495,7 +598,7 @@ def test_a_stream_ends_after_done_even_when_the_reader_lags_behind_the_turn(
             assert wait_until(lambda: len(service.app_ctx.turns) == 1)
             [turn] = service.app_ctx.turns
             assert wait_until(turn.task.done, timeout=30)
-            assert service.app_ctx.store.get_conversation("lag") is not None
+            assert service.call(service.app_ctx.store.get_conversation("lag")) is not None
             assert not turn.events.empty(), "the reader was not actually behind when the turn ended"
             assert turn.timer.cancelled(), "the turn's timer still runs after its task ended"
             service.call(queue_behind_the_end(turn, server.PING))  # as a tick after the end once did
@@ -720,13 +823,137 @@ def test_a_json_chat_whose_client_disconnects_is_cancelled_and_saves_nothing(
         assert wait_until(lambda: upstream.hanging == 1)
     assert upstream.disconnected.wait(5), "the model request was not closed"
     assert wait_until(lambda: not service.app_ctx.turns)
-    assert service.app_ctx.store.db.execute("SELECT count(*) FROM leases").fetchone() == (0,)
+    assert service.call(service.app_ctx.store.acquire_lease("gave-up", "probe", 0.001)), "the lease outlived the turn"
     with httpx.Client(timeout=10) as http:
         assert http.get(service.url + "/api/conversations/gave-up").status_code == 404
         retry = http.post(service.url + "/api/chat", json={"message": "hello", "conversation_id": "gave-up"})
         stored = http.get(service.url + "/api/conversations/gave-up").json()["messages"]
     assert retry.status_code == 200 and retry.json()["message"] == "answered"
     assert [m["content"] for m in stored] == ["hello", "answered"]
+
+
+# ---------------------------------------------------------------------------
+# DeepSeek's thinking mode, and nothing of it sent to other APIs
+# ---------------------------------------------------------------------------
+
+
+def tool_turn(expression: str, answer: str) -> list[Reply]:
+    return [Reply(tool_calls=[("calculate", {"expression": expression})]), Reply(content=answer)]
+
+
+def chat_turns(settings: server.Settings, texts: list[str], restart: bool = False) -> list[list[Any]]:
+    """Stream each message into conversation "c", on one server or a new one for each."""
+    results = []
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(TestClient(server.create_app(settings)))
+        for text in texts:
+            if restart and results:
+                stack.close()
+                client = stack.enter_context(TestClient(server.create_app(settings)))
+            response = client.post("/api/chat/stream", json={"message": text, "conversation_id": "c"})
+            results.append(parse_sse(response.text))
+        results.append(client.get("/api/conversations/c").json()["messages"])
+    return results
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["one-server", "restart-before-each-turn"])
+def test_with_deepseek_thinking_a_tool_turn_and_the_turns_after_it_complete(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, restart: bool
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), *tool_turn("7*8", "56."), strict="deepseek")
+    settings = settings_for(REASONING_EFFORT="high")  # no THINKING: the API thinks by default
+    *turns, stored = chat_turns(settings, ["What is 6*7?", "Sure?", "And 7*8?"], restart)
+    assert [names(events)[-1] for events in turns] == ["done", "done", "done"]
+    assert "".join(d["content"] for n, d in turns[0] if n == "thought") == DEFAULT_REASONING * 2
+    assert [m.get("thought") for m in stored if m["role"] == "assistant"] == [DEFAULT_REASONING] * 5
+    sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning_content") for m in sent] == [DEFAULT_REASONING, DEFAULT_REASONING, None, DEFAULT_REASONING]
+    assert sent[0]["content"] is None  # the reasoning is not sent as the tool call's content
+    assert {r.get("reasoning_effort") for r in upstream.requests} == {"high"} and len(upstream.requests) == 5
+
+
+def test_thinking_disabled_is_sent_and_yields_no_thought_events(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), strict="deepseek")
+    *turns, stored = chat_turns(settings_for(THINKING="disabled"), ["What is 6*7?", "Sure?"])
+    assert [names(events)[-1] for events in turns] == ["done", "done"]
+    assert "thought" not in names(turns[0] + turns[1]) and all("thought" not in m for m in stored)
+    assert [r["thinking"] for r in upstream.requests] == [{"type": "disabled"}] * 3
+    assert not any("reasoning_content" in m for r in upstream.requests for m in r["messages"])
+
+
+def test_a_tool_turn_saved_without_reasoning_does_not_block_thinking_later(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), strict="deepseek")
+    chat_turns(settings_for(THINKING="disabled"), ["What is 6*7?"])
+    *turns, _ = chat_turns(settings_for(THINKING="enabled"), ["Sure?"])
+    assert names(turns[0])[-1] == "done"
+    sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning_content") for m in sent] == ["", ""]  # none was kept: empty, not invented
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 8], ids=lambda size: f"window-{size}")
+def test_the_history_window_never_cuts_an_assistant_message_from_its_reasoning_or_tool_results(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, size: int
+) -> None:
+    upstream.reset(*tool_turn("1+1", "2."), *tool_turn("2+2", "4."), *tool_turn("3+3", "6."), strict="deepseek")
+    settings = settings_for(THINKING="enabled", MAX_HISTORY_MESSAGES=str(size))
+    *turns, _ = chat_turns(settings, ["one", "two", "three"])
+    assert [names(events)[-1] for events in turns] == ["done", "done", "done"]  # the fake refuses a cut turn
+
+
+def test_nothing_of_deepseek_reaches_an_api_that_refuses_unknown_fields(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    # An API that streams reasoning_content yet, like OpenAI's, refuses fields it does not know.
+    upstream.reset(
+        Reply(reasoning="the plan: think", tool_calls=[("calculate", {"expression": "6*7"})]),
+        Reply(reasoning="the answer: think", content="42."),
+        Reply(reasoning="the end: think", content="Yes."),
+        strict="openai",
+    )
+    *turns, _ = chat_turns(settings_for(MODEL_NAME="gpt-4o-mini"), ["What is 6*7?", "Sure?"])
+    assert [names(events)[-1] for events in turns] == ["done", "done"] and len(upstream.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "env, thinking_api",
+    [
+        ({}, True),
+        ({"BASE_URL": "http://localhost:11434/v1"}, False),
+        ({"BASE_URL": "http://localhost:4000/v1", "THINKING": "enabled"}, True),
+        ({"BASE_URL": "http://localhost:4000/v1", "REASONING_EFFORT": "max"}, True),
+    ],
+    ids=["deepseek-by-default", "other-api", "other-api-thinking-set", "other-api-effort-set"],
+)
+def test_thinking_fields_go_to_deepseek_and_where_the_user_sets_them(env: dict[str, str], thinking_api: bool) -> None:
+    assert server.Settings.from_env(env).thinking_api is thinking_api
+
+
+@pytest.mark.parametrize("name, value", [("THINKING", "enabled"), ("REASONING_EFFORT", "low")])
+def test_thinking_settings_are_refused_for_openai(name: str, value: str) -> None:
+    with pytest.raises(server.SettingsError) as error:
+        server.Settings.from_env({"BASE_URL": "https://api.openai.com/v1", name: value})
+    assert f"{name}={value!r}" in str(error.value)
+
+
+@pytest.mark.parametrize("model", ["deepseek-chat", "deepseek-reasoner"])
+def test_a_retired_model_name_starts_with_one_warning_and_its_error_names_the_replacement(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    caplog: pytest.LogCaptureFixture,
+    model: str,
+) -> None:
+    upstream.reset(strict="deepseek")
+    caplog.set_level(logging.WARNING, logger="autogen_chat")
+    with TestClient(server.create_app(settings_for(MODEL_NAME=model))) as client:
+        warned = [r.getMessage() for r in caplog.records if r.name == "autogen_chat"]
+        response = client.post("/api/chat", json={"message": "hi"})
+    assert warned == [f"DeepSeek retired MODEL_NAME={model} on 2026-07-24: set MODEL_NAME=deepseek-flash in .env."]
+    assert response.status_code == 502 and response.json()["error"]["code"] == "model_not_found"
+    assert "set MODEL_NAME=deepseek-flash" in response.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------
@@ -755,13 +982,13 @@ def test_without_api_key_health_is_degraded_and_chat_says_to_set_it(
 def test_health_is_ok_with_model_agent_and_database(client: TestClient) -> None:
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["reasons"] == []
-    assert body["model"] == "deepseek-chat" and body["agent_ready"] is True and body["database"] is True
+    assert body["model"] == "deepseek-flash" and body["agent_ready"] is True and body["database"] is True
 
 
 def test_index_names_model_and_host_but_never_the_key(client: TestClient) -> None:
     response = client.get("/")
     body = response.json()
-    assert body["model"] == "deepseek-chat" and body["base_url_host"] == "127.0.0.1"
+    assert body["model"] == "deepseek-flash" and body["base_url_host"] == "127.0.0.1"
     assert body["docs"] == {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"}
     assert SERVICE_KEY not in response.text
 
@@ -778,7 +1005,7 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
     assert document["openapi"].startswith("3.1")
     documented = {(path, method.upper()) for path, item in document["paths"].items() for method in item}
     served = {
-        (route.path, method)
+        (re.sub(r":\w+}", "}", route.path), method)  # /static/{path:path} is /static/{path} in OpenAPI
         for route in client.app.routes  # type: ignore[attr-defined]
         for method in route.methods - {"HEAD"}
     }
@@ -805,6 +1032,146 @@ def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClie
     assert set(codes) == set(server.ERRORS)
 
 
+# ---------------------------------------------------------------------------
+# Static files, and the documentation pages in a real browser
+# ---------------------------------------------------------------------------
+
+
+def docs_assets(client: TestClient) -> list[str]:
+    return [url for path in ("/docs", "/redoc") for url in re.findall(r'(?:src|href)="([^"]+)"', client.get(path).text)]
+
+
+def test_docs_pages_load_every_asset_from_the_app_and_forbid_other_hosts(client: TestClient) -> None:
+    urls = docs_assets(client)
+    assert len(urls) == 4 and all(url.startswith("/static/vendor/") for url in urls), urls
+    for path in ("/docs", "/redoc"):
+        assert "//" not in client.get(path).text
+        assert "default-src 'self'" in client.get(path).headers["content-security-policy"]
+
+
+def test_vendored_assets_are_served_with_type_long_caching_and_gzip(client: TestClient) -> None:
+    types = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".png": "image/png"}
+    for url in docs_assets(client):
+        plain = client.get(url, headers={"Accept-Encoding": "identity"})
+        assert plain.status_code == 200 and plain.headers["content-type"] == types[Path(url).suffix], url
+        assert plain.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert "content-encoding" not in plain.headers
+        again = client.get(url, headers={"Accept-Encoding": "identity", "If-None-Match": plain.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
+        if url.endswith(".png"):
+            continue
+        zipped = client.get(url, headers={"Accept-Encoding": "br;q=1, gzip;q=0.5"})
+        assert zipped.headers["content-encoding"] == "gzip" and zipped.headers["vary"].startswith("Accept-Encoding")
+        assert int(zipped.headers["content-length"]) < len(plain.content) / 3
+        assert zipped.content == plain.content and zipped.headers["etag"] != plain.headers["etag"]
+        refused = client.get(url, headers={"Accept-Encoding": "gzip;q=0, *"})
+        assert "content-encoding" not in refused.headers
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["%2e%2e/server.py", "%2E%2E%2Fserver.py", "%2Fetc%2Fpasswd", "vendor", "", "vendor/none.js", "a%00b"],
+    ids=["dot-dot", "encoded-slash", "absolute", "directory", "root", "missing", "nul"],
+)
+def test_only_files_inside_static_are_served(client: TestClient, path: str) -> None:
+    response = client.get(f"/static/{path}")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_an_unversioned_static_file_is_revalidated_and_served_anew_when_it_changes(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(server, "STATIC_DIR", tmp_path)
+    (tmp_path / "page.html").write_text("<p>one</p>", encoding="utf-8")
+    first = client.get("/static/page.html")
+    (tmp_path / "page.html").write_text("<p>two, longer</p>", encoding="utf-8")
+    second = client.get("/static/page.html", headers={"If-None-Match": first.headers["etag"]})
+    assert first.headers["cache-control"] == "no-cache" and first.text == "<p>one</p>"
+    assert first.headers["content-type"] == "text/html; charset=utf-8"
+    assert second.status_code == 200 and second.text == "<p>two, longer</p>"
+
+
+CHROMIUM = "/usr/bin/chromium"
+# A name that is not loopback: Swagger UI, for one, behaves differently on localhost.
+PAGE_HOST = "autogen-chat.test"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--host-resolver-rules=MAP {PAGE_HOST} 127.0.0.1"]  # fmt: skip
+
+
+@dataclass
+class Tab:
+    page: Page
+    url: str  # the service, as the browser reaches it
+    elsewhere: list[str] = field(default_factory=list)  # requests for other hosts, all blocked
+    errors: list[str] = field(default_factory=list)  # uncaught script errors
+
+
+@pytest.fixture
+def tab(service: ServerThread, tmp_path: Path) -> Iterator[Tab]:
+    """A page in a fresh Chromium on the service that can reach no other host."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    # Per test, not per session: sync_playwright() marks an event loop running on this thread
+    # for as long as it is open, which breaks asyncio.run() in the tests after it.
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            tmp_path / "chromium-profile", executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        tab = Tab(browser.new_page(), service.url.replace("127.0.0.1", PAGE_HOST))
+
+        def only_the_service(route: BrowserRoute) -> None:
+            if route.request.url.startswith(tab.url + "/"):
+                route.continue_()
+            else:
+                tab.elsewhere.append(route.request.url)
+                route.abort()
+
+        tab.page.route("**/*", only_the_service)
+        tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
+        try:
+            yield tab
+        finally:
+            browser.close()
+
+
+def documented_operations(service: ServerThread) -> set[tuple[str, str]]:
+    document = httpx.get(service.url + "/openapi.json").json()
+    return {(method, path) for path, item in document["paths"].items() for method in item}
+
+
+def test_swagger_ui_shows_every_operation_and_runs_one_with_no_other_host(tab: Tab, service: ServerThread) -> None:
+    tab.page.goto(tab.url + "/docs")
+    stream = tab.page.locator('.opblock-post .opblock-summary-path[data-path="/api/chat/stream"]')
+    stream.wait_for()
+    assert stream.is_visible()
+    shown = tab.page.eval_on_selector_all(
+        ".opblock", "els => els.map(e => [e.querySelector('.opblock-summary-method').textContent.toLowerCase(),"
+        " e.querySelector('.opblock-summary-path').dataset.path])"
+    )  # fmt: skip
+    assert {tuple(operation) for operation in shown} == documented_operations(service)
+    health = tab.page.locator("#operations-default-get_health")
+    health.locator(".opblock-summary-control").click()
+    health.get_by_role("button", name="Try it out").click()
+    health.get_by_role("button", name="Execute").click()
+    health.locator(".live-responses-table .response-col_status", has_text="200").wait_for()
+    assert tab.elsewhere == [] and tab.errors == []
+
+
+def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab, service: ServerThread) -> None:
+    tab.page.goto(tab.url + "/redoc")
+    stream = tab.page.locator('[data-section-id="/paths/~1api~1chat~1stream/post"]')
+    stream.get_by_text("/api/chat/stream").first.wait_for()
+    shown = tab.page.eval_on_selector_all(
+        "[data-section-id^='/paths/']", "els => els.map(e => e.dataset.sectionId.split('/').slice(2))"
+    )
+    pointer = {(method, path.replace("~1", "/")) for path, method in shown}
+    assert pointer == documented_operations(service)
+    tab.page.get_by_placeholder("Search...").fill("stream")
+    tab.page.get_by_role("menuitem", name="Run one turn, stream it as Server-Sent Events").wait_for()
+    assert tab.elsewhere == [] and tab.errors == []
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
@@ -816,8 +1183,21 @@ def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClie
         ("MODEL_FUNCTION_CALLING", "maybe"),
         ("TOOLS", "calculate,shell"),
         ("LOG_LEVEL", "LOUD"),
+        ("THINKING", "on"),
+        ("REASONING_EFFORT", "medium"),
     ],
-    ids=["port-text", "port-zero", "timeout-negative", "history-zero", "url-no-scheme", "bool", "tool", "log"],
+    ids=[
+        "port-text",
+        "port-zero",
+        "timeout-negative",
+        "history-zero",
+        "url-no-scheme",
+        "bool",
+        "tool",
+        "log",
+        "thinking",
+        "effort",
+    ],  # fmt: skip
 )
 def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
@@ -838,8 +1218,10 @@ def test_dotenv_is_read_and_the_real_environment_wins(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize(
     "env, expected",
     [
-        ({"MODEL_NAME": "deepseek-chat"}, {"function_calling": True, "family": "unknown", "vision": False}),
-        ({"MODEL_NAME": "deepseek-reasoner"}, {"function_calling": False, "family": "r1"}),
+        ({}, {"function_calling": True, "json_output": True, "family": "unknown", "vision": True}),
+        ({"MODEL_NAME": "deepseek-v4-flash"}, {"function_calling": True, "json_output": True, "vision": False}),
+        ({"MODEL_NAME": "deepseek-v4-pro"}, {"function_calling": True, "json_output": True, "vision": False}),
+        ({"MODEL_NAME": "deepseek-reasoner"}, {"function_calling": True, "family": "unknown", "vision": False}),
         ({"MODEL_NAME": "qwen2.5:7b"}, {"function_calling": True, "json_output": False, "family": "unknown"}),
         ({"MODEL_NAME": "gpt-4o"}, {"vision": True, "function_calling": True}),
         (
@@ -847,7 +1229,15 @@ def test_dotenv_is_read_and_the_real_environment_wins(monkeypatch: pytest.Monkey
             {"vision": True, "function_calling": False, "family": "x"},
         ),
     ],
-    ids=["deepseek-chat", "deepseek-reasoner", "ollama-default", "autogen-known", "overrides"],
+    ids=[
+        "deepseek-flash-default",
+        "deepseek-v4-flash",
+        "deepseek-v4-pro",
+        "retired",
+        "ollama-default",
+        "autogen-known",
+        "overrides",
+    ],
 )
 def test_model_info_works_for_models_autogen_does_not_know(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: dict[str, Any]
@@ -973,7 +1363,7 @@ def test_rate_limit_passes_the_wait_on(client: TestClient, upstream: FakeModelAP
 def test_model_not_found_names_the_model_setting(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(status=404))
     error = client.post("/api/chat", json={"message": "hi"}).json()["error"]
-    assert "MODEL_NAME='deepseek-chat'" in error["message"]
+    assert "MODEL_NAME='deepseek-flash'" in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -1044,8 +1434,8 @@ def test_fifty_disconnects_leak_no_task_connection_or_lease(service: ServerThrea
     # At most the baseline: the warm-up left a keep-alive connection the pool may since have dropped.
     assert wait_until(lambda: open_fds() <= fds), "connections or files leaked"
     store = service.app_ctx.store
-    assert store.db.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
-    assert store.list_conversations(100, 0)[1] == 1
+    assert all(service.call(store.acquire_lease(f"d{index}", "probe", 1)) for index in range(50)), "a lease leaked"
+    assert service.call(store.list_conversations(100, 0))[1] == 1
 
 
 def test_a_slow_reader_does_not_hold_up_other_streams(service: ServerThread, upstream: FakeModelAPI) -> None:
@@ -1324,7 +1714,7 @@ def test_two_hundred_concurrent_streams_complete_without_cross_talk(
     assert [names(events)[-1] for events in results] == ["done"] * 200
     store = service.app_ctx.store
     for index in range(200):
-        stored = store.get_conversation(f"load-{index}")
+        stored = service.call(store.get_conversation(f"load-{index}"))
         assert stored is not None
         assert [m["content"] for m in stored["messages"]] == [f"message {index}", f"echo: message {index}"]
 
@@ -1456,3 +1846,100 @@ def test_health_is_degraded_when_the_database_stops_answering(client: TestClient
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "degraded" and response.json()["database"] is False
+
+
+# ---------------------------------------------------------------------------
+# Storage faults and leases
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sqlite_write_lock(path: str) -> Iterator[None]:
+    """Hold the write lock of a SQLite file, as a backup or a second tool would."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("COMMIT")
+        other.close()
+
+
+def test_a_locked_sqlite_file_never_stalls_the_event_loop(
+    service: ServerThread, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
+) -> None:
+    # The save waits out busy_timeout (5 s) inside sqlite3. On the event loop, GET / would
+    # answer only after the save gave up; off the loop it answers at once, the lock goes,
+    # and the waiting save goes through.
+    upstream.reset(Reply(content="a b c d", fault="stall"))
+    with held_stream(service.url, {"message": "x", "conversation_id": "locked"}, upstream) as (seen, rest):
+        with sqlite_write_lock(settings_for().database_path):
+            upstream.end_hang()
+            for text in rest:
+                seen += text
+                if "event: message" in seen:  # the save comes next
+                    break
+            index = httpx.get(service.url + "/", timeout=10)
+        seen += "".join(rest)
+    assert index.status_code == 200
+    assert names(parse_sse(seen))[-1] == "done"
+
+
+def test_a_database_that_cannot_be_written_answers_503_saves_nothing_and_keeps_no_lease(
+    monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    monkeypatch.setattr(server, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    settings = settings_for()
+    with ServerThread(server.create_app(settings)) as service, httpx.Client(base_url=service.url, timeout=10) as http:
+        upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="stall"))
+        http.post("/api/chat", json={"message": "first", "conversation_id": "w"})
+        before = http.get("/api/conversations/w").json()
+        with held_stream(service.url, {"message": "second", "conversation_id": "w"}, upstream) as (seen, rest):
+            with sqlite_write_lock(settings.database_path):
+                refused = http.post("/api/chat", json={"message": "hi", "conversation_id": "other"})
+                deleted = http.delete("/api/conversations/w")
+                upstream.end_hang()
+                seen += "".join(rest)  # the answer streams, then its save fails
+                listed = http.get("/api/conversations")
+        after = http.get("/api/conversations/w").json()
+        upstream.reset()
+        assert wait_until(
+            lambda: http.post("/api/chat", json={"message": "3", "conversation_id": "w"}).status_code == 200
+        )
+    for response in (refused, deleted):
+        assert response.status_code == 503 and response.json()["error"]["code"] == "database_unavailable"
+    events = parse_sse(seen)
+    assert "message" in names(events) and names(events).count("error") == 1
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "database_unavailable"
+    assert listed.status_code == 200 and after == before
+
+
+def test_a_turn_whose_lease_was_taken_over_saves_nothing(service: ServerThread, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="stall"))
+    httpx.post(service.url + "/api/chat", json={"message": "first", "conversation_id": "taken"}, timeout=10)
+    with held_stream(service.url, {"message": "lost", "conversation_id": "taken"}, upstream) as (seen, rest):
+        [turn], store = service.app_ctx.turns, service.app_ctx.store
+        service.call(store.release_lease("taken", turn.lease))  # as if it expired while the process was paused
+        assert service.call(store.acquire_lease("taken", "another-process", 90))
+        upstream.end_hang()
+        seen += "".join(rest)
+    events = parse_sse(seen)
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "turn_superseded"
+    stored = service.call(store.get_conversation("taken"))
+    assert [m["content"] for m in stored["messages"]] == ["first", "kept"]
+
+
+def test_a_renewal_that_finds_the_lease_taken_stops_the_turn(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))
+    with ServerThread(server.create_app(settings_for(LEASE_SECONDS="0.3"))) as service:
+        with held_stream(service.url, {"message": "x", "conversation_id": "renew"}, upstream) as (seen, rest):
+            [turn], store = service.app_ctx.turns, service.app_ctx.store
+            service.call(store.release_lease("renew", turn.lease))
+            assert service.call(store.acquire_lease("renew", "another-process", 90))
+            seen += "".join(rest)  # ends while the model is still answering
+        assert upstream.disconnected.wait(5), "the model request was not closed"
+        assert service.call(store.get_conversation("renew")) is None
+    events = parse_sse(seen)
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "turn_superseded"
