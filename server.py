@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import sqlite3
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -42,12 +43,14 @@ from datetime import UTC, datetime
 from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import httpx
 import openai
+import psycopg
+import psycopg_pool
 import pydantic
 import uvicorn
 from autogen_agentchat.agents import AssistantAgent
@@ -74,7 +77,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __version__ = "1.0.0"
 
@@ -156,6 +159,25 @@ def _env_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _env_database_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("DATABASE_URL", "").strip()
+    if raw and urlsplit(raw).scheme not in {"postgresql", "postgres"}:
+        shown = redact_url(raw)
+        raise SettingsError(f"DATABASE_URL={shown!r} must be a postgresql:// URL, or unset for SQLite at DATABASE_PATH")
+    return raw or None
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password, in the user part or the query, shown as ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
     raw = env.get(name, "").strip()
     if raw and raw not in choices:
@@ -216,6 +238,8 @@ class Settings:
     port: int = 8000
     system_message: str = DEFAULT_SYSTEM_MESSAGE
     database_path: str = "conversations.db"
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    database_pool_size: int = 4
     max_history_messages: int = 40
     cors_origins: tuple[str, ...] = ("*",)
     request_timeout: float = 60.0
@@ -251,6 +275,8 @@ class Settings:
             port=_env_number(env, "PORT", cls.port, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
             database_path=env.get("DATABASE_PATH", "").strip() or cls.database_path,
+            database_url=_env_database_url(env),
+            database_pool_size=_env_number(env, "DATABASE_POOL_SIZE", cls.database_pool_size, 1),
             max_history_messages=_env_number(env, "MAX_HISTORY_MESSAGES", cls.max_history_messages, 1),
             cors_origins=origins,
             request_timeout=_env_number(env, "REQUEST_TIMEOUT", cls.request_timeout, 0.001),
@@ -496,7 +522,7 @@ def build_tools(names: tuple[str, ...]) -> list[FunctionTool]:
 
 
 # ---------------------------------------------------------------------------
-# Storage
+# Storage: the interface and SQLite
 # ---------------------------------------------------------------------------
 
 
@@ -539,7 +565,14 @@ class Store(Protocol):
 
 def open_store(settings: Settings) -> Store:
     """The store the settings choose, not yet opened."""
+    if settings.database_url:
+        return PostgresStore(settings.database_url, settings.database_pool_size)
     return SQLiteStore(settings.database_path)
+
+
+def database_name(settings: Settings) -> str:
+    """The database in use, fit for a log line: never its password."""
+    return redact_url(settings.database_url) if settings.database_url else settings.database_path
 
 
 async def check_store(settings: Settings) -> None:
@@ -724,6 +757,190 @@ class SQLiteStore:
     def delete_conversation(self, conversation_id: str) -> bool:
         cursor = self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return cursor.rowcount > 0
+
+
+# ---------------------------------------------------------------------------
+# Storage: PostgreSQL
+# ---------------------------------------------------------------------------
+
+POSTGRES_SCHEMA_VERSION = 1
+POSTGRES_SCHEMA_LOCK = 0x636861740001  # any fixed number: the key of the advisory lock around schema changes
+POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS conversations (
+    id text PRIMARY KEY,
+    title text NOT NULL,
+    state text NOT NULL,
+    message_count integer NOT NULL,
+    created_at text NOT NULL,
+    updated_at text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_by_update ON conversations (updated_at DESC, id);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    seq integer NOT NULL,
+    body text NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    conversation_id text PRIMARY KEY,
+    owner text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"""
+POSTGRES_WAIT_SECONDS = 5.0  # for a pooled connection before a call answers database_unavailable
+POSTGRES_PING_SECONDS = 1.0
+POSTGRES_CONNECT_SECONDS = 10
+
+
+class PostgresStore:
+    """Conversations in PostgreSQL, shared by any number of instances. One connection pool
+    per process, each call borrowing a connection only for its own statements; leases run
+    on the database's clock."""
+
+    def __init__(self, url: str, pool_size: int) -> None:
+        self.url = url
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=pool_size,
+            max_size=pool_size,
+            timeout=POSTGRES_WAIT_SECONDS,
+            # No prepared statements: they do not survive PgBouncer in transaction mode.
+            kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": POSTGRES_CONNECT_SECONDS},
+            open=False,
+        )
+
+    async def open(self) -> None:
+        try:
+            connection = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=POSTGRES_CONNECT_SECONDS
+            )
+            async with connection:
+                await self._create_schema(connection)
+            await self.pool.open(wait=True, timeout=POSTGRES_CONNECT_SECONDS)
+        except psycopg.Error as exc:
+            reason = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise SettingsError(f"DATABASE_URL={redact_url(self.url)!r} cannot be used: {reason}") from None
+
+    @staticmethod
+    async def _create_schema(connection: psycopg.AsyncConnection) -> None:
+        # One transaction behind an advisory lock: instances starting together on an empty
+        # database take turns, where concurrent CREATE TABLE IF NOT EXISTS can fail.
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_SCHEMA_LOCK,))
+            await connection.execute(POSTGRES_SCHEMA)
+            await connection.execute(
+                "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT 1 FROM schema_version)",
+                (POSTGRES_SCHEMA_VERSION,),
+            )
+
+    def _scrub(self, text: str) -> str:
+        password = urlsplit(self.url).password
+        return text.replace(password, "***") if password else text
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def _connection(self, timeout: float | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
+        try:
+            async with self.pool.connection(timeout) as connection:
+                yield connection
+        except psycopg.OperationalError as exc:  # the pool's timeout, a lost connection, a shutdown
+            raise DatabaseUnavailable(f"PostgreSQL: {type(exc).__name__}") from None
+
+    async def ping(self) -> bool:
+        try:
+            async with self._connection(POSTGRES_PING_SECONDS) as db:
+                await db.execute("SELECT 1 FROM conversations LIMIT 1")
+        except (DatabaseUnavailable, psycopg.Error):
+            return False
+        return True
+
+    async def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "INSERT INTO leases VALUES (%s, %s, now() + make_interval(secs => %s))"
+                " ON CONFLICT (conversation_id) DO UPDATE"
+                " SET owner = excluded.owner, expires_at = excluded.expires_at"
+                " WHERE leases.expires_at < now() RETURNING owner",
+                (conversation_id, owner, seconds),
+            )
+            return await cursor.fetchone() is not None
+
+    async def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "UPDATE leases SET expires_at = now() + make_interval(secs => %s)"
+                " WHERE conversation_id = %s AND owner = %s",
+                (seconds, conversation_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    async def release_lease(self, conversation_id: str, owner: str) -> None:
+        async with self._connection() as db:
+            await db.execute("DELETE FROM leases WHERE conversation_id = %s AND owner = %s", (conversation_id, owner))
+
+    async def load_state(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self._connection() as db:
+            cursor = await db.execute("SELECT state FROM conversations WHERE id = %s", (conversation_id,))
+            row = await cursor.fetchone()
+        return json.loads(row[0]) if row else None
+
+    async def save_turn(
+        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+    ) -> None:
+        now, title = utc_now(), messages[0].get("content", "")[:80]
+        async with self._connection() as db, db.transaction():
+            released = await db.execute(
+                "DELETE FROM leases WHERE conversation_id = %s AND owner = %s", (conversation_id, lease)
+            )
+            if released.rowcount != 1:
+                raise LeaseLost
+            cursor = await db.execute(
+                "INSERT INTO conversations VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                " SET state = excluded.state, message_count = conversations.message_count + excluded.message_count,"
+                " updated_at = excluded.updated_at RETURNING message_count",
+                (conversation_id, title, dumps(state), len(messages), now, now),
+            )
+            (count,) = await cursor.fetchone() or (len(messages),)
+            seq = count - len(messages)
+            async with db.cursor() as insert:
+                await insert.executemany(
+                    "INSERT INTO messages VALUES (%s, %s, %s)",
+                    [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
+                )
+
+    async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "SELECT id, title, message_count, created_at, updated_at FROM conversations"
+                " ORDER BY updated_at DESC, id LIMIT %s OFFSET %s",
+                (limit, offset),
+            )
+            rows = await cursor.fetchall()
+            cursor = await db.execute("SELECT count(*) FROM conversations")
+            (total,) = await cursor.fetchone() or (0,)
+        return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
+
+    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "SELECT id, title, created_at, updated_at FROM conversations WHERE id = %s", (conversation_id,)
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            cursor = await db.execute(
+                "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
+            )
+            bodies = await cursor.fetchall()
+        return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute("DELETE FROM conversations WHERE id = %s", (conversation_id,))
+            return cursor.rowcount > 0
 
 
 # ---------------------------------------------------------------------------
@@ -1769,6 +1986,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class StartupErrorInOneLine:
+    """uvicorn logs a failed start-up with the traceback Starlette sends; a SettingsError
+    (an unreachable DATABASE_URL, say) is the user's to fix, so it goes out as its one line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: Message) -> None:
+            error = sys.exc_info()[1]  # Starlette sends the failure while handling the error
+            if message["type"] == "lifespan.startup.failed" and isinstance(error, SettingsError):
+                message = {**message, "message": f"Configuration error: {error}"}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -1787,7 +2025,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         logger.warning("HOST=%s is reachable from other machines and SERVER_API_KEY is not set", settings.host)
     restore_signals = watch_for_shutdown(ctx)
     logger.info(
-        "model %s at %s, database %s", settings.model_name, urlsplit(settings.base_url).hostname, settings.database_path
+        "model %s at %s, database %s",
+        settings.model_name,
+        urlsplit(settings.base_url).hostname,
+        database_name(settings),
     )
     try:
         yield
@@ -1825,6 +2066,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
     wildcard = "*" in settings.cors_origins
     middleware = [
+        Middleware(StartupErrorInOneLine),
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),

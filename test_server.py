@@ -15,11 +15,13 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 from openapi_spec_validator import OpenAPIV31SpecValidator
@@ -339,8 +342,93 @@ ENV_NAMES = {
 }
 
 
+# ---------------------------------------------------------------------------
+# PostgreSQL for the tests
+# ---------------------------------------------------------------------------
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster from the installed binaries on a free loopback port,
+    run as the postgres user (initdb refuses root), with fsync off."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found:
+            pytest.fail(
+                "The PostgreSQL tests need PostgreSQL: apt-get install -y postgresql (or set TEST_DATABASE_URL)"
+            )
+        self.bin, self.port = found[-1].parent, free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="chat-pg-"))
+        password = self.dir / "password"
+        password.write_text(POSTGRES_PASSWORD, encoding="utf-8")
+        for path in (self.dir, password):
+            shutil.chown(path, "postgres", "postgres")
+        self._run("initdb", "-D", "data", "-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=trust",
+                  f"--pwfile={password}", "--no-sync", "-E", "UTF8")  # fmt: skip
+        self.start()
+        admin = f"postgresql://postgres:{POSTGRES_PASSWORD}@127.0.0.1:{self.port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f"CREATE ROLE chat LOGIN PASSWORD '{POSTGRES_PASSWORD}'")
+            connection.execute("CREATE DATABASE chat OWNER chat")
+        self.url = f"postgresql://chat:{POSTGRES_PASSWORD}@127.0.0.1:{self.port}/chat"
+
+    def _run(self, program: str, *args: str) -> None:
+        command = [str(self.bin / program), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, cwd=self.dir, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c fsync=off -c unix_socket_directories={self.dir}"
+        self._run("pg_ctl", "-D", "data", "-l", "log", "-w", "-o", options, "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", "data", "-w", "-m", "fast", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+POSTGRES_PASSWORD = "pg-secret-789"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """TEST_DATABASE_URL, else a cluster of our own for the session."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    cluster = PostgresCluster()
+    try:
+        yield cluster.url
+    finally:
+        cluster.remove()
+
+
+def empty_postgres(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("DROP TABLE IF EXISTS messages, conversations, leases, schema_version")
+
+
 @pytest.fixture
-def settings_for(upstream: FakeModelAPI, _upstream_server: Any, tmp_path: Path) -> Callable[..., server.Settings]:
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """The database settings of a test: SQLite, or an empty PostgreSQL under BOTH_DATABASES."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return {"DATABASE_PATH": str(tmp_path / "chat.db")}
+    url = request.getfixturevalue("postgres_url")
+    empty_postgres(url)
+    return {"DATABASE_URL": url}
+
+
+BOTH_DATABASES = pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def settings_for(
+    upstream: FakeModelAPI, _upstream_server: Any, tmp_path: Path, database: dict[str, str]
+) -> Callable[..., server.Settings]:
     """Settings of a service pointed at the fake API, with env-style overrides."""
     url = _upstream_server[1].url + "/v1"
 
@@ -352,6 +440,7 @@ def settings_for(upstream: FakeModelAPI, _upstream_server: Any, tmp_path: Path) 
             "MAX_RETRIES": "0",
             "REQUEST_TIMEOUT": "10",
             "HOST": "127.0.0.1",
+            **database,
         }
         env.update(overrides)
         return server.Settings.from_env(env)
@@ -534,6 +623,7 @@ def test_think_splitter_gives_the_same_parts_however_the_text_is_cut(size: int) 
     assert "".join(t for kind, t in parts if kind == "chunk") == "The answer <think> stays text."
 
 
+@BOTH_DATABASES
 def test_stored_assistant_message_keeps_the_thought_apart(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(reasoning="hmm", content="Four."))
     conversation_id = client.post("/api/chat", json={"message": "2+2?"}).json()["conversation_id"]
@@ -614,6 +704,7 @@ def test_a_stream_ends_after_done_even_when_the_reader_lags_behind_the_turn(
 # ---------------------------------------------------------------------------
 
 
+@BOTH_DATABASES
 def test_second_turn_sends_the_first_turn_to_the_model(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(content="Nice to meet you, Ada."), Reply(content="You are Ada."))
     first = client.post("/api/chat", json={"message": "I am Ada."}).json()
@@ -623,6 +714,7 @@ def test_second_turn_sends_the_first_turn_to_the_model(client: TestClient, upstr
     assert sent[1:] == [("user", "I am Ada."), ("assistant", "Nice to meet you, Ada."), ("user", "Who am I?")]
 
 
+@BOTH_DATABASES
 def test_unknown_conversation_id_starts_a_new_conversation_under_that_id(
     client: TestClient, upstream: FakeModelAPI
 ) -> None:
@@ -632,6 +724,7 @@ def test_unknown_conversation_id_starts_a_new_conversation_under_that_id(
     assert client.get("/api/conversations/my-chat:1").status_code == 200
 
 
+@BOTH_DATABASES
 def test_conversation_survives_a_restart_on_the_same_database(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
@@ -646,6 +739,7 @@ def test_conversation_survives_a_restart_on_the_same_database(
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
 
 
+@BOTH_DATABASES
 def test_history_sent_to_the_model_is_bounded_and_starts_at_a_user_message(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
@@ -676,6 +770,7 @@ def test_tool_result_is_never_sent_without_its_call(
                 assert roles[index - 1] in {"assistant", "tool"}
 
 
+@BOTH_DATABASES
 def test_conversations_are_listed_newest_first_with_paging(client: TestClient, upstream: FakeModelAPI) -> None:
     for name in ("a", "b", "c"):
         client.post("/api/chat", json={"message": f"hello {name}", "conversation_id": name})
@@ -688,6 +783,7 @@ def test_conversations_are_listed_newest_first_with_paging(client: TestClient, u
     assert rest["conversations"][0]["message_count"] == 2
 
 
+@BOTH_DATABASES
 def test_conversation_holds_messages_with_tool_calls_results_and_timestamps(
     client: TestClient, upstream: FakeModelAPI
 ) -> None:
@@ -703,6 +799,7 @@ def test_conversation_holds_messages_with_tool_calls_results_and_timestamps(
     assert body["created_at"] <= body["updated_at"]
 
 
+@BOTH_DATABASES
 def test_delete_removes_a_conversation_and_a_second_delete_is_404(client: TestClient, upstream: FakeModelAPI) -> None:
     client.post("/api/chat", json={"message": "hi", "conversation_id": "gone"})
     assert client.delete("/api/conversations/gone").status_code == 204
@@ -711,6 +808,7 @@ def test_delete_removes_a_conversation_and_a_second_delete_is_404(client: TestCl
     assert second.status_code == 404 and second.json()["error"]["code"] == "not_found"
 
 
+@BOTH_DATABASES
 def test_a_running_conversation_is_busy_while_others_run_in_parallel(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
@@ -727,6 +825,7 @@ def test_a_running_conversation_is_busy_while_others_run_in_parallel(
     assert other.status_code == 200 and other.json()["message"] == "other"
 
 
+@BOTH_DATABASES
 @pytest.mark.parametrize(
     "first, last_event", [(Reply(content="first answer"), "done"), (Reply(status=500), "error")], ids=["done", "error"]
 )
@@ -773,6 +872,7 @@ def test_a_client_can_stop_a_stream_and_resend_at_once(service: ServerThread, up
     assert statuses == [200] * 5
 
 
+@BOTH_DATABASES
 def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_nothing(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
@@ -979,6 +1079,7 @@ def test_without_api_key_health_is_degraded_and_chat_says_to_set_it(
         assert "API_KEY" in response.json()["error"]["message"]
 
 
+@BOTH_DATABASES
 def test_health_is_ok_with_model_agent_and_database(client: TestClient) -> None:
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["reasons"] == []
@@ -1185,6 +1286,8 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
         ("LOG_LEVEL", "LOUD"),
         ("THINKING", "on"),
         ("REASONING_EFFORT", "medium"),
+        ("DATABASE_URL", "mysql://db.example/chat"),
+        ("DATABASE_POOL_SIZE", "0"),
     ],
     ids=[
         "port-text",
@@ -1197,6 +1300,8 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
         "log",
         "thinking",
         "effort",
+        "database-url",
+        "pool-size",
     ],  # fmt: skip
 )
 def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
@@ -1412,6 +1517,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@BOTH_DATABASES
 def test_fifty_disconnects_leak_no_task_connection_or_lease(service: ServerThread, upstream: FakeModelAPI) -> None:
     async def task_count() -> int:
         return len(asyncio.all_tasks())
@@ -1697,6 +1803,7 @@ def test_keys_never_reach_a_response_an_event_or_the_logs(
 # ---------------------------------------------------------------------------
 
 
+@BOTH_DATABASES
 def test_two_hundred_concurrent_streams_complete_without_cross_talk(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
@@ -1841,6 +1948,31 @@ def test_python_server_py_refuses_a_bad_setting_with_one_clear_line(tmp_path: Pa
     assert "Traceback" not in result.stderr
 
 
+def test_a_database_url_that_is_not_postgresql_is_refused_without_its_password() -> None:
+    with pytest.raises(server.SettingsError) as error:
+        server.Settings.from_env({"DATABASE_URL": "mysql://chat:hunter2@db.example/chat?password=hunter2"})
+    assert str(error.value).startswith("DATABASE_URL='mysql://chat:***@db.example/chat?password=***'")
+    assert "hunter2" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["server.py"], ["-m", "uvicorn", "server:app", "--port", "0"]],
+    ids=["python-server-py", "uvicorn"],
+)
+def test_an_unreachable_postgresql_stops_start_up_with_one_line_and_no_password(
+    tmp_path: Path, command: list[str]
+) -> None:
+    url = f"postgresql://chat:{POSTGRES_PASSWORD}@127.0.0.1:{free_port()}/chat"
+    env = {**os.environ, "DATABASE_URL": url, "HOST": "127.0.0.1", "PORT": "1"}
+    result = subprocess.run([sys.executable, *command], cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    [line] = [line for line in result.stderr.splitlines() if "DATABASE_URL" in line]
+    assert line.split("Configuration error: ")[1].startswith("DATABASE_URL='postgresql://chat:***@127.0.0.1:")
+    assert "Traceback" not in result.stderr
+    assert POSTGRES_PASSWORD not in result.stderr + result.stdout
+
+
 def test_health_is_degraded_when_the_database_stops_answering(client: TestClient) -> None:
     client.app.state.ctx.store.db.close()  # type: ignore[attr-defined]
     response = client.get("/health")
@@ -1914,6 +2046,7 @@ def test_a_database_that_cannot_be_written_answers_503_saves_nothing_and_keeps_n
     assert listed.status_code == 200 and after == before
 
 
+@BOTH_DATABASES
 def test_a_turn_whose_lease_was_taken_over_saves_nothing(service: ServerThread, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="stall"))
     httpx.post(service.url + "/api/chat", json={"message": "first", "conversation_id": "taken"}, timeout=10)
@@ -1929,6 +2062,7 @@ def test_a_turn_whose_lease_was_taken_over_saves_nothing(service: ServerThread, 
     assert [m["content"] for m in stored["messages"]] == ["first", "kept"]
 
 
+@BOTH_DATABASES
 def test_a_renewal_that_finds_the_lease_taken_stops_the_turn(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
