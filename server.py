@@ -34,7 +34,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
@@ -95,6 +95,7 @@ DEFAULT_SYSTEM_MESSAGE = (
     "calculate for arithmetic."
 )
 CONVERSATION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+HANDOVER_SECONDS = 0.25  # how long a new turn waits for a stopped turn of its conversation here
 
 # AutoGen only knows OpenAI's model names; these are DeepSeek's current ones (its Models &
 # Pricing page): deepseek-flash is V4.1 Flash and reads images; deepseek-v4-flash is still
@@ -332,6 +333,10 @@ ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# Seconds to wait before trying again, by status, for errors that do not know better.
+RETRY_AFTER = {409: 1, 503: 5}
+
+
 class ApiError(Exception):
     """An error for the client: a code from ERRORS, with an optional clearer message."""
 
@@ -340,7 +345,7 @@ class ApiError(Exception):
         self.code = code
         self.status_code = ERRORS[code][0]
         self.message = message or ERRORS[code][1]
-        self.retry_after = retry_after
+        self.retry_after = RETRY_AFTER.get(self.status_code) if retry_after is None else retry_after
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -363,13 +368,20 @@ class UpstreamIncomplete(Exception):
     """The model's stream ended without a finish reason: the answer was cut."""
 
 
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(text: str) -> int | None:
+    """A plain ASCII whole number, else None: str.isdigit() also passes '²', which int() refuses."""
+    return int(text) if WHOLE_NUMBER.fullmatch(text) else None
+
+
 def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     """Map a failure of the model API to a client error; never passes its text on."""
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return ApiError("upstream_auth")
     if isinstance(exc, openai.RateLimitError):
-        wait = exc.response.headers.get("retry-after", "")
-        return ApiError("upstream_rate_limited", retry_after=int(wait) if wait.isdigit() else None)
+        return ApiError("upstream_rate_limited", retry_after=whole_number(exc.response.headers.get("retry-after", "")))
     if isinstance(exc, openai.NotFoundError) or _is_unknown_model(exc):
         model = settings.model_name
         message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
@@ -464,14 +476,14 @@ def calculate(expression: str) -> str:
 
 def _evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if _too_large(node.value):  # 1e999 parses as inf
+            raise ValueError("Number too large.")
         return node.value
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
         return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        # An int power is computed exactly, however long it takes: bound it before. A float
-        # power overflows with an error instead.
-        if isinstance(node.op, ast.Pow) and isinstance(left, int) and abs(right) * left.bit_length() > MAX_RESULT_BITS:
+        if isinstance(node.op, ast.Pow) and _power_too_large(left, right):
             raise ValueError("Result too large.")
         try:
             result = BINARY_OPERATORS[type(node.op)](left, right)
@@ -483,6 +495,15 @@ def _evaluate(node: ast.AST) -> int | float:
             raise ValueError("Result too large or not a real number.")
         return result
     raise ValueError(f"Unsupported in arithmetic: {type(node).__name__}.")
+
+
+def _power_too_large(base: int | float, exponent: int | float) -> bool:
+    """Whether int ** int surely passes MAX_RESULT_BITS: Python computes it exactly, however
+    long that takes. |base| has b bits, so |base| ** n has at least (b - 1) * n + 1. Other
+    powers are floats, which overflow with an error instead."""
+    if not isinstance(base, int) or not isinstance(exponent, int) or exponent <= 0:
+        return False
+    return (abs(base).bit_length() - 1) * exponent + 1 > MAX_RESULT_BITS
 
 
 def _too_large(value: int | float) -> bool:
@@ -945,6 +966,30 @@ class Chunk(ChatCompletionChunk):
             return ChatCompletionChunk.construct(**data)
 
 
+# Reasons a model ends a complete answer. "length": cut at the token limit, kept and reported as
+# such. Any other reason (content_filter, DeepSeek's insufficient_system_resource) means the API
+# cut the answer: nothing of it is saved.
+FINISH_REASONS = {"stop", "tool_calls", "function_call", "length"}
+
+
+@dataclass
+class ModelCalls:
+    """The model calls of one turn, which AutoGen cannot pass between the turn and the client;
+    they meet in MODEL_CALLS, a context variable set in the turn's task."""
+
+    finish_reasons: list[str] = field(default_factory=list)
+    open: set[openai.AsyncStream[Any]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        """Close the model responses still open: AutoGen's nested generators, once left, are
+        closed only by the garbage collector, and so would be the model request."""
+        for stream in list(self.open):
+            await stream.close()
+
+
+MODEL_CALLS: ContextVar[ModelCalls | None] = ContextVar("model_calls", default=None)
+
+
 REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
 
 # Sampling fields of the running turn's request, sent with each of its model calls: AutoGen
@@ -1026,17 +1071,22 @@ class ChatClient(OpenAIChatCompletionClient):
         )
         if cancellation_token is not None:
             cancellation_token.link_future(request)
-        finished = False
-        async for chunk in await request:
-            if chunk.choices:
-                choice = chunk.choices[0]
-                finished = finished or bool(choice.finish_reason)
-                reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
-                if isinstance(reasoning, str):
-                    sink.append(reasoning)
-            yield chunk
-        if not finished:
+        stream, calls, reason = await request, MODEL_CALLS.get() or ModelCalls(), None
+        calls.open.add(stream)
+        try:
+            async for chunk in stream:
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    reason = choice.finish_reason or reason
+                    reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
+                    if isinstance(reasoning, str):
+                        sink.append(reasoning)
+                yield chunk
+        finally:
+            calls.open.discard(stream)
+        if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
+        calls.finish_reasons.append(reason)
 
 
 def reasoning_to_pass_back(messages: Sequence[LLMMessage]) -> list[str | None]:
@@ -1271,6 +1321,9 @@ class Turn:
             if not self.task.done():
                 self.token.cancel()
                 self.task.cancel()
+                # A cancelled turn saves nothing, so its lease need not wait for it to unwind
+                # (the model request closing): a client that stops and resends at once gets in.
+                self._start_release()
                 # On disconnect Starlette cancels the response's anyio scope, which re-delivers
                 # the cancellation at every await: shield the wait for the turn to unwind.
                 with anyio.CancelScope(shield=True):
@@ -1346,12 +1399,18 @@ class Turn:
 
     async def _run(self) -> AsyncIterator[Event]:
         yield "status", {"status": "started", "conversation_id": self.conversation_id}
+        MODEL_CALLS.set(calls := ModelCalls())
         try:
             agent = await self._agent()
             task = TextMessage(content=self.message, source="user")
-            async for event in agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False):
-                for item in self._translate(event):
-                    yield item
+            events = agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
+            try:
+                async for event in events:
+                    for item in self._translate(event):
+                        yield item
+            finally:
+                await events.aclose()
+                await calls.close()
             if self.lease is not None:
                 state = await agent.save_state()
                 self.saving = True
@@ -1367,7 +1426,8 @@ class Turn:
             self._log_failure(error, exc)
             yield "error", error.body()
             return
-        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage}
+        finish_reason = "length" if "length" in calls.finish_reasons else "stop"
+        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage, "finish_reason": finish_reason}
 
     async def _agent(self) -> AssistantAgent:
         settings, tools = self.ctx.settings, self.ctx.tools
@@ -1471,7 +1531,7 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
             elif name == "tool_result" and data["call_id"] in calls:
                 calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
             elif name == "done":
-                reply["usage"] = data["usage"]
+                reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
             elif name == "error":
                 raise ApiError(data["code"], data["message"], data.get("retry_after"))
     finally:
@@ -1502,6 +1562,8 @@ class TurnStream(StreamingResponse):
 
 # curl -d sends application/x-www-form-urlencoded; a JSON body is accepted under it so the
 # five-minute curl demo works. Types that cannot hold JSON are refused with 415.
+# JSON may escape half of a UTF-16 pair ("\ud800"), which no UTF-8 text (database, model API) can hold.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 JSON_CONTENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
 
 
@@ -1511,8 +1573,8 @@ async def read_json(request: Request, limit: int) -> Any:
     if content_type not in JSON_CONTENT_TYPES and not content_type.endswith("+json"):
         raise ApiError("unsupported_media_type")
     too_large = ApiError("payload_too_large", f"The body is larger than MAX_BODY_BYTES ({limit} bytes).")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = whole_number(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
@@ -1523,6 +1585,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError:
         raise ApiError("invalid_json") from None
+    except RecursionError:
+        raise ApiError("invalid_json", "The request body is nested too deeply.") from None
 
 
 def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
@@ -1535,6 +1599,8 @@ def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
     if len(message) > settings.max_message_chars:
         limit = settings.max_message_chars
         raise ApiError("payload_too_large", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
+    if LONE_SURROGATE.search(message):
+        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff): it is not text.")
     conversation_id = data.get("conversation_id")
     if conversation_id is None:
         return message, str(uuid.uuid4())
@@ -1551,9 +1617,10 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    value = whole_number(raw)
+    if value is None or not low <= value <= high:
         raise ApiError("validation_error", f"'{name}' must be a whole number from {low} to {high}.")
-    return int(raw)
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -1608,11 +1675,16 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if database else 503)
 
 
-def check_ready(ctx: AppContext) -> None:
+async def turn_body(request: Request) -> Any:
+    """The JSON body of a request for a turn, which needs the model configured and the
+    server not shutting down."""
+    ctx = context(request)
     if ctx.client is None:
         raise ApiError("not_configured")
-    if ctx.shutting_down:
+    data = await read_json(request, ctx.settings.max_body_bytes)
+    if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
         raise ApiError("server_shutting_down")
+    return data
 
 
 async def stored_turn(
@@ -1620,22 +1692,58 @@ async def stored_turn(
 ) -> Turn:
     """A turn on the stored conversation, holding its lease; 409 while another turn runs."""
     lease = uuid.uuid4().hex
-    if not await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    if not await take_lease(ctx, conversation_id, lease):
         raise ApiError("conversation_busy")
     return Turn(ctx, conversation_id, message, lease, sampling=sampling)
 
 
 async def start_turn(request: Request) -> Turn:
-    ctx = context(request)
-    check_ready(ctx)
-    data = await read_json(request, ctx.settings.max_body_bytes)
-    message, conversation_id = parse_chat_request(data, ctx.settings)
-    return await stored_turn(ctx, conversation_id, message)
+    message, conversation_id = parse_chat_request(await turn_body(request), context(request).settings)
+    return await stored_turn(context(request), conversation_id, message)
 
 
-async def chat(request: Request) -> JSONResponse:
+async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
+    """The conversation's lease for a new turn. A turn here that holds it may be one its
+    client stopped a moment ago ("stop, then resend"): the closed connection can reach the
+    server after the resend. Such a turn gets HANDOVER_SECONDS to end (its lease goes first)."""
+    if await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+        return True
+    holder = next((turn for turn in ctx.turns if turn.conversation_id == conversation_id), None)
+    if holder is None:
+        return False
+    await asyncio.wait([holder.task], timeout=HANDOVER_SECONDS)
+    return await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds)
+
+
+async def chat(request: Request) -> Response:
     turn = await start_turn(request)
-    return JSONResponse(await collect_turn(turn))
+    return await json_reply(request, collect_turn(turn))
+
+
+async def json_reply(
+    request: Request, collect: Coroutine[Any, Any, dict[str, Any]], headers: Mapping[str, str] | None = None
+) -> Response:
+    """A turn's JSON reply. Starlette does not cancel a plain handler whose client went away, so
+    this watches for that: the turn is cancelled, saves nothing and lets go of its lease."""
+    reply = asyncio.ensure_future(collect)
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait([reply, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not reply.done():
+            reply.cancel()  # collect_turn closes the turn as it unwinds
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([reply])
+    if reply.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return JSONResponse(reply.result(), headers=headers)
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects; only once the body has been read."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def chat_stream(request: Request) -> TurnStream:
@@ -1681,22 +1789,27 @@ async def openapi_json(request: Request) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    if exc.status_code < 500 and exc.code != "not_found":
-        logger.info("%s %s -> %s %s", request.method, request.url.path, exc.status_code, exc.code)
-    return error_response(request.scope, exc)
+    return refuse(request, exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "internal_error")
-    response = error_response(request.scope, ApiError(code))
+    response = refuse(request, ApiError(code))
     response.headers.update(exc.headers or {})
     return response
 
 
+def refuse(request: Request, error: ApiError) -> Response:
+    """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
+    if error.status_code < 500:
+        logger.info("%s %s -> %s %s", request.method, request.url.path, error.status_code, error.code)
+    return error_response(request.scope, error)
+
+
 async def database_error(request: Request, exc: Exception) -> Response:
     logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
-    return ApiError("database_unavailable").response()
+    return error_response(request.scope, ApiError("database_unavailable"))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -2103,7 +2216,7 @@ class V1Completion:
     def _finish(self, done: dict[str, Any]) -> bytes:
         # Usage also on the finish chunk: some apps close the message at the finish reason.
         usage = v1_usage(done["usage"]) if self.include_usage else None
-        finish = [{"index": 0, "delta": {}, "finish_reason": done.get("finish_reason", "stop")}]
+        finish = [{"index": 0, "delta": {}, "finish_reason": done["finish_reason"]}]
         frames = self._frame(finish, usage)
         return frames + (self._frame([], usage) if usage else b"") + V1_DONE
 
@@ -2124,8 +2237,8 @@ class V1Completion:
             await turn.close()
         reasoning = "".join(texts["reasoning_content"]).strip()
         message = {"role": "assistant", "content": "".join(texts["content"]), "reasoning_content": reasoning or None}
-        choice = {"index": 0, "message": message, "finish_reason": done.get("finish_reason", "stop"), "logprobs": None}
-        return self._object("chat.completion", choices=[choice], usage=v1_usage(done.get("usage", {})))
+        choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
+        return self._object("chat.completion", choices=[choice], usage=v1_usage(done["usage"]))
 
 
 async def v1_models(request: Request) -> JSONResponse:
@@ -2137,9 +2250,7 @@ async def v1_models(request: Request) -> JSONResponse:
 async def v1_chat_completions(request: Request) -> Response:
     """Stateless by default; with X-Conversation-Id (or conversation_id) exactly /api/chat's turn."""
     ctx = context(request)
-    check_ready(ctx)
-    data = await read_json(request, ctx.settings.max_body_bytes)
-    chat = parse_v1_request(data, request.headers.get("x-conversation-id"), ctx.settings)
+    chat = parse_v1_request(await turn_body(request), request.headers.get("x-conversation-id"), ctx.settings)
     completion = V1Completion(chat.model, chat.include_usage)
     headers: dict[str, str] = {}
     if chat.conversation_id is None:
@@ -2149,7 +2260,7 @@ async def v1_chat_completions(request: Request) -> Response:
         headers["X-Conversation-Id"] = chat.conversation_id
     if chat.stream:
         return TurnStream(turn, completion.render, headers)
-    return JSONResponse(await completion.collect(turn), headers=headers)
+    return await json_reply(request, completion.collect(turn), headers)
 
 
 # ---------------------------------------------------------------------------
