@@ -977,12 +977,12 @@ class ModelCalls:
     they meet in MODEL_CALLS, a context variable set in the turn's task."""
 
     finish_reasons: list[str] = field(default_factory=list)
-    open: set[openai.AsyncStream[Any]] = field(default_factory=set)
+    streams: set[openai.AsyncStream[Any]] = field(default_factory=set)
 
     async def close(self) -> None:
         """Close the model responses still open: AutoGen's nested generators, once left, are
         closed only by the garbage collector, and so would be the model request."""
-        for stream in list(self.open):
+        for stream in list(self.streams):
             await stream.close()
 
 
@@ -1067,7 +1067,7 @@ class ChatClient(OpenAIChatCompletionClient):
         if cancellation_token is not None:
             cancellation_token.link_future(request)
         stream, calls, reason = await request, MODEL_CALLS.get() or ModelCalls(), None
-        calls.open.add(stream)
+        calls.streams.add(stream)
         try:
             async for chunk in stream:
                 if chunk.choices:
@@ -1078,7 +1078,7 @@ class ChatClient(OpenAIChatCompletionClient):
                         sink.append(reasoning)
                 yield chunk
         finally:
-            calls.open.discard(stream)
+            calls.streams.discard(stream)
         if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
         calls.finish_reasons.append(reason)
