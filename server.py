@@ -32,23 +32,27 @@ import os
 import re
 import signal
 import sqlite3
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 import anyio
 import httpx
 import openai
+import psycopg
+import psycopg_pool
 import pydantic
 import uvicorn
 from autogen_agentchat.agents import AssistantAgent
@@ -61,7 +65,7 @@ from autogen_agentchat.messages import (
 )
 from autogen_core import CancellationToken
 from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
-from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, UserMessage
+from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, SystemMessage, UserMessage
 from autogen_core.tools import FunctionTool, ToolSchema
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.openai import _model_info as autogen_model_info
@@ -75,7 +79,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __version__ = "1.0.0"
 
@@ -93,6 +97,7 @@ DEFAULT_SYSTEM_MESSAGE = (
     "calculate for arithmetic."
 )
 CONVERSATION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+HANDOVER_SECONDS = 0.25  # how long a new turn waits for a stopped turn of its conversation here
 
 # AutoGen only knows OpenAI's model names; these are DeepSeek's current ones (its Models &
 # Pricing page): deepseek-flash is V4.1 Flash and reads images; deepseek-v4-flash is still
@@ -156,6 +161,25 @@ def _env_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _env_database_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("DATABASE_URL", "").strip()
+    if raw and urlsplit(raw).scheme not in {"postgresql", "postgres"}:
+        shown = redact_url(raw)
+        raise SettingsError(f"DATABASE_URL={shown!r} must be a postgresql:// URL, or unset for SQLite at DATABASE_PATH")
+    return raw or None
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password, in the user part or the query, shown as ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
     raw = env.get(name, "").strip()
     if raw and raw not in choices:
@@ -217,6 +241,8 @@ class Settings:
     workers: int = 1
     system_message: str = DEFAULT_SYSTEM_MESSAGE
     database_path: str = "conversations.db"
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    database_pool_size: int = 4
     max_history_messages: int = 40
     cors_origins: tuple[str, ...] = ("*",)
     request_timeout: float = 60.0
@@ -233,6 +259,7 @@ class Settings:
     thinking: str | None = None
     reasoning_effort: str | None = None
     thinking_api: bool = True
+    agent_model_id: str = "autogen-agent"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -253,6 +280,8 @@ class Settings:
             workers=_env_number(env, "WORKERS", cls.workers, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
             database_path=env.get("DATABASE_PATH", "").strip() or cls.database_path,
+            database_url=_env_database_url(env),
+            database_pool_size=_env_number(env, "DATABASE_POOL_SIZE", cls.database_pool_size, 1),
             max_history_messages=_env_number(env, "MAX_HISTORY_MESSAGES", cls.max_history_messages, 1),
             cors_origins=origins,
             request_timeout=_env_number(env, "REQUEST_TIMEOUT", cls.request_timeout, 0.001),
@@ -269,6 +298,7 @@ class Settings:
             thinking=thinking,
             reasoning_effort=effort,
             thinking_api=_thinking_api(base_url, thinking, effort),
+            agent_model_id=env.get("AGENT_MODEL_ID", "").strip() or cls.agent_model_id,
         )
 
 
@@ -286,6 +316,10 @@ def load_settings() -> Settings:
 ERRORS: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "The request body is not valid JSON."),
     "unauthorized": (401, "Send the server key as 'Authorization: Bearer <SERVER_API_KEY>'."),
+    "origin_not_allowed": (
+        403,
+        "A page of this origin may only send JSON (Content-Type: application/json); or list it in CORS_ORIGINS.",
+    ),
     "not_found": (404, "Not found."),
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
@@ -307,6 +341,10 @@ ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# Seconds to wait before trying again, by status, for errors that do not know better.
+RETRY_AFTER = {409: 1, 503: 5}
+
+
 class ApiError(Exception):
     """An error for the client: a code from ERRORS, with an optional clearer message."""
 
@@ -315,7 +353,7 @@ class ApiError(Exception):
         self.code = code
         self.status_code = ERRORS[code][0]
         self.message = message or ERRORS[code][1]
-        self.retry_after = retry_after
+        self.retry_after = RETRY_AFTER.get(self.status_code) if retry_after is None else retry_after
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -323,16 +361,27 @@ class ApiError(Exception):
             error["retry_after"] = self.retry_after
         return error
 
-    def response(self) -> JSONResponse:
+    def headers(self) -> dict[str, str]:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
         if self.code == "unauthorized":
             headers["WWW-Authenticate"] = "Bearer"
+        return headers
+
+    def response(self) -> JSONResponse:
         content = {"status": "error", "error": self.body()}
-        return JSONResponse(content, status_code=self.status_code, headers=headers)
+        return JSONResponse(content, status_code=self.status_code, headers=self.headers())
 
 
 class UpstreamIncomplete(Exception):
     """The model's stream ended without a finish reason: the answer was cut."""
+
+
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(text: str) -> int | None:
+    """A plain ASCII whole number, else None: str.isdigit() also passes '²', which int() refuses."""
+    return int(text) if WHOLE_NUMBER.fullmatch(text) else None
 
 
 def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
@@ -340,8 +389,7 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return ApiError("upstream_auth")
     if isinstance(exc, openai.RateLimitError):
-        wait = exc.response.headers.get("retry-after", "")
-        return ApiError("upstream_rate_limited", retry_after=int(wait) if wait.isdigit() else None)
+        return ApiError("upstream_rate_limited", retry_after=whole_number(exc.response.headers.get("retry-after", "")))
     if isinstance(exc, openai.NotFoundError) or _is_unknown_model(exc):
         model = settings.model_name
         message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
@@ -446,14 +494,14 @@ def calculate(expression: str) -> str:
 
 def _evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if _too_large(node.value):  # 1e999 parses as inf
+            raise ValueError("Number too large.")
         return node.value
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
         return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        # An int power is computed exactly, however long it takes: bound it before. A float
-        # power overflows with an error instead.
-        if isinstance(node.op, ast.Pow) and isinstance(left, int) and abs(right) * left.bit_length() > MAX_RESULT_BITS:
+        if isinstance(node.op, ast.Pow) and _power_too_large(left, right):
             raise ValueError("Result too large.")
         try:
             result = BINARY_OPERATORS[type(node.op)](left, right)
@@ -465,6 +513,15 @@ def _evaluate(node: ast.AST) -> int | float:
             raise ValueError("Result too large or not a real number.")
         return result
     raise ValueError(f"Unsupported in arithmetic: {type(node).__name__}.")
+
+
+def _power_too_large(base: int | float, exponent: int | float) -> bool:
+    """Whether int ** int surely passes MAX_RESULT_BITS: Python computes it exactly, however
+    long that takes. |base| has b bits, so |base| ** n has at least (b - 1) * n + 1. Other
+    powers are floats, which overflow with an error instead."""
+    if not isinstance(base, int) or not isinstance(exponent, int) or exponent <= 0:
+        return False
+    return (abs(base).bit_length() - 1) * exponent + 1 > MAX_RESULT_BITS
 
 
 def _too_large(value: int | float) -> bool:
@@ -488,7 +545,7 @@ def build_tools(names: tuple[str, ...]) -> list[FunctionTool]:
 
 
 # ---------------------------------------------------------------------------
-# Storage
+# Storage: the interface and SQLite
 # ---------------------------------------------------------------------------
 
 
@@ -531,7 +588,14 @@ class Store(Protocol):
 
 def open_store(settings: Settings) -> Store:
     """The store the settings choose, not yet opened."""
+    if settings.database_url:
+        return PostgresStore(settings.database_url, settings.database_pool_size)
     return SQLiteStore(settings.database_path)
+
+
+def database_name(settings: Settings) -> str:
+    """The database in use, fit for a log line: never its password."""
+    return redact_url(settings.database_url) if settings.database_url else settings.database_path
 
 
 async def check_store(settings: Settings) -> None:
@@ -719,6 +783,190 @@ class SQLiteStore:
 
 
 # ---------------------------------------------------------------------------
+# Storage: PostgreSQL
+# ---------------------------------------------------------------------------
+
+POSTGRES_SCHEMA_VERSION = 1
+POSTGRES_SCHEMA_LOCK = 0x636861740001  # any fixed number: the key of the advisory lock around schema changes
+POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS conversations (
+    id text PRIMARY KEY,
+    title text NOT NULL,
+    state text NOT NULL,
+    message_count integer NOT NULL,
+    created_at text NOT NULL,
+    updated_at text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_by_update ON conversations (updated_at DESC, id);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    seq integer NOT NULL,
+    body text NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    conversation_id text PRIMARY KEY,
+    owner text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"""
+POSTGRES_WAIT_SECONDS = 5.0  # for a pooled connection before a call answers database_unavailable
+POSTGRES_PING_SECONDS = 1.0
+POSTGRES_CONNECT_SECONDS = 10
+
+
+class PostgresStore:
+    """Conversations in PostgreSQL, shared by any number of instances. One connection pool
+    per process, each call borrowing a connection only for its own statements; leases run
+    on the database's clock."""
+
+    def __init__(self, url: str, pool_size: int) -> None:
+        self.url = url
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=pool_size,
+            max_size=pool_size,
+            timeout=POSTGRES_WAIT_SECONDS,
+            # No prepared statements: they do not survive PgBouncer in transaction mode.
+            kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": POSTGRES_CONNECT_SECONDS},
+            open=False,
+        )
+
+    async def open(self) -> None:
+        try:
+            connection = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=POSTGRES_CONNECT_SECONDS
+            )
+            async with connection:
+                await self._create_schema(connection)
+            await self.pool.open(wait=True, timeout=POSTGRES_CONNECT_SECONDS)
+        except psycopg.Error as exc:
+            reason = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise SettingsError(f"DATABASE_URL={redact_url(self.url)!r} cannot be used: {reason}") from None
+
+    @staticmethod
+    async def _create_schema(connection: psycopg.AsyncConnection) -> None:
+        # One transaction behind an advisory lock: instances starting together on an empty
+        # database take turns, where concurrent CREATE TABLE IF NOT EXISTS can fail.
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_SCHEMA_LOCK,))
+            await connection.execute(POSTGRES_SCHEMA)
+            await connection.execute(
+                "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT 1 FROM schema_version)",
+                (POSTGRES_SCHEMA_VERSION,),
+            )
+
+    def _scrub(self, text: str) -> str:
+        password = urlsplit(self.url).password
+        return text.replace(password, "***") if password else text
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def _connection(self, timeout: float | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
+        try:
+            async with self.pool.connection(timeout) as connection:
+                yield connection
+        except psycopg.OperationalError as exc:  # the pool's timeout, a lost connection, a shutdown
+            raise DatabaseUnavailable(f"PostgreSQL: {type(exc).__name__}") from None
+
+    async def ping(self) -> bool:
+        try:
+            async with self._connection(POSTGRES_PING_SECONDS) as db:
+                await db.execute("SELECT 1 FROM conversations LIMIT 1")
+        except (DatabaseUnavailable, psycopg.Error):
+            return False
+        return True
+
+    async def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "INSERT INTO leases VALUES (%s, %s, now() + make_interval(secs => %s))"
+                " ON CONFLICT (conversation_id) DO UPDATE"
+                " SET owner = excluded.owner, expires_at = excluded.expires_at"
+                " WHERE leases.expires_at < now() RETURNING owner",
+                (conversation_id, owner, seconds),
+            )
+            return await cursor.fetchone() is not None
+
+    async def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "UPDATE leases SET expires_at = now() + make_interval(secs => %s)"
+                " WHERE conversation_id = %s AND owner = %s",
+                (seconds, conversation_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    async def release_lease(self, conversation_id: str, owner: str) -> None:
+        async with self._connection() as db:
+            await db.execute("DELETE FROM leases WHERE conversation_id = %s AND owner = %s", (conversation_id, owner))
+
+    async def load_state(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self._connection() as db:
+            cursor = await db.execute("SELECT state FROM conversations WHERE id = %s", (conversation_id,))
+            row = await cursor.fetchone()
+        return json.loads(row[0]) if row else None
+
+    async def save_turn(
+        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+    ) -> None:
+        now, title = utc_now(), messages[0].get("content", "")[:80]
+        async with self._connection() as db, db.transaction():
+            released = await db.execute(
+                "DELETE FROM leases WHERE conversation_id = %s AND owner = %s", (conversation_id, lease)
+            )
+            if released.rowcount != 1:
+                raise LeaseLost
+            cursor = await db.execute(
+                "INSERT INTO conversations VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                " SET state = excluded.state, message_count = conversations.message_count + excluded.message_count,"
+                " updated_at = excluded.updated_at RETURNING message_count",
+                (conversation_id, title, dumps(state), len(messages), now, now),
+            )
+            (count,) = await cursor.fetchone() or (len(messages),)
+            seq = count - len(messages)
+            async with db.cursor() as insert:
+                await insert.executemany(
+                    "INSERT INTO messages VALUES (%s, %s, %s)",
+                    [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
+                )
+
+    async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "SELECT id, title, message_count, created_at, updated_at FROM conversations"
+                " ORDER BY updated_at DESC, id LIMIT %s OFFSET %s",
+                (limit, offset),
+            )
+            rows = await cursor.fetchall()
+            cursor = await db.execute("SELECT count(*) FROM conversations")
+            (total,) = await cursor.fetchone() or (0,)
+        return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
+
+    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "SELECT id, title, created_at, updated_at FROM conversations WHERE id = %s", (conversation_id,)
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            cursor = await db.execute(
+                "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
+            )
+            bodies = await cursor.fetchall()
+        return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute("DELETE FROM conversations WHERE id = %s", (conversation_id,))
+            return cursor.rowcount > 0
+
+
+# ---------------------------------------------------------------------------
 # Model client: AutoGen's, reading the stream its own way and keeping the reasoning
 # ---------------------------------------------------------------------------
 
@@ -774,7 +1022,35 @@ async def sse_data(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield b"\n".join(data)
 
 
+# Reasons a model ends a complete answer. "length": cut at the token limit, kept and reported as
+# such. Any other reason (content_filter, DeepSeek's insufficient_system_resource) means the API
+# cut the answer: nothing of it is saved.
+FINISH_REASONS = {"stop", "tool_calls", "function_call", "length"}
+
+
+@dataclass
+class ModelCalls:
+    """The model calls of one turn, which AutoGen cannot pass between the turn and the client;
+    they meet in MODEL_CALLS, a context variable set in the turn's task."""
+
+    finish_reasons: list[str] = field(default_factory=list)
+    streams: set[openai.AsyncStream[Any]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        """Close the model responses still open: AutoGen's nested generators, once left, are
+        closed only by the garbage collector, and so would be the model request."""
+        for stream in list(self.streams):
+            await stream.close()
+
+
+MODEL_CALLS: ContextVar[ModelCalls | None] = ContextVar("model_calls", default=None)
+
+
 REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
+
+# Sampling fields of the running turn's request, sent with each of its model calls: AutoGen
+# 0.7.5's AssistantAgent has no per-run create args, and the client's are fixed at construction.
+SAMPLING: ContextVar[Mapping[str, Any] | None] = ContextVar("sampling", default=None)
 
 
 class ChatClient(OpenAIChatCompletionClient):
@@ -833,7 +1109,7 @@ class ChatClient(OpenAIChatCompletionClient):
     async def _create_stream_chunks(
         self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
     ) -> AsyncIterator[ChatCompletionChunk]:
-        body = {**create_args, "messages": oai_messages, "stream": True}
+        body = {**create_args, **(SAMPLING.get() or {}), "messages": oai_messages, "stream": True}
         sink: list[str] = body.pop(REASONING_SINK, [])
         body.update(body.pop("extra_body", None) or {})  # as the SDK's create() would
         options = {"timeout": body.pop("timeout")} if "timeout" in body else {}
@@ -851,21 +1127,22 @@ class ChatClient(OpenAIChatCompletionClient):
         )
         if cancellation_token is not None:
             cancellation_token.link_future(request)
-        finished = False
-        stream = await request
+        stream, calls, reason = await request, MODEL_CALLS.get() or ModelCalls(), None
+        calls.streams.add(stream)
         try:
             async for chunk in stream:
                 if chunk.choices:
                     choice = chunk.choices[0]
-                    finished = finished or bool(choice.finish_reason)
+                    reason = choice.finish_reason or reason
                     reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
                     if isinstance(reasoning, str):
                         sink.append(reasoning)
                 yield chunk
         finally:
-            await stream.close()  # aiohttp keeps a connection read halfway until it is released
-        if not finished:
+            calls.streams.discard(stream)
+        if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
+        calls.finish_reasons.append(reason)
 
 
 def reasoning_to_pass_back(messages: Sequence[LLMMessage]) -> list[str | None]:
@@ -914,8 +1191,16 @@ def make_client(settings: Settings) -> ChatClient:
 
 
 def history_window(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
-    """The last `size` messages, widened back to a user message so no tool result is cut
-    from its call (the current turn stays whole even when it alone is longer)."""
+    """System messages at the start (a client's, on /v1), then the last `size` messages,
+    widened back to a user message so no tool result is cut from its call (the current turn
+    stays whole even when it alone is longer)."""
+    head = 0
+    while head < len(messages) and isinstance(messages[head], SystemMessage):
+        head += 1
+    return messages[:head] + _recent(messages[head:], size)
+
+
+def _recent(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
     start = max(0, len(messages) - size)
     for index in range(start, len(messages)):
         if isinstance(messages[index], UserMessage):
@@ -1011,6 +1296,7 @@ class AppContext:
     turns: set[Turn] = field(default_factory=set)
     releases: set[asyncio.Task[None]] = field(default_factory=set)
     shutting_down: bool = False
+    started: int = field(default_factory=lambda: int(time.time()))
 
 
 LAST_EVENTS = {"done", "error"}
@@ -1043,13 +1329,27 @@ async def keep_releasing(ctx: AppContext, conversation_id: str, lease: str) -> N
 
 class Turn:
     """One message run through the agent in its own task, its events queued for the
-    response. Holds the conversation's lease until close(); saves only if it completes."""
+    response. Holds the conversation's lease until close(); saves only if it completes.
 
-    def __init__(self, ctx: AppContext, conversation_id: str, message: str, lease: str):
+    Given a `history` instead of a lease, the turn is stateless (the /v1 face's default): it
+    starts from that history, takes no lease and saves nothing. `sampling` goes with each
+    model call (see SAMPLING)."""
+
+    def __init__(
+        self,
+        ctx: AppContext,
+        conversation_id: str,
+        message: str,
+        lease: str | None,
+        history: list[LLMMessage] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+    ):
         self.ctx = ctx
         self.conversation_id = conversation_id
         self.message = message
         self.lease = lease
+        self.history = history
+        self.sampling = sampling or {}
         self.events: asyncio.Queue[Event | None] = asyncio.Queue()
         self.token = CancellationToken()
         self.stop_reason: str | None = None
@@ -1080,6 +1380,9 @@ class Turn:
             if not self.task.done():
                 self.token.cancel()
                 self.task.cancel()
+                # A cancelled turn saves nothing, so its lease need not wait for it to unwind
+                # (the model request closing): a client that stops and resends at once gets in.
+                self._start_release()
                 # On disconnect Starlette cancels the response's anyio scope, which re-delivers
                 # the cancellation at every await: shield the wait for the turn to unwind.
                 with anyio.CancelScope(shield=True):
@@ -1094,7 +1397,7 @@ class Turn:
     def _start_release(self) -> asyncio.Future[None]:
         """Release the lease once, in a task of its own: cancelling the turn cannot stop it."""
         if self.releasing is None:
-            if self.saved:  # the save deleted it
+            if self.saved or self.lease is None:  # the save deleted it, or there is none
                 self.releasing = self.loop.create_future()
                 self.releasing.set_result(None)
             else:
@@ -1117,7 +1420,11 @@ class Turn:
         if now - self.last_event >= settings.ping_interval:
             self.events.put_nowait(PING)
             self.last_event = now
-        if now - self.renewed >= settings.lease_seconds / 3 and (self.renewal is None or self.renewal.done()):
+        if (
+            now - self.renewed >= settings.lease_seconds / 3
+            and self.lease is not None
+            and (self.renewal is None or self.renewal.done())
+        ):
             self.renewal = asyncio.create_task(self._renew())
             self.renewed = now
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
@@ -1133,6 +1440,7 @@ class Turn:
             self.stop("turn_superseded")
 
     async def _pump(self) -> None:
+        SAMPLING.set(self.sampling)  # this task's context only
         try:
             async for event in self._run():
                 if event[0] in LAST_EVENTS:
@@ -1150,16 +1458,23 @@ class Turn:
 
     async def _run(self) -> AsyncIterator[Event]:
         yield "status", {"status": "started", "conversation_id": self.conversation_id}
+        MODEL_CALLS.set(calls := ModelCalls())
         try:
             agent = await self._agent()
             task = TextMessage(content=self.message, source="user")
-            async for event in agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False):
-                for item in self._translate(event):
-                    yield item
-            state = await agent.save_state()
-            self.saving = True
-            await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
-            self.saved = True
+            events = agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
+            try:
+                async for event in events:
+                    for item in self._translate(event):
+                        yield item
+            finally:
+                await events.aclose()
+                await calls.close()
+            if self.lease is not None:
+                state = await agent.save_state()
+                self.saving = True
+                await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
+                self.saved = True
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise
@@ -1170,7 +1485,8 @@ class Turn:
             self._log_failure(error, exc)
             yield "error", error.body()
             return
-        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage}
+        finish_reason = "length" if "length" in calls.finish_reasons else "stop"
+        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage, "finish_reason": finish_reason}
 
     async def _agent(self) -> AssistantAgent:
         settings, tools = self.ctx.settings, self.ctx.tools
@@ -1181,9 +1497,9 @@ class Turn:
             system_message=settings.system_message,
             model_client_stream=True,
             reflect_on_tool_use=bool(tools),
-            model_context=HistoryWindow(settings.max_history_messages),
+            model_context=HistoryWindow(settings.max_history_messages, initial_messages=self.history),
         )
-        state = await self.ctx.store.load_state(self.conversation_id)
+        state = None if self.history is not None else await self.ctx.store.load_state(self.conversation_id)
         if state is not None:
             await agent.load_state(state)
         return agent
@@ -1246,14 +1562,14 @@ class Turn:
         )
 
 
-async def stream_turn(turn: Turn) -> AsyncIterator[bytes]:
+async def stream_turn(turn: Turn, render: Callable[[Event], bytes] = sse_event) -> AsyncIterator[bytes]:
     """The turn's events as SSE; events that queued up while the last write was going out
     leave together in one write, so a busy server makes fewer, larger writes."""
     while True:
         batch = [await turn.events.get()]
         while batch[-1] is not None and not turn.events.empty():
             batch.append(turn.events.get_nowait())
-        body = b"".join(sse_event(event) for event in batch if event is not None)
+        body = b"".join(render(event) for event in batch if event is not None)
         if body:
             yield body
         if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
@@ -1274,7 +1590,7 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
             elif name == "tool_result" and data["call_id"] in calls:
                 calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
             elif name == "done":
-                reply["usage"] = data["usage"]
+                reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
             elif name == "error":
                 raise ApiError(data["code"], data["message"], data.get("retry_after"))
     finally:
@@ -1285,8 +1601,11 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
 class TurnStream(StreamingResponse):
     """The SSE response of a turn; closes the turn however the response ends."""
 
-    def __init__(self, turn: Turn) -> None:
-        super().__init__(stream_turn(turn), media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(
+        self, turn: Turn, render: Callable[[Event], bytes] = sse_event, headers: Mapping[str, str] | None = None
+    ) -> None:
+        headers = {**SSE_HEADERS, **(headers or {})}
+        super().__init__(stream_turn(turn, render), media_type="text/event-stream", headers=headers)
         self.turn = turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1302,17 +1621,22 @@ class TurnStream(StreamingResponse):
 
 # curl -d sends application/x-www-form-urlencoded; a JSON body is accepted under it so the
 # five-minute curl demo works. Types that cannot hold JSON are refused with 415.
+# JSON may escape half of a UTF-16 pair ("\ud800"), which no UTF-8 text (database, model API) can hold.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 JSON_CONTENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
 
 
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON; refused while reading once it passes `limit` bytes."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in JSON_CONTENT_TYPES and not content_type.endswith("+json"):
+    declared_json = content_type == "application/json" or content_type.endswith("+json")
+    if not declared_json and content_type not in JSON_CONTENT_TYPES:
         raise ApiError("unsupported_media_type")
+    if not declared_json and not origin_allowed(request):
+        raise ApiError("origin_not_allowed")
     too_large = ApiError("payload_too_large", f"The body is larger than MAX_BODY_BYTES ({limit} bytes).")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = whole_number(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
@@ -1323,6 +1647,19 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError:
         raise ApiError("invalid_json") from None
+    except RecursionError:
+        raise ApiError("invalid_json", "The request body is nested too deeply.") from None
+
+
+def origin_allowed(request: Request) -> bool:
+    """Whether the page that sent this may run it. A browser sends a form or text/plain
+    cross-site without asking CORS first, so for those bodies the server asks: any page of an
+    origin in CORS_ORIGINS ('*': all), of this server itself, or no page at all (curl)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    allowed = context(request).settings.cors_origins
+    return "*" in allowed or origin in allowed or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
@@ -1335,6 +1672,8 @@ def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
     if len(message) > settings.max_message_chars:
         limit = settings.max_message_chars
         raise ApiError("payload_too_large", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
+    if LONE_SURROGATE.search(message):
+        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff): it is not text.")
     conversation_id = data.get("conversation_id")
     if conversation_id is None:
         return message, str(uuid.uuid4())
@@ -1351,9 +1690,10 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    value = whole_number(raw)
+    if value is None or not low <= value <= high:
         raise ApiError("validation_error", f"'{name}' must be a whole number from {low} to {high}.")
-    return int(raw)
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -1379,6 +1719,8 @@ async def index(request: Request) -> JSONResponse:
                 "conversations": "GET /api/conversations",
                 "conversation": "GET|DELETE /api/conversations/{conversation_id}",
                 "health": "GET /health",
+                "openai_chat": "POST /v1/chat/completions",
+                "openai_models": "GET /v1/models",
             },
             "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
         }
@@ -1406,23 +1748,75 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if database else 503)
 
 
-async def start_turn(request: Request) -> Turn:
+async def turn_body(request: Request) -> Any:
+    """The JSON body of a request for a turn, which needs the model configured and the
+    server not shutting down."""
     ctx = context(request)
     if ctx.client is None:
         raise ApiError("not_configured")
-    if ctx.shutting_down:
-        raise ApiError("server_shutting_down")
     data = await read_json(request, ctx.settings.max_body_bytes)
-    message, conversation_id = parse_chat_request(data, ctx.settings)
+    if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
+        raise ApiError("server_shutting_down")
+    return data
+
+
+async def stored_turn(
+    ctx: AppContext, conversation_id: str, message: str, sampling: Mapping[str, Any] | None = None
+) -> Turn:
+    """A turn on the stored conversation, holding its lease; 409 while another turn runs."""
     lease = uuid.uuid4().hex
-    if not await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    if not await take_lease(ctx, conversation_id, lease):
         raise ApiError("conversation_busy")
-    return Turn(ctx, conversation_id, message, lease)
+    return Turn(ctx, conversation_id, message, lease, sampling=sampling)
 
 
-async def chat(request: Request) -> JSONResponse:
+async def start_turn(request: Request) -> Turn:
+    message, conversation_id = parse_chat_request(await turn_body(request), context(request).settings)
+    return await stored_turn(context(request), conversation_id, message)
+
+
+async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
+    """The conversation's lease for a new turn. A turn here that holds it may be one its
+    client stopped a moment ago ("stop, then resend"): the closed connection can reach the
+    server after the resend. Such a turn gets HANDOVER_SECONDS to end (its lease goes first)."""
+    if await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+        return True
+    holder = next((turn for turn in ctx.turns if turn.conversation_id == conversation_id), None)
+    if holder is None:
+        return False
+    await asyncio.wait([holder.task], timeout=HANDOVER_SECONDS)
+    return await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds)
+
+
+async def chat(request: Request) -> Response:
     turn = await start_turn(request)
-    return JSONResponse(await collect_turn(turn))
+    return await json_reply(request, collect_turn(turn))
+
+
+async def json_reply(
+    request: Request, collect: Coroutine[Any, Any, dict[str, Any]], headers: Mapping[str, str] | None = None
+) -> Response:
+    """A turn's JSON reply. Starlette does not cancel a plain handler whose client went away, so
+    this watches for that: the turn is cancelled, saves nothing and lets go of its lease."""
+    reply = asyncio.ensure_future(collect)
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait([reply, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not reply.done():
+            reply.cancel()  # collect_turn closes the turn as it unwinds
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([reply])
+    if reply.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return JSONResponse(reply.result(), headers=headers)
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects; only once the body has been read."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def chat_stream(request: Request) -> TurnStream:
@@ -1468,26 +1862,36 @@ async def openapi_json(request: Request) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    if exc.status_code < 500 and exc.code != "not_found":
-        logger.info("%s %s -> %s %s", request.method, request.url.path, exc.status_code, exc.code)
-    return exc.response()
+    return refuse(request, exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "internal_error")
-    response = ApiError(code).response()
+    response = refuse(request, ApiError(code))
     response.headers.update(exc.headers or {})
     return response
 
 
+def refuse(request: Request, error: ApiError) -> Response:
+    """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
+    if error.status_code < 500:
+        logger.info("%s %s -> %s %s", request.method, request.url.path, error.status_code, error.code)
+    return error_response(request.scope, error)
+
+
 async def database_error(request: Request, exc: Exception) -> Response:
     logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
-    return ApiError("database_unavailable").response()
+    return error_response(request.scope, ApiError("database_unavailable"))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    return ApiError("internal_error").response()
+    return error_response(request.scope, ApiError("internal_error"))
+
+
+def error_response(scope: Scope, error: ApiError) -> Response:
+    """The error in the shape of the face the request came to."""
+    return v1_error_response(error) if on_v1(scope) else error.response()
 
 
 class RequireServerKey:
@@ -1648,6 +2052,291 @@ async def redoc(request: Request) -> HTMLResponse:
 
 
 # ---------------------------------------------------------------------------
+# OpenAI-compatible /v1 face
+# ---------------------------------------------------------------------------
+
+V1_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+V1_TEXT_PARTS = {"text", "input_text"}
+V1_IMAGE_PARTS = {"image_url", "input_image", "image"}
+# Sampling fields sent with each model call of the turn, with their bounds. Every other field
+# (n, logprobs, logit_bias, response_format, reasoning_effort, tools, tool_choice, user, ...)
+# is accepted and ignored.
+V1_NUMBERS = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
+V1_STATUS = {415: 400, 422: 400}  # OpenAI answers every malformed request with 400
+V1_DELTA_FIELDS = {"chunk": "content", "thought": "reasoning_content"}
+V1_DONE = b"data: [DONE]\n\n"
+MAX_TOOL_RESULT_SHOWN = 500
+# The face's tool lines in reasoning_content, found again when an app sends them back in content.
+FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).*(?:\n|$)", re.M)
+# Reasoning that apps fold into the content they send back: <think> (R1 style), Open WebUI's
+# <details type="reasoning">, NextChat's <!--THINKING--> quote.
+FOLDED_REASONING = re.compile(
+    r"<think>.*?</think>|<details type=\"reasoning\".*?</details>|<!--THINKING-->.*?<!--/THINKING-->", re.S
+)
+
+
+def on_v1(scope: Scope) -> bool:
+    path = scope["path"].removeprefix(scope.get("root_path", ""))
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def v1_error_body(code: str, message: str) -> dict[str, Any]:
+    status = ERRORS[code][0]
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def v1_error_response(error: ApiError) -> JSONResponse:
+    status = V1_STATUS.get(error.status_code, error.status_code)
+    return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
+
+
+@dataclass(frozen=True)
+class V1Request:
+    """What the agent uses of a chat completion request."""
+
+    message: str
+    history: list[LLMMessage]
+    conversation_id: str | None
+    stream: bool
+    include_usage: bool
+    sampling: dict[str, Any]
+    model: str
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError("validation_error", message)
+
+
+def parse_v1_request(data: Any, conversation_header: str | None, settings: Settings) -> V1Request:
+    """The request's last user message is the turn's; what precedes it is its history."""
+    if not isinstance(data, dict):
+        raise invalid("The body must be a JSON object with 'messages'.")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list.")
+    parsed = [v1_message(message, index) for index, message in enumerate(messages)]
+    last = max((index for index, (role, _) in enumerate(parsed) if role == "user"), default=None)
+    if last is None:
+        raise invalid("'messages' has no user message.")
+    message = parsed[last][1]
+    if not message.strip():
+        raise invalid("The last user message has no text.")
+    if len(message) > settings.max_message_chars:
+        raise ApiError(
+            "payload_too_large",
+            f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).",
+        )
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
+        raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
+    model = data.get("model")
+    if not _optional(str, model):
+        raise invalid("'model' must be a string.")
+    conversation_id = conversation_header or data.get("conversation_id")
+    return V1Request(
+        message=message,
+        history=v1_history(parsed, last),
+        conversation_id=None if conversation_id is None else check_conversation_id(conversation_id),
+        stream=data.get("stream") is True,
+        include_usage=options.get("include_usage") is True,
+        sampling=v1_sampling(data),
+        model=model or settings.agent_model_id,
+    )
+
+
+def _optional(kind: type, *values: Any) -> bool:
+    return all(value is None or isinstance(value, kind) for value in values)
+
+
+def v1_message(message: Any, index: int) -> tuple[str, str]:
+    """(role, text) of a message; developer counts as system, tool messages are not read."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in V1_ROLES:
+        raise invalid(f"messages[{index}].role must be one of {', '.join(V1_ROLES)}.")
+    content = message.get("content")
+    if role in {"tool", "function"} and (content is None or isinstance(content, str | list)):
+        return role, ""
+    return ("system" if role == "developer" else role), v1_text(content, index)
+
+
+def v1_text(content: Any, index: int) -> str:
+    """The string, or the text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise invalid(f"messages[{index}].content must be a string or a list of content parts.")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in V1_IMAGE_PARTS:
+            raise invalid(f"messages[{index}] holds an image; this model cannot read images (MODEL_VISION).")
+        else:
+            raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text parts are read.")
+    return "\n".join(texts)
+
+
+def v1_history(parsed: list[tuple[str, str]], last: int) -> list[LLMMessage]:
+    """The agent's starting context: the client's system messages, then the user and assistant
+    text before the last user message. Tool calls and tool messages are dropped: the agent
+    runs its own tools."""
+    history: list[LLMMessage] = [SystemMessage(content=text) for role, text in parsed if role == "system" and text]
+    for role, text in parsed[:last]:
+        if role == "user" and text.strip():
+            history.append(UserMessage(content=text, source="user"))
+        elif role == "assistant" and (answer := without_facade_marks(text)):
+            history.append(AssistantMessage(content=answer, source="assistant"))
+    return history
+
+
+def without_facade_marks(text: str) -> str:
+    """An earlier answer without what the face or the app added: folded reasoning, tool lines."""
+    return FACADE_TOOL_LINES.sub("", FOLDED_REASONING.sub("", text)).strip()
+
+
+def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
+    sampling: dict[str, Any] = {}
+    for name, (low, high) in V1_NUMBERS.items():
+        value = data.get(name)
+        if value is not None:
+            if not _is_number(value) or not low <= value <= high:
+                raise invalid(f"'{name}' must be a number from {low} to {high}.")
+            sampling[name] = value
+    # Sent as max_tokens, the name DeepSeek and local servers read.
+    tokens = next((data[k] for k in ("max_completion_tokens", "max_tokens") if data.get(k) is not None), None)
+    for name, value, low in (("max_tokens", tokens, 1), ("seed", data.get("seed"), -(2**63))):
+        if value is not None:
+            if not _is_number(value) or value != int(value) or value < low:
+                raise invalid(f"'{name}' must be a whole number of at least {low}.")
+            sampling[name] = int(value)
+    stop = data.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None:
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+            raise invalid("'stop' must be a string or a list of up to 4 strings.")
+        sampling["stop"] = stop
+    return sampling
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def v1_delta(event: Event) -> tuple[str, str] | None:
+    """The delta field and text an event adds to the answer or the reasoning: the model's
+    reasoning, and a readable line for each tool call and result."""
+    name, data = event
+    if name in V1_DELTA_FIELDS:
+        return V1_DELTA_FIELDS[name], data["content"]
+    if name == "tool_call":
+        return "reasoning_content", f"\n\n🔧 {data['name']}({data['arguments']})\n\n"
+    if name == "tool_result":
+        result = " ".join(data["content"].split())
+        if len(result) > MAX_TOOL_RESULT_SHOWN:
+            result = result[:MAX_TOOL_RESULT_SHOWN] + "…"
+        return "reasoning_content", f"🔧 {data['name']} → {'⚠️ ' if data['is_error'] else ''}{result}\n\n"
+    return None
+
+
+def v1_usage(usage: Mapping[str, int]) -> dict[str, int]:
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class V1Completion:
+    """One chat completion: the turn's events rendered as chat.completion.chunk frames, or
+    folded into a chat.completion; either way with one id, created and model. Frames are
+    `data:` lines only, no event names or comments: some clients' parsers break on both."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        head = dumps(self._object("chat.completion.chunk"))[:-1]
+        self.text_head = f'data: {head},"choices":[{{"index":0,"delta":{{'  # a text delta skips the encoder
+
+    def _object(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+    def render(self, event: Event) -> bytes:
+        name, data = event
+        delta = v1_delta(event)
+        if delta is not None:
+            return self._text(*delta)
+        if name == "ping":  # an empty delta: apps and proxies see a live stream
+            return self._text("content", "")
+        if name == "status" and data["status"] == "started":
+            return self._frame([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        if name == "done":
+            return self._finish(data)
+        if name == "error":
+            return f"data: {dumps(v1_error_body(data['code'], data['message']))}\n\n".encode() + V1_DONE
+        return b""
+
+    def _text(self, field_name: str, text: str) -> bytes:
+        return f'{self.text_head}"{field_name}":{encode_basestring(text)}}},"finish_reason":null}}]}}\n\n'.encode()
+
+    def _frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        chunk = self._object("chat.completion.chunk", choices=choices)
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {dumps(chunk)}\n\n".encode()
+
+    def _finish(self, done: dict[str, Any]) -> bytes:
+        # Usage also on the finish chunk: some apps close the message at the finish reason.
+        usage = v1_usage(done["usage"]) if self.include_usage else None
+        finish = [{"index": 0, "delta": {}, "finish_reason": done["finish_reason"]}]
+        frames = self._frame(finish, usage)
+        return frames + (self._frame([], usage) if usage else b"") + V1_DONE
+
+    async def collect(self, turn: Turn) -> dict[str, Any]:
+        """The turn folded into one chat.completion; its error raised as an ApiError."""
+        texts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
+        done: dict[str, Any] = {}
+        try:
+            while (event := await turn.events.get()) is not None:
+                name, data = event
+                if (delta := v1_delta(event)) is not None:
+                    texts[delta[0]].append(delta[1])
+                elif name == "done":
+                    done = data
+                elif name == "error":
+                    raise ApiError(data["code"], data["message"], data.get("retry_after"))
+        finally:
+            await turn.close()
+        reasoning = "".join(texts["reasoning_content"]).strip()
+        message = {"role": "assistant", "content": "".join(texts["content"]), "reasoning_content": reasoning or None}
+        choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
+        return self._object("chat.completion", choices=[choice], usage=v1_usage(done["usage"]))
+
+
+async def v1_models(request: Request) -> JSONResponse:
+    ctx = context(request)
+    model = {"id": ctx.settings.agent_model_id, "object": "model", "created": ctx.started, "owned_by": "autogen-chat"}
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+async def v1_chat_completions(request: Request) -> Response:
+    """Stateless by default; with X-Conversation-Id (or conversation_id) exactly /api/chat's turn."""
+    ctx = context(request)
+    chat = parse_v1_request(await turn_body(request), request.headers.get("x-conversation-id"), ctx.settings)
+    completion = V1Completion(chat.model, chat.include_usage)
+    headers: dict[str, str] = {}
+    if chat.conversation_id is None:
+        turn = Turn(ctx, completion.id, chat.message, None, history=chat.history, sampling=chat.sampling)
+    else:
+        turn = await stored_turn(ctx, chat.conversation_id, chat.message, chat.sampling)
+        headers["X-Conversation-Id"] = chat.conversation_id
+    if chat.stream:
+        return TurnStream(turn, completion.render, headers)
+    return await json_reply(request, completion.collect(turn), headers)
+
+
+# ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
 
@@ -1731,6 +2420,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class StartupErrorInOneLine:
+    """uvicorn logs a failed start-up with the traceback Starlette sends; a SettingsError
+    (an unreachable DATABASE_URL, say) is the user's to fix, so it goes out as its one line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: Message) -> None:
+            error = sys.exc_info()[1]  # Starlette sends the failure while handling the error
+            if message["type"] == "lifespan.startup.failed" and isinstance(error, SettingsError):
+                message = {**message, "message": f"Configuration error: {error}"}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -1749,7 +2459,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         logger.warning("HOST=%s is reachable from other machines and SERVER_API_KEY is not set", settings.host)
     restore_signals = watch_for_shutdown(ctx)
     logger.info(
-        "model %s at %s, database %s", settings.model_name, urlsplit(settings.base_url).hostname, settings.database_path
+        "model %s at %s, database %s",
+        settings.model_name,
+        urlsplit(settings.base_url).hostname,
+        database_name(settings),
     )
     try:
         yield
@@ -1776,6 +2489,8 @@ routes = [
     Route("/api/chat/stream", chat_stream, methods=["POST"], middleware=SECURED),
     Route("/api/conversations", list_conversations, middleware=SECURED),
     Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"], middleware=SECURED),
+    Route("/v1/models", v1_models, middleware=SECURED),
+    Route("/v1/chat/completions", v1_chat_completions, methods=["POST"], middleware=SECURED),
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
@@ -1787,13 +2502,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
     wildcard = "*" in settings.cors_origins
     middleware = [
+        Middleware(StartupErrorInOneLine),
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
+            # Any request header: the openai JS SDK of browser apps sends x-stainless-* headers,
+            # and adds new ones between versions.
+            allow_headers=["*"],
             allow_credentials=not wildcard,  # never credentials together with '*'
-            expose_headers=["Retry-After"],
+            expose_headers=["Retry-After", "X-Conversation-Id"],
         ),
     ]
     handlers = {
