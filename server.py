@@ -1139,6 +1139,7 @@ class ChatClient(OpenAIChatCompletionClient):
                         sink.append(reasoning)
                 yield chunk
         finally:
+            await stream.close()  # aiohttp keeps a connection whose read was cancelled until it is released
             calls.streams.discard(stream)
         if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
