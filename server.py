@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import functools
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -36,6 +38,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -1030,6 +1033,7 @@ async def index(request: Request) -> JSONResponse:
                 "health": "GET /health",
             },
             "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
+            "chat_page": "/chat",
         }
     )
 
@@ -1163,6 +1167,33 @@ class RequireServerKey:
 
 
 # ---------------------------------------------------------------------------
+# The chat page
+# ---------------------------------------------------------------------------
+
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+
+
+def page_policy(html: str) -> str:
+    """A Content-Security-Policy that runs only the page's own inline script and talks only
+    to this server: should model text ever reach the DOM as HTML, it still cannot run."""
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+        for script in INLINE_SCRIPT.findall(html)
+    )
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+async def chat_page(request: Request) -> HTMLResponse:
+    html = CHAT_PAGE.read_text(encoding="utf-8")
+    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": page_policy(html)}
+    return HTMLResponse(html, headers=headers)
+
+
+# ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
 
@@ -1264,6 +1295,7 @@ OPERATIONS = [
     ("/openapi.json", "get", "This OpenAPI document", None, "Info", ""),
     ("/docs", "get", "Swagger UI", None, "HTML", ""),
     ("/redoc", "get", "ReDoc", None, "HTML", ""),
+    ("/chat", "get", "The chat page", None, "HTML", ""),
 ]  # fmt: skip
 
 
@@ -1423,6 +1455,7 @@ routes = [
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
+    Route("/chat", chat_page),
 ]
 
 

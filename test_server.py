@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -61,7 +62,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     error_body: dict[str, Any] | None = None
-    fault: str | None = None  # drop, truncate, bad_json, hang, stall
+    fault: str | None = None  # drop, truncate, bad_json, hang, stall, hold
     usage: tuple[int, int] = (11, 7)
 
 
@@ -86,15 +87,22 @@ class FakeModelAPI:
         self.hanging = 0
         self.disconnected = threading.Event()
         self.release: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
 
     def reset(self, *replies: Reply) -> None:
         self.script, self.requests, self.headers = list(replies), [], []
         self.disconnected.clear()
 
+    def let_go(self) -> None:
+        """End every hang, from any thread: held streams go on, hung ones end."""
+        if self.loop is not None and self.release is not None:
+            self.loop.call_soon_threadsafe(self.release.set)
+
     async def completions(self, request: Request) -> Response:
         if self.release is None:
             self.release = asyncio.Event()
+            self.loop = asyncio.get_running_loop()
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
@@ -133,6 +141,8 @@ class FakeModelAPI:
                 async for part in self._fault(reply.fault):
                     yield part
                 return
+            if index == 2 and reply.fault == "hold":  # hold the stream open, then finish it
+                await self._hang()
             yield chunk({"content": piece})
         for index, (name, arguments) in enumerate(reply.tool_calls):
             call = {"index": index, "id": f"call_{index}", "type": "function"}
@@ -208,12 +218,11 @@ def _upstream_server() -> Iterator[tuple[FakeModelAPI, ServerThread]]:
 
 @pytest.fixture
 def upstream(_upstream_server: tuple[FakeModelAPI, ServerThread]) -> Iterator[FakeModelAPI]:
-    fake, thread = _upstream_server
+    fake, _ = _upstream_server
     fake.reset()
     yield fake
     if fake.release is not None:
-        release = fake.release
-        thread.server.servers[0].get_loop().call_soon_threadsafe(release.set)  # type: ignore[attr-defined]
+        fake.let_go()
         assert wait_until(lambda: fake.hanging == 0)
         fake.release = None
 
@@ -1241,3 +1250,119 @@ def test_health_is_degraded_when_the_database_stops_answering(client: TestClient
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "degraded" and response.json()["database"] is False
+
+
+# ---------------------------------------------------------------------------
+# The chat page, in a real browser
+# ---------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Debian's chromium with a new empty profile. One per test: the sync API keeps its event
+    loop marked as running between calls, which would break asyncio.run() in later tests."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Page]:
+    """An English page; a screenshot of it is saved when the test fails, and a script error fails the test."""
+    context = browser.new_context(locale="en-US", viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    script_errors: list[Any] = []
+    page.on("pageerror", lambda error: script_errors.append(error))
+    failures = request.session.testsfailed
+    yield page
+    if request.session.testsfailed > failures:  # the call phase has been reported by now
+        page.screenshot(path=tmp_path / "failure.png", full_page=True)
+        print(f"screenshot of the failed page: {tmp_path / 'failure.png'}")
+    context.close()
+    assert not script_errors
+
+
+def textbox(page: Page) -> Any:
+    return page.get_by_role("textbox", name="Message")
+
+
+def send_message(page: Page, text: str) -> None:
+    textbox(page).fill(text)
+    textbox(page).press("Enter")
+
+
+def chat_via_api(url: str, message: str, conversation_id: str) -> None:
+    response = httpx.post(url + "/api/chat", json={"message": message, "conversation_id": conversation_id}, timeout=10)
+    assert response.status_code == 200
+
+
+def stored_messages(url: str, conversation_id: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/api/conversations/{conversation_id}", timeout=10).json()["messages"]
+
+
+def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client: TestClient) -> None:
+    response = client.get("/chat")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert response.headers["cache-control"] == "no-cache"
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("style-src")[0]
+    assert client.get("/").json()["chat_page"] == "/chat"
+
+
+def test_page_shows_the_answer_while_the_model_is_still_streaming(
+    page: Page, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="first second third fourth", fault="hold"))
+    page.goto(service.url + "/chat")
+    send_message(page, "hi")
+    assert wait_until(lambda: upstream.hanging == 1)
+    answer = page.locator(".answer")
+    expect(answer).to_have_text("first second")  # while the model holds its stream open
+    expect(textbox(page)).to_be_disabled()
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    upstream.let_go()
+    expect(answer).to_have_text("first second third fourth")
+    expect(textbox(page)).to_be_enabled()
+    expect(textbox(page)).to_be_focused()
+
+
+def test_page_shows_thinking_tool_cards_and_markdown(
+    page: Page, service: ServerThread, upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    upstream.reset(
+        Reply(
+            reasoning="The user wants a product and the time on Mars.",
+            tool_calls=[("calculate", {"expression": "6 * 7"}), ("get_current_time", {"timezone": "Mars/Base"})],
+        ),
+        Reply(content="6 × 7 is **42**; Mars has *no* time zone.\n\n- `calculate` worked\n- the clock did not"),
+    )
+    page.goto(service.url + "/chat")
+    send_message(page, "What is 6 × 7, and what time is it on Mars?")
+    answer = page.locator(".answer")
+    expect(answer.locator("strong")).to_have_text("42")
+    thought = page.locator("details.thought")
+    expect(thought).to_contain_text("The user wants a product and the time on Mars.")
+    expect(thought.locator(".thought-text")).to_be_hidden()  # folded once the answer began
+    thought.locator("summary").click()
+    expect(thought.locator(".thought-text")).to_be_visible()
+    calculator, clock = page.locator(".tool").all()
+    expect(calculator.locator(".tool-name")).to_have_text("calculate")
+    expect(calculator.locator(".arguments")).to_contain_text('"expression": "6 * 7"')
+    expect(calculator.locator(".result")).to_have_text("Result: 42")
+    expect(calculator).not_to_have_class(re.compile("error"))
+    expect(clock.locator(".tool-name")).to_have_text("get_current_time")
+    expect(clock).to_have_class(re.compile("error"))
+    expect(clock.locator(".tool-state")).to_have_text("error")
+    expect(clock.locator(".result")).to_contain_text("Mars/Base")
+    expect(answer.locator("em")).to_have_text("no")
+    expect(answer.locator("li code")).to_have_text("calculate")
+    expect(page.locator("#conversations li")).to_have_count(1)
+    page.screenshot(path=os.environ.get("README_SCREENSHOT") or tmp_path / "chat.png")
