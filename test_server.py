@@ -1259,6 +1259,7 @@ def test_health_is_degraded_when_the_database_stops_answering(client: TestClient
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+expect.set_options(timeout=10_000)  # the machine may be busy with other tests
 
 
 @pytest.fixture
@@ -1366,3 +1367,199 @@ def test_page_shows_thinking_tool_cards_and_markdown(
     expect(answer.locator("li code")).to_have_text("calculate")
     expect(page.locator("#conversations li")).to_have_count(1)
     page.screenshot(path=os.environ.get("README_SCREENSHOT") or tmp_path / "chat.png")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '<img src=x onerror="window.pwned=1">',
+        "<script>window.pwned=1</script>",
+        "[click](javascript:window.pwned=1)",
+        '**<b onmouseover="window.pwned=1">bold</b>**',
+    ],
+    ids=["img-onerror", "script", "javascript-link", "html-inside-markdown"],
+)
+def test_html_in_an_answer_shows_as_text_live_and_from_history(
+    page: Page, service: ServerThread, upstream: FakeModelAPI, content: str
+) -> None:
+    upstream.reset(Reply(content=content))
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+    page.goto(service.url + "/chat")
+    send_message(page, "say it")
+    answer = page.locator(".answer")
+    for _ in range(2):  # as it streams in, then as stored history after a reload
+        expect(answer).to_contain_text(content.replace("**", ""))
+        assert answer.locator("img, script, a, b").count() == 0
+        assert page.evaluate("window.pwned") is None
+        page.reload()
+    assert dialogs == []
+
+
+def test_a_reload_or_the_shared_link_reopens_the_conversation_with_its_history(
+    page: Page, browser: Browser, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(
+        Reply(reasoning="Add them.", tool_calls=[("calculate", {"expression": "2 + 3"})]),
+        Reply(content="It is `5`."),
+        Reply(content="Then 6."),
+    )
+    page.goto(service.url + "/chat")
+    send_message(page, "What is 2 + 3?")
+    expect(page.locator(".answer")).to_have_text("It is 5.")
+    send_message(page, "And one more?")
+    expect(page.locator(".answer").nth(1)).to_have_text("Then 6.")
+    expect(page).to_have_url(re.compile(r"/chat\?c=[0-9a-f-]{36}$"))
+    shared = browser.new_context(locale="en-US").new_page()
+    for opened in (page, shared):
+        opened.reload() if opened is page else opened.goto(page.url)
+        expect(opened.locator(".user .bubble")).to_have_text(["What is 2 + 3?", "And one more?"])
+        expect(opened.locator("details.thought")).to_contain_text("Add them.")
+        expect(opened.locator(".tool .result")).to_have_text("Result: 5")
+        expect(opened.locator(".answer")).to_have_text(["It is 5.", "Then 6."])
+        expect(opened.locator(".answer code")).to_have_text("5")
+        expect(opened.locator("#conversations li.current")).to_have_text("What is 2 + 3?×")
+    shared.context.close()
+
+
+def test_delete_asks_first_and_removes_the_conversation_from_the_list(
+    page: Page, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    chat_via_api(service.url, "keep me", "keep")
+    chat_via_api(service.url, "drop me", "drop")
+    page.goto(service.url + "/chat?c=drop")
+    items = page.locator("#conversations li a")
+    expect(items).to_have_text(["drop me", "keep me"])  # newest first
+    delete = page.get_by_role("button", name="Delete “drop me”")
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    delete.click()
+    expect(items).to_have_text(["drop me", "keep me"])
+    page.once("dialog", lambda dialog: dialog.accept())
+    delete.click()
+    expect(items).to_have_text(["keep me"])
+    assert httpx.get(service.url + "/api/conversations/drop").status_code == 404
+    expect(page).to_have_url(service.url + "/chat")  # the open conversation was the deleted one
+    page.reload()
+    expect(items).to_have_text(["keep me"])
+
+
+def test_stop_aborts_the_turn_and_leaves_the_stored_conversation_unchanged(
+    page: Page, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="saved"), Reply(content="never finished at all", fault="hold"))
+    chat_via_api(service.url, "first", "s")
+    before = stored_messages(service.url, "s")
+    page.goto(service.url + "/chat?c=s")
+    expect(page.locator(".answer")).to_have_text("saved")
+    send_message(page, "second")
+    expect(page.locator(".answer").nth(1)).to_have_text("never finished")
+    assert wait_until(lambda: upstream.hanging == 1)
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator(".notice")).to_have_text("Stopped. Nothing of this turn was saved.")
+    assert upstream.disconnected.wait(5), "the model request was not closed"
+    assert wait_until(lambda: not service.app_ctx.turns)
+    assert stored_messages(service.url, "s") == before
+    expect(textbox(page)).to_be_enabled()
+    expect(textbox(page)).to_have_value("second")  # kept, to send again
+
+
+def test_the_page_asks_once_for_the_server_key_and_sends_it_as_a_bearer(
+    page: Page, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with ServerThread(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as service:
+        page.goto(service.url + "/chat")
+        key = page.get_by_role("textbox", name="This server needs its key (SERVER_API_KEY):")
+        expect(key).to_be_visible()
+        key.fill(SERVER_KEY)
+        key.press("Enter")
+        expect(page.locator("#list-end")).to_have_text("No conversations yet.")
+        send_message(page, "hi")
+        expect(page.locator(".answer")).to_have_text("echo: hi")
+        assert page.evaluate("localStorage.getItem('autogen-chat.server-key')") == SERVER_KEY
+        page.reload()
+        expect(page.locator("#conversations li a")).to_have_text(["hi"])
+        expect(page.locator(".answer")).to_have_text("echo: hi")
+        expect(key).to_be_hidden()
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "locale, message",
+    [
+        ("en-US", "The model is not configured: set API_KEY in .env and restart the server."),
+        ("zh-CN", "模型未配置：请在 .env 中设置 API_KEY 并重启服务。"),
+    ],
+    ids=["english", "chinese"],
+)
+def test_without_api_key_the_page_says_to_set_it_in_the_browsers_language(
+    browser: Browser, settings_for: Callable[..., server.Settings], locale: str, message: str
+) -> None:
+    page = browser.new_context(locale=locale).new_page()
+    with ServerThread(server.create_app(settings_for(API_KEY=""))) as service:
+        page.goto(service.url + "/chat")
+        page.locator("#input").fill("hi")
+        page.locator("#input").press("Enter")
+        expect(page.locator(".notice.error")).to_have_text(message)
+        expect(page.locator("#input")).to_have_value("hi")
+    page.context.close()
+
+
+class ScriptedStream:
+    """POST /api/chat/stream answered with the bytes a test writes, each part in a write of its own."""
+
+    def __init__(self) -> None:
+        self.parts: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def endpoint(self, request: Request) -> StreamingResponse:
+        async def body() -> Any:
+            while (part := await self.parts.get()) is not None:
+                yield part
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def sse_bytes(*events: tuple[str, dict[str, Any]]) -> bytes:
+    return b"".join(
+        f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode() for name, data in events
+    )
+
+
+SCRIPTED_TURN = sse_bytes(
+    ("status", {"status": "started", "conversation_id": "scripted"}),
+    ("chunk", {"content": "Hello 世界"}),
+    ("chunk", {"content": ", and **more**"}),
+    ("message", {"content": "Hello 世界, and **more**", "source": "assistant"}),
+    ("done", {"conversation_id": "scripted", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}),
+)
+FIRST_EVENT_END = SCRIPTED_TURN.index(b"\n\n") + 2
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        None,
+        SCRIPTED_TURN.index("世".encode()) + 1,
+        SCRIPTED_TURN.index(b"\n\n", FIRST_EVENT_END) + 1,
+        SCRIPTED_TURN.index(b"data:", FIRST_EVENT_END) + 2,
+    ],
+    ids=["all-events-in-one-read", "split-inside-a-character", "split-between-the-two-newlines", "split-in-a-field"],
+)
+def test_the_page_reads_events_however_the_stream_is_cut_into_reads(
+    page: Page, settings_for: Callable[..., server.Settings], cut: int | None
+) -> None:
+    scripted = ScriptedStream()
+    app = server.create_app(settings_for())
+    app.router.routes.insert(0, Route("/api/chat/stream", scripted.endpoint, methods=["POST"]))
+    with ServerThread(app) as service:
+        page.goto(service.url + "/chat")
+        send_message(page, "hi")
+        if cut is not None:
+            service.call(scripted.parts.put(SCRIPTED_TURN[:cut]))
+            expect(page).to_have_url(re.compile(r"\?c=scripted$"))  # the first event was read, the split one waits
+            expect(page.locator(".answer")).to_have_count(0)
+        service.call(scripted.parts.put(SCRIPTED_TURN[cut:]))
+        service.call(scripted.parts.put(None))
+        expect(page.locator(".answer")).to_have_text("Hello 世界, and more")
+        expect(page.locator(".answer strong")).to_have_text("more")
+        expect(textbox(page)).to_be_enabled()
+        expect(page.locator(".notice")).to_have_count(0)
