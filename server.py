@@ -712,6 +712,7 @@ class AppContext:
     store: Store
     client: ChatClient | None
     tools: list[FunctionTool]
+    openapi: bytes = b""
     turns: set[Turn] = field(default_factory=set)
     shutting_down: bool = False
 
@@ -796,8 +797,10 @@ class Turn:
                 self.events.put_nowait(event)
                 self.last_event = self.loop.time()
         finally:
-            # Both before the response task runs again: a client that reads the last event
-            # and sends its next message at once never meets this turn's lease.
+            # All before the response task runs again: a client that reads the last event
+            # and sends its next message at once never meets this turn's lease, and no ping
+            # or renewal follows the end.
+            self.timer.cancel()
             self.events.put_nowait(None)
             self._release()
 
@@ -903,12 +906,12 @@ async def stream_turn(turn: Turn) -> AsyncIterator[bytes]:
     leave together in one write, so a busy server makes fewer, larger writes."""
     while True:
         batch = [await turn.events.get()]
-        while not turn.events.empty():
+        while batch[-1] is not None and not turn.events.empty():
             batch.append(turn.events.get_nowait())
         body = b"".join(sse_event(event) for event in batch if event is not None)
         if body:
             yield body
-        if batch[-1] is None:
+        if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
             return
 
 
@@ -1115,8 +1118,8 @@ def delete_conversation(ctx: AppContext, conversation_id: str) -> Response:
     return Response(status_code=204)
 
 
-async def openapi_json(request: Request) -> JSONResponse:
-    return JSONResponse(openapi_document(context(request).settings))
+async def openapi_json(request: Request) -> Response:
+    return Response(context(request).openapi, media_type="application/json")
 
 
 async def swagger_ui(request: Request) -> HTMLResponse:
@@ -1147,23 +1150,29 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 class RequireServerKey:
-    """With SERVER_API_KEY set, /api/* needs 'Authorization: Bearer <key>'."""
+    """A route's guard: with SERVER_API_KEY set, the route needs 'Authorization: Bearer <key>'.
 
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
+    Applied per route (``middleware=SECURED``), never by path prefix: behind
+    ``--root-path`` uvicorn puts the prefix into ``scope["path"]``, the router strips it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.expected is not None
-            and scope["type"] == "http"
-            and scope["path"].startswith("/api/")
-            and scope["method"] != "OPTIONS"
-            and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected)
-        ):
-            await ApiError("unauthorized").response()(scope, receive, send)
-            return
+        key = scope["app"].state.settings.server_api_key
+        if key and not bearer_matches(dict(scope["headers"]).get(b"authorization", b""), key):
+            raise ApiError("unauthorized")
         await self.app(scope, receive, send)
+
+
+def bearer_matches(header: bytes, key: str) -> bool:
+    """Whether the header carries the key; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+
+
+SECURED = [Middleware(RequireServerKey)]
 
 
 # ---------------------------------------------------------------------------
@@ -1198,149 +1207,19 @@ async def chat_page(request: Request) -> HTMLResponse:
 # ---------------------------------------------------------------------------
 
 
-STRING, INTEGER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
-TIMESTAMP = {"type": "string", "format": "date-time"}
-ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+SECURED_PREFIXES = ("/api/", "/v1/")  # where the routes have middleware=SECURED
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _object(*required: str, **properties: Any) -> dict[str, Any]:
-    return {"type": "object", "required": list(required), "properties": properties}
-
-
-def _list(name: str) -> dict[str, Any]:
-    return {"type": "array", "items": _ref(name)}
-
-
-SCHEMAS: dict[str, Any] = {
-    "ChatRequest": _object("message", message={**STRING, "minLength": 1}, conversation_id=ID_SCHEMA),
-    "Usage": _object(prompt_tokens=INTEGER, completion_tokens=INTEGER),
-    "ToolCall": _object(
-        id=STRING, name=STRING, arguments=STRING, result={"type": ["string", "null"]}, is_error=BOOLEAN
-    ),
-    "ChatResponse": _object(
-        message=STRING,
-        conversation_id=STRING,
-        status={"const": "success"},
-        usage=_ref("Usage"),
-        tool_calls=_list("ToolCall"),
-    ),
-    "ConversationSummary": _object(
-        conversation_id=STRING, title=STRING, message_count=INTEGER, created_at=TIMESTAMP, updated_at=TIMESTAMP
-    ),
-    "ConversationPage": _object(
-        conversations=_list("ConversationSummary"), total=INTEGER, limit=INTEGER, offset=INTEGER
-    ),
-    "Message": _object(
-        "role",
-        "created_at",
-        role={"enum": ["user", "assistant", "tool"]},
-        content={"type": ["string", "null"]},
-        thought=STRING,
-        tool_calls=_list("ToolCall"),
-        call_id=STRING,
-        name=STRING,
-        is_error=BOOLEAN,
-        created_at=TIMESTAMP,
-    ),
-    "Conversation": _object(
-        conversation_id=STRING, title=STRING, created_at=TIMESTAMP, updated_at=TIMESTAMP, messages=_list("Message")
-    ),
-    "Error": _object(
-        "status",
-        "error",
-        status={"const": "error"},
-        error=_object("code", "message", code={"enum": list(ERRORS)}, message=STRING, retry_after=INTEGER),
-    ),
-    "Info": {"type": "object"},
-}
-
-SSE_EVENTS = """Server-Sent Events, each `event: NAME` and one `data:` line of JSON:
-
-| event | data |
-|---|---|
-| status | `{"status": "started", "conversation_id"}` first; then `calling_tool`, `responding` |
-| chunk | `{"content"}`: a text delta of the answer |
-| thought | `{"content"}`: a delta of a reasoning model's thinking |
-| tool_call | `{"id", "name", "arguments"}` |
-| tool_result | `{"call_id", "name", "content", "is_error"}` |
-| message | `{"content", "source"}`: a complete assistant message |
-| done | `{"conversation_id", "usage": {"prompt_tokens", "completion_tokens"}}`: last, on success |
-| error | `{"code", "message"}` (and `retry_after` when known): last, on failure |
-
-A `: ping` comment is sent while nothing else is. Nothing is saved unless `done` is sent."""
-
-# A chat request can meet every error but those of other routes and the unexpected one.
-CHAT_ERRORS = " ".join(code for code in ERRORS if code not in {"not_found", "method_not_allowed", "internal_error"})
-PAGING = [
-    {"name": "limit", "in": "query", "schema": {**INTEGER, "minimum": 1, "maximum": 100, "default": 20}},
-    {"name": "offset", "in": "query", "schema": {**INTEGER, "minimum": 0, "default": 0}},
-]
-PATH_ID = [{"name": "conversation_id", "in": "path", "required": True, "schema": ID_SCHEMA}]
-
-ID_ERRORS = "unauthorized not_found validation_error"
-
-# path, method, summary, request schema, response schema ("" for 204, SSE, HTML), error codes
-OPERATIONS = [
-    ("/", "get", "Service: name, version, model, links", None, "Info", ""),
-    ("/health", "get", "Health: ok, or degraded with reasons; 503 if the database fails", None, "Info", ""),
-    ("/api/chat", "post", "Run one turn, answer with JSON", "ChatRequest", "ChatResponse", CHAT_ERRORS),
-    ("/api/chat/stream", "post", "Run one turn, stream it as Server-Sent Events", "ChatRequest", "SSE", CHAT_ERRORS),
-    ("/api/conversations", "get", "Newest first", None, "ConversationPage", "unauthorized validation_error"),
-    ("/api/conversations/{conversation_id}", "get", "A conversation and its messages", None, "Conversation", ID_ERRORS),
-    ("/api/conversations/{conversation_id}", "delete", "Delete it", None, "", ID_ERRORS + " conversation_busy"),
-    ("/openapi.json", "get", "This OpenAPI document", None, "Info", ""),
-    ("/docs", "get", "Swagger UI", None, "HTML", ""),
-    ("/redoc", "get", "ReDoc", None, "HTML", ""),
-    ("/chat", "get", "The chat page", None, "HTML", ""),
-]  # fmt: skip
-
-
-def _success(summary: str, schema: str) -> dict[str, Any]:
-    if not schema:
-        return {"204": {"description": summary}}
-    if schema in {"SSE", "HTML"}:
-        media_type = "text/event-stream" if schema == "SSE" else "text/html"
-        description = SSE_EVENTS if schema == "SSE" else summary
-        return {"200": {"description": description, "content": {media_type: {"schema": STRING}}}}
-    return {"200": {"description": summary, "content": {"application/json": {"schema": _ref(schema)}}}}
-
-
-def _operation(path: str, summary: str, body: str | None, schema: str, errors: str, secured: bool) -> dict[str, Any]:
-    responses = _success(summary, schema)
-    for code in errors.split():
-        status = str(ERRORS[code][0])
-        listed = responses.get(status, {}).get("description", "Error:")
-        responses[status] = {
-            "description": f"{listed} {code}",
-            "content": {"application/json": {"schema": _ref("Error")}},
-        }
-    parameters = PATH_ID if "{conversation_id}" in path else PAGING if path == "/api/conversations" else []
-    operation: dict[str, Any] = {"summary": summary, "parameters": parameters, "responses": responses}
-    if body:
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
-    operation["security"] = [{"bearer": []}] if secured else []
-    return operation
-
-
-def openapi_document(settings: Settings) -> dict[str, Any]:
-    paths: dict[str, dict[str, Any]] = {}
-    for path, method, summary, body, schema, errors in OPERATIONS:
-        secured = bool(settings.server_api_key) and path.startswith("/api/")
-        paths.setdefault(path, {})[method] = _operation(path, summary, body, schema, errors, secured)
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "AutoGen chat backend",
-            "version": __version__,
-            "description": f"An AutoGen agent ({settings.model_name}) behind a small API, streamed as SSE.",
-        },
-        "components": {"schemas": SCHEMAS, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "paths": paths,
-    }
+def openapi_document(settings: Settings) -> bytes:
+    """openapi.json as served: with SERVER_API_KEY set, its /api and /v1 operations need the bearer key."""
+    document = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    if settings.server_api_key:
+        for path, item in document["paths"].items():
+            if path.startswith(SECURED_PREFIXES):
+                for operation in item.values():
+                    operation["security"] = [{"bearer": []}]
+    return dumps(document).encode()
 
 
 SWAGGER_UI_HTML = """<!doctype html>
@@ -1421,7 +1300,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     store = Store(settings.database_path)
     client = make_client(settings) if settings.api_key else None
     tools = build_tools(settings.tools) if settings.model_info["function_calling"] else []
-    ctx = app.state.ctx = AppContext(settings, store, client, tools)
+    ctx = app.state.ctx = AppContext(settings, store, client, tools, openapi_document(settings))
     if client is None:
         logger.warning("API_KEY is not set: chat answers 503 until it is set in .env")
     if not settings.server_api_key and not is_loopback(settings.host):
@@ -1448,10 +1327,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 routes = [
     Route("/", index),
     Route("/health", health),
-    Route("/api/chat", chat, methods=["POST"]),
-    Route("/api/chat/stream", chat_stream, methods=["POST"]),
-    Route("/api/conversations", list_conversations),
-    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"]),
+    Route("/api/chat", chat, methods=["POST"], middleware=SECURED),
+    Route("/api/chat/stream", chat_stream, methods=["POST"], middleware=SECURED),
+    Route("/api/conversations", list_conversations, middleware=SECURED),
+    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"], middleware=SECURED),
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
@@ -1471,7 +1350,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
             allow_credentials=not wildcard,  # never credentials together with '*'
             expose_headers=["Retry-After"],
         ),
-        Middleware(RequireServerKey, key=settings.server_api_key),
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)

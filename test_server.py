@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from openapi_spec_validator import OpenAPIV31SpecValidator
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -446,6 +447,59 @@ def test_a_ping_comment_is_sent_while_the_model_is_quiet(
     assert "event: chunk" in seen and seen.index("event: chunk") < seen.index(": ping")
 
 
+def raw_stream_request(url: str, body: dict[str, Any], receive_buffer: int) -> socket.socket:
+    """A stream request on a raw socket with a small receive buffer, not read yet: a slow reader."""
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    host, port = url.removeprefix("http://").split(":")
+    reader.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    reader.sendall(
+        b"POST /api/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return reader
+
+
+def read_to_the_end(reader: socket.socket, within: float = 10.0) -> bytes:
+    """What the socket receives until the chunked terminator, or until `within` seconds pass."""
+    received, deadline = b"", time.monotonic() + within
+    reader.settimeout(0.5)
+    while not received.endswith(b"0\r\n\r\n") and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            received += reader.recv(1 << 20) or b""
+    return received
+
+
+async def queue_behind_the_end(turn: server.Turn, event: server.Event) -> None:
+    turn.events.put_nowait(event)
+
+
+def test_a_stream_ends_after_done_even_when_the_reader_lags_behind_the_turn(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    long_answer = " ".join(f"{i:05d}" + "x" * 500 for i in range(6000))  # about 3 MB of events
+    upstream.reset(Reply(content=long_answer))
+    with ServerThread(server.create_app(settings_for(PING_INTERVAL="0.05"))) as service:
+        # Accepted sockets inherit the listener's send buffer: keep the kernel from taking it all.
+        service.server.servers[0].sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        reader = raw_stream_request(service.url, {"message": "long", "conversation_id": "lag"}, 65536)
+        try:
+            assert wait_until(lambda: len(service.app_ctx.turns) == 1)
+            [turn] = service.app_ctx.turns
+            assert wait_until(turn.task.done, timeout=30)
+            assert service.app_ctx.store.get_conversation("lag") is not None
+            assert not turn.events.empty(), "the reader was not actually behind when the turn ended"
+            assert turn.timer.cancelled(), "the turn's timer still runs after its task ended"
+            service.call(queue_behind_the_end(turn, server.PING))  # as a tick after the end once did
+            received = read_to_the_end(reader)
+        finally:
+            reader.close()
+    assert received.endswith(b"0\r\n\r\n"), "the stream never ended"
+    assert b"event: done" in received and b": ping" not in received[received.rindex(b"event: done") :]
+
+
 # ---------------------------------------------------------------------------
 # Conversations and memory
 # ---------------------------------------------------------------------------
@@ -666,6 +720,12 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
     stream_doc = document["paths"]["/api/chat/stream"]["post"]["responses"]["200"]["description"]
     for event in ("status", "chunk", "thought", "tool_call", "tool_result", "message", "done", "error"):
         assert f"| {event} |" in stream_doc
+
+
+def test_openapi_json_is_a_valid_openapi_3_1_document() -> None:
+    document = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
+    OpenAPIV31SpecValidator(document).validate()
+    assert document["info"]["version"] == server.__version__
 
 
 def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClient) -> None:
@@ -1014,14 +1074,17 @@ def test_server_key_guards_every_api_route_and_leaves_the_rest_open(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
     with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
-        for method, path in [("POST", "/api/chat"), ("POST", "/api/chat/stream"), ("GET", "/api/conversations"),
-                             ("GET", "/api/conversations/x"), ("DELETE", "/api/conversations/x")]:  # fmt: skip
+        guarded = [(method, re.sub(r"\{\w+\}", "x", route.path))
+                   for route in client.app.routes  # type: ignore[attr-defined]
+                   if route.path.startswith(("/api/", "/v1/")) for method in route.methods - {"HEAD"}]  # fmt: skip
+        assert len(guarded) >= 5
+        for method, path in guarded:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SERVER_KEY}):
                 response = client.request(method, path, json={"message": "hi"}, headers=headers)
                 assert response.status_code == 401, (method, path, headers)
                 assert response.headers["www-authenticate"] == "Bearer"
                 assert response.json()["error"]["code"] == "unauthorized"
-        for path in ("/", "/health", "/openapi.json", "/docs", "/redoc"):
+        for path in ("/", "/health", "/openapi.json", "/docs", "/redoc", "/chat"):
             assert client.get(path).status_code == 200
         authorized = client.post("/api/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {SERVER_KEY}"})
         document = client.get("/openapi.json").json()
@@ -1029,6 +1092,30 @@ def test_server_key_guards_every_api_route_and_leaves_the_rest_open(
     assert document["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     assert document["paths"]["/api/chat"]["post"]["security"] == [{"bearer": []}]
     assert upstream.requests and len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, scheme: str
+) -> None:
+    with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
+        response = client.get("/api/conversations", headers={"Authorization": f"{scheme} {SERVER_KEY}"})
+    assert response.status_code == 200
+
+
+def test_server_key_guards_the_api_of_a_service_behind_a_root_path(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    env = process_env(settings_for, SERVER_API_KEY=SERVER_KEY)
+    # As behind nginx on a sub-path: the proxy strips /chat, uvicorn puts it back into scope["path"].
+    with service_process(env, tmp_path, "--root-path", "/chat") as (_, url):
+        with httpx.Client(base_url=url, timeout=10) as http:
+            refused = [http.get("/api/conversations"), http.post("/api/chat", json={"message": "hi"})]
+            allowed = http.get("/api/conversations", headers={"Authorization": f"Bearer {SERVER_KEY}"})
+    assert [r.status_code for r in refused] == [401, 401]
+    assert all(r.json()["error"]["code"] == "unauthorized" for r in refused)
+    assert allowed.status_code == 200 and "conversations" in allowed.json()
+    assert upstream.requests == []
 
 
 @pytest.mark.parametrize(
