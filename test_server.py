@@ -1414,6 +1414,7 @@ def test_page_shows_the_answer_while_the_model_is_still_streaming(
     assert wait_until(lambda: upstream.hanging == 1)
     answer = page.locator(".answer")
     expect(answer).to_have_text("first second")  # while the model holds its stream open
+    expect(page.get_by_role("status")).to_have_text("Writing…")
     expect(textbox(page)).to_be_disabled()
     expect(page.get_by_role("button", name="Stop")).to_be_visible()
     upstream.let_go()
@@ -1650,3 +1651,115 @@ def test_the_page_reads_events_however_the_stream_is_cut_into_reads(
         expect(page.locator(".answer strong")).to_have_text("more")
         expect(textbox(page)).to_be_enabled()
         expect(page.locator(".notice")).to_have_count(0)
+
+
+def test_enter_sends_and_shift_enter_starts_a_new_line(
+    page: Page, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    page.goto(service.url + "/chat")
+    textbox(page).type("line one")
+    textbox(page).press("Shift+Enter")
+    textbox(page).type("line two")
+    expect(page.locator(".user")).to_have_count(0)
+    textbox(page).press("Enter")
+    expect(page.locator(".user .bubble")).to_have_text("line one\nline two")
+    expect(page.locator(".answer br")).to_have_count(1)
+    assert page.locator(".answer").inner_html() == "<p>echo: line one<br>line two</p>"
+
+
+def test_a_busy_conversation_and_a_too_long_message_get_clear_messages(
+    page: Page, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))
+    with ServerThread(server.create_app(settings_for(MAX_MESSAGE_CHARS="20"))) as service:
+        with held_stream(service.url, {"message": "x", "conversation_id": "b"}, upstream):
+            page.goto(service.url + "/chat?c=b")
+            send_message(page, "again")
+            expect(page.locator(".notice.error")).to_have_text(
+                "This conversation is still answering another message; try again in a moment."
+            )
+        send_message(page, "a message longer than twenty characters")
+        expect(page.locator(".notice.error").nth(1)).to_have_text(
+            "The message is too long. ('message' is longer than MAX_MESSAGE_CHARS (20).)"
+        )
+
+
+def test_a_malformed_conversation_link_gets_a_clear_message(page: Page, service: ServerThread) -> None:
+    page.goto(service.url + "/chat?c=not%20an%20id")
+    expect(page.locator(".notice.error")).to_have_text(
+        "The request was not accepted: 'conversation_id' must match ^[A-Za-z0-9_.:-]{1,128}$."
+    )
+
+
+def test_the_conversation_list_pages_in_more_as_it_is_scrolled(
+    page: Page, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    for index in range(25):
+        chat_via_api(service.url, f"conversation {index}", f"c{index}")
+    page.goto(service.url + "/chat")
+    items = page.locator("#conversations li a")
+    expect(items).to_have_count(20)
+    expect(items.first).to_have_text("conversation 24")
+    page.locator("#list-end").scroll_into_view_if_needed()
+    expect(items).to_have_count(25)
+    expect(items.last).to_have_text("conversation 0")
+
+
+def test_at_phone_width_the_list_opens_from_a_menu_and_nothing_scrolls_sideways(
+    browser: Browser, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    chat_via_api(service.url, "on the phone", "phone")
+    page = browser.new_context(locale="en-US", viewport={"width": 375, "height": 700}, is_mobile=True).new_page()
+    page.goto(service.url + "/chat")
+    conversation = page.get_by_role("link", name="on the phone")
+    expect(conversation).not_to_be_in_viewport()
+    expect(textbox(page)).to_be_in_viewport()
+    menu = page.get_by_role("button", name="Conversations")
+    menu.click()
+    expect(menu).to_have_attribute("aria-expanded", "true")
+    expect(conversation).to_be_in_viewport()
+    conversation.click()
+    expect(page.locator(".answer")).to_have_text("echo: on the phone")
+    expect(conversation).not_to_be_in_viewport()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.context.close()
+
+
+MARKDOWN = [
+    ("plain <b>text</b> & more", "<p>plain &lt;b&gt;text&lt;/b&gt; &amp; more</p>"),
+    ("line one\nline two\n\nnext", "<p>line one<br>line two</p><p>next</p>"),
+    ("**bold**, *it*, _it_, snake_case_name, ~~gone~~",
+     "<p><strong>bold</strong>, <em>it</em>, <em>it</em>, snake_case_name, <del>gone</del></p>"),
+    ("a `<i>code</i>` b", "<p>a <code>&lt;i&gt;code&lt;/i&gt;</code> b</p>"),
+    ("```html\n<script>x()</script>\n\n**not bold**\n```",
+     '<pre><code class="language-html">&lt;script&gt;x()&lt;/script&gt;\n\n**not bold**</code></pre>'),
+    ("```\nstill streaming", "<pre><code>still streaming</code></pre>"),
+    ("- one\n- **two**\n  - nested", "<ul><li>one</li><li><strong>two</strong><ul><li>nested</li></ul></li></ul>"),
+    ("3. three\n4. four", '<ol start="3"><li>three</li><li>four</li></ol>'),
+    ("[docs](https://example.com/a?b=1&c=2)",
+     '<p><a href="https://example.com/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer nofollow">docs</a></p>'),
+    ("see https://example.com/x.",
+     '<p>see <a href="https://example.com/x" target="_blank" rel="noopener noreferrer nofollow">'
+     "https://example.com/x</a>.</p>"),
+    ("[see https://a.example](https://b.example)",
+     '<p><a href="https://b.example/" target="_blank" rel="noopener noreferrer nofollow">see https://a.example</a></p>'),
+    ("[x](javascript:alert(1)) [y](data:text/html,hi) [z](ftp://h/)",
+     "<p>[x](javascript:alert(1)) [y](data:text/html,hi) [z](ftp://h/)</p>"),
+    ("## Title\n> quoted", "<h4>Title</h4><blockquote><p>quoted</p></blockquote>"),
+    ("| a | b |\n|---|---|\n| 1 | `2` |",
+     "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td><code>2</code></td></tr></tbody></table>"),
+    ("\\*not italic\\*", "<p>*not italic*</p>"),
+]  # fmt: skip
+
+
+def test_markdown_renders_the_common_forms_and_never_html(page: Page, service: ServerThread) -> None:
+    page.goto(service.url + "/chat")
+    rendered = [
+        page.evaluate(
+            "text => { const box = document.createElement('div'); box.append(renderMarkdown(text)); "
+            "return box.innerHTML; }",
+            text,
+        )  # fmt: skip
+        for text, _ in MARKDOWN
+    ]
+    assert rendered == [html for _, html in MARKDOWN]
