@@ -1426,6 +1426,8 @@ def test_page_shows_the_answer_while_the_model_is_still_streaming(
 def test_page_shows_thinking_tool_cards_and_markdown(
     page: Page, service: ServerThread, upstream: FakeModelAPI, tmp_path: Path
 ) -> None:
+    chat_via_api(service.url, "Plan a weekend in Hangzhou", "older")
+    chat_via_api(service.url, "What time is it in Tokyo?", "old")
     upstream.reset(
         Reply(
             reasoning="The user wants a product and the time on Mars.",
@@ -1453,8 +1455,12 @@ def test_page_shows_thinking_tool_cards_and_markdown(
     expect(clock.locator(".result")).to_contain_text("Mars/Base")
     expect(answer.locator("em")).to_have_text("no")
     expect(answer.locator("li code")).to_have_text("calculate")
-    expect(page.locator("#conversations li")).to_have_count(1)
-    page.screenshot(path=os.environ.get("README_SCREENSHOT") or tmp_path / "chat.png")
+    expect(page.locator("#conversations li a")).to_have_text(
+        ["What is 6 × 7, and what time is it on Mars?", "What time is it in Tokyo?", "Plan a weekend in Hangzhou"]
+    )
+    # README_SCREENSHOT=static/screenshot.png pytest -k thinking_tool_cards renews the README's picture.
+    target = os.environ.get("README_SCREENSHOT")
+    page.screenshot(path=HERE / target if target else tmp_path / "chat.png")
 
 
 @pytest.mark.parametrize(
