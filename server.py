@@ -311,6 +311,10 @@ def load_settings() -> Settings:
 ERRORS: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "The request body is not valid JSON."),
     "unauthorized": (401, "Send the server key as 'Authorization: Bearer <SERVER_API_KEY>'."),
+    "origin_not_allowed": (
+        403,
+        "A page of this origin may only send JSON (Content-Type: application/json); or list it in CORS_ORIGINS.",
+    ),
     "not_found": (404, "Not found."),
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
@@ -1530,8 +1534,11 @@ JSON_CONTENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON; refused while reading once it passes `limit` bytes."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in JSON_CONTENT_TYPES and not content_type.endswith("+json"):
+    declared_json = content_type == "application/json" or content_type.endswith("+json")
+    if not declared_json and content_type not in JSON_CONTENT_TYPES:
         raise ApiError("unsupported_media_type")
+    if not declared_json and not origin_allowed(request):
+        raise ApiError("origin_not_allowed")
     too_large = ApiError("payload_too_large", f"The body is larger than MAX_BODY_BYTES ({limit} bytes).")
     declared = whole_number(request.headers.get("content-length", ""))
     if declared is not None and declared > limit:
@@ -1547,6 +1554,17 @@ async def read_json(request: Request, limit: int) -> Any:
         raise ApiError("invalid_json") from None
     except RecursionError:
         raise ApiError("invalid_json", "The request body is nested too deeply.") from None
+
+
+def origin_allowed(request: Request) -> bool:
+    """Whether the page that sent this may run it. A browser sends a form or text/plain
+    cross-site without asking CORS first, so for those bodies the server asks: any page of an
+    origin in CORS_ORIGINS ('*': all), of this server itself, or no page at all (curl)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    allowed = context(request).settings.cors_origins
+    return "*" in allowed or origin in allowed or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:

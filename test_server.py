@@ -1803,6 +1803,41 @@ def test_cors_preflight_works_from_an_allowed_origin_and_fails_from_another(
     assert denied.status_code == 400 and "access-control-allow-origin" not in denied.headers
 
 
+EVIL, APP, FORM = "https://evil.example", "https://app.example", "application/x-www-form-urlencoded"
+ORIGIN_CASES = [
+    ("form-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": FORM}, 403),
+    ("text-from-another-site", "/api/chat/stream", APP, {"Origin": EVIL, "Content-Type": "text/plain"}, 403),
+    ("no-type-from-another-site", "/api/chat", APP, {"Origin": EVIL}, 403),
+    ("sandboxed-page", "/api/chat", APP, {"Origin": "null", "Content-Type": "text/plain"}, 403),
+    ("text-from-an-allowed-origin", "/api/chat", APP, {"Origin": APP, "Content-Type": "text/plain"}, 200),
+    ("text-from-this-server", "/api/chat", APP, {"Origin": "http://testserver", "Content-Type": "text/plain"}, 200),
+    ("json-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": "application/json"}, 200),
+    ("curl-sends-no-origin", "/api/chat", APP, {"Content-Type": FORM}, 200),
+    ("any-origin-allowed", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 200),
+]
+
+
+@pytest.mark.parametrize(
+    "path, allowed, headers, status", [c[1:] for c in ORIGIN_CASES], ids=[c[0] for c in ORIGIN_CASES]
+)
+def test_a_page_of_an_origin_cors_does_not_allow_cannot_post_a_form_or_text_turn(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    path: str,
+    allowed: str,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    with TestClient(server.create_app(settings_for(CORS_ORIGINS=allowed))) as client:
+        body = b'{"message": "spend the credit", "conversation_id": "victim"}'
+        response = client.post(path, content=body, headers=headers)
+        stored = client.get("/api/conversations/victim")
+    assert response.status_code == status
+    if status == 403:
+        assert response.json()["error"]["code"] == "origin_not_allowed"
+        assert upstream.requests == [] and stored.status_code == 404
+
+
 def test_cors_wildcard_never_allows_credentials(client: TestClient) -> None:
     response = client.get("/health", headers={"Origin": "https://any.example"})
     assert response.headers["access-control-allow-origin"] == "*"
