@@ -2341,6 +2341,25 @@ def test_v1_stateful_mode_runs_on_a_stored_conversation_across_two_requests(
     assert listed["conversation_id"] == "v1-ada" and listed["message_count"] == 4
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_v1_stateful_mode_with_deepseek_thinking_completes_tool_turns_and_the_turns_after_them(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, stream: bool
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), *tool_turn("7*8", "56."), strict="deepseek")
+    answers = []
+    with ServerThread(server.create_app(settings_for(THINKING="enabled"))) as service:
+        with openai.OpenAI(base_url=service.url + "/v1", api_key="k", max_retries=0) as sdk:
+            for text in ("What is 6*7?", "Sure?", "And 7*8?"):
+                messages = [{"role": "user", "content": text}]
+                reply = sdk.chat.completions.create(
+                    model="m", messages=messages, extra_body={"conversation_id": "v1-think"}, stream=stream
+                )
+                answers.append(joined(list(reply), "content") if stream else reply.choices[0].message.content)
+    assert answers == ["42.", "Yes.", "56."]
+    sent = [m.get("reasoning_content") for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert sent == [DEFAULT_REASONING, DEFAULT_REASONING, None, DEFAULT_REASONING]
+
+
 def test_v1_stateful_mode_is_busy_while_a_turn_of_that_conversation_runs(
     sdk: openai.OpenAI, upstream: FakeModelAPI, service: ServerThread
 ) -> None:
