@@ -1814,7 +1814,8 @@ ORIGIN_CASES = [
     ("text-from-this-server", "/api/chat", APP, {"Origin": "http://testserver", "Content-Type": "text/plain"}, 200),
     ("json-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": "application/json"}, 200),
     ("curl-sends-no-origin", "/api/chat", APP, {"Content-Type": FORM}, 200),
-    ("any-origin-allowed", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 200),
+    ("wildcard-opens-json-not-forms", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 403),
+    ("wildcard-opens-json", "/api/chat", "*", {"Origin": EVIL, "Content-Type": "application/json"}, 200),
 ]
 
 
