@@ -34,9 +34,10 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
@@ -62,7 +63,7 @@ from autogen_agentchat.messages import (
 )
 from autogen_core import CancellationToken
 from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
-from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, UserMessage
+from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, SystemMessage, UserMessage
 from autogen_core.tools import FunctionTool, ToolSchema
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.openai import _model_info as autogen_model_info
@@ -94,6 +95,7 @@ DEFAULT_SYSTEM_MESSAGE = (
     "calculate for arithmetic."
 )
 CONVERSATION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+HANDOVER_SECONDS = 0.25  # how long a new turn waits for a stopped turn of its conversation here
 
 # AutoGen only knows OpenAI's model names; these are DeepSeek's current ones (its Models &
 # Pricing page): deepseek-flash is V4.1 Flash and reads images; deepseek-v4-flash is still
@@ -254,6 +256,7 @@ class Settings:
     thinking: str | None = None
     reasoning_effort: str | None = None
     thinking_api: bool = True
+    agent_model_id: str = "autogen-agent"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -291,6 +294,7 @@ class Settings:
             thinking=thinking,
             reasoning_effort=effort,
             thinking_api=_thinking_api(base_url, thinking, effort),
+            agent_model_id=env.get("AGENT_MODEL_ID", "").strip() or cls.agent_model_id,
         )
 
 
@@ -308,6 +312,10 @@ def load_settings() -> Settings:
 ERRORS: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "The request body is not valid JSON."),
     "unauthorized": (401, "Send the server key as 'Authorization: Bearer <SERVER_API_KEY>'."),
+    "origin_not_allowed": (
+        403,
+        "A page of this origin may only send JSON (Content-Type: application/json); or list it in CORS_ORIGINS.",
+    ),
     "not_found": (404, "Not found."),
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
@@ -329,6 +337,10 @@ ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# Seconds to wait before trying again, by status, for errors that do not know better.
+RETRY_AFTER = {409: 1, 503: 5}
+
+
 class ApiError(Exception):
     """An error for the client: a code from ERRORS, with an optional clearer message."""
 
@@ -337,7 +349,7 @@ class ApiError(Exception):
         self.code = code
         self.status_code = ERRORS[code][0]
         self.message = message or ERRORS[code][1]
-        self.retry_after = retry_after
+        self.retry_after = RETRY_AFTER.get(self.status_code) if retry_after is None else retry_after
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -345,16 +357,27 @@ class ApiError(Exception):
             error["retry_after"] = self.retry_after
         return error
 
-    def response(self) -> JSONResponse:
+    def headers(self) -> dict[str, str]:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
         if self.code == "unauthorized":
             headers["WWW-Authenticate"] = "Bearer"
+        return headers
+
+    def response(self) -> JSONResponse:
         content = {"status": "error", "error": self.body()}
-        return JSONResponse(content, status_code=self.status_code, headers=headers)
+        return JSONResponse(content, status_code=self.status_code, headers=self.headers())
 
 
 class UpstreamIncomplete(Exception):
     """The model's stream ended without a finish reason: the answer was cut."""
+
+
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(text: str) -> int | None:
+    """A plain ASCII whole number, else None: str.isdigit() also passes '²', which int() refuses."""
+    return int(text) if WHOLE_NUMBER.fullmatch(text) else None
 
 
 def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
@@ -362,8 +385,7 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return ApiError("upstream_auth")
     if isinstance(exc, openai.RateLimitError):
-        wait = exc.response.headers.get("retry-after", "")
-        return ApiError("upstream_rate_limited", retry_after=int(wait) if wait.isdigit() else None)
+        return ApiError("upstream_rate_limited", retry_after=whole_number(exc.response.headers.get("retry-after", "")))
     if isinstance(exc, openai.NotFoundError) or _is_unknown_model(exc):
         model = settings.model_name
         message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
@@ -458,14 +480,14 @@ def calculate(expression: str) -> str:
 
 def _evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if _too_large(node.value):  # 1e999 parses as inf
+            raise ValueError("Number too large.")
         return node.value
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
         return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        # An int power is computed exactly, however long it takes: bound it before. A float
-        # power overflows with an error instead.
-        if isinstance(node.op, ast.Pow) and isinstance(left, int) and abs(right) * left.bit_length() > MAX_RESULT_BITS:
+        if isinstance(node.op, ast.Pow) and _power_too_large(left, right):
             raise ValueError("Result too large.")
         try:
             result = BINARY_OPERATORS[type(node.op)](left, right)
@@ -477,6 +499,15 @@ def _evaluate(node: ast.AST) -> int | float:
             raise ValueError("Result too large or not a real number.")
         return result
     raise ValueError(f"Unsupported in arithmetic: {type(node).__name__}.")
+
+
+def _power_too_large(base: int | float, exponent: int | float) -> bool:
+    """Whether int ** int surely passes MAX_RESULT_BITS: Python computes it exactly, however
+    long that takes. |base| has b bits, so |base| ** n has at least (b - 1) * n + 1. Other
+    powers are floats, which overflow with an error instead."""
+    if not isinstance(base, int) or not isinstance(exponent, int) or exponent <= 0:
+        return False
+    return (abs(base).bit_length() - 1) * exponent + 1 > MAX_RESULT_BITS
 
 
 def _too_large(value: int | float) -> bool:
@@ -939,7 +970,35 @@ class Chunk(ChatCompletionChunk):
             return ChatCompletionChunk.construct(**data)
 
 
+# Reasons a model ends a complete answer. "length": cut at the token limit, kept and reported as
+# such. Any other reason (content_filter, DeepSeek's insufficient_system_resource) means the API
+# cut the answer: nothing of it is saved.
+FINISH_REASONS = {"stop", "tool_calls", "function_call", "length"}
+
+
+@dataclass
+class ModelCalls:
+    """The model calls of one turn, which AutoGen cannot pass between the turn and the client;
+    they meet in MODEL_CALLS, a context variable set in the turn's task."""
+
+    finish_reasons: list[str] = field(default_factory=list)
+    streams: set[openai.AsyncStream[Any]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        """Close the model responses still open: AutoGen's nested generators, once left, are
+        closed only by the garbage collector, and so would be the model request."""
+        for stream in list(self.streams):
+            await stream.close()
+
+
+MODEL_CALLS: ContextVar[ModelCalls | None] = ContextVar("model_calls", default=None)
+
+
 REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
+
+# Sampling fields of the running turn's request, sent with each of its model calls: AutoGen
+# 0.7.5's AssistantAgent has no per-run create args, and the client's are fixed at construction.
+SAMPLING: ContextVar[Mapping[str, Any] | None] = ContextVar("sampling", default=None)
 
 
 class ChatClient(OpenAIChatCompletionClient):
@@ -998,7 +1057,7 @@ class ChatClient(OpenAIChatCompletionClient):
     async def _create_stream_chunks(
         self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
     ) -> AsyncIterator[ChatCompletionChunk]:
-        body = {**create_args, "messages": oai_messages, "stream": True}
+        body = {**create_args, **(SAMPLING.get() or {}), "messages": oai_messages, "stream": True}
         sink: list[str] = body.pop(REASONING_SINK, [])
         body.update(body.pop("extra_body", None) or {})  # as the SDK's create() would
         options = {"timeout": body.pop("timeout")} if "timeout" in body else {}
@@ -1016,17 +1075,22 @@ class ChatClient(OpenAIChatCompletionClient):
         )
         if cancellation_token is not None:
             cancellation_token.link_future(request)
-        finished = False
-        async for chunk in await request:
-            if chunk.choices:
-                choice = chunk.choices[0]
-                finished = finished or bool(choice.finish_reason)
-                reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
-                if isinstance(reasoning, str):
-                    sink.append(reasoning)
-            yield chunk
-        if not finished:
+        stream, calls, reason = await request, MODEL_CALLS.get() or ModelCalls(), None
+        calls.streams.add(stream)
+        try:
+            async for chunk in stream:
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    reason = choice.finish_reason or reason
+                    reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
+                    if isinstance(reasoning, str):
+                        sink.append(reasoning)
+                yield chunk
+        finally:
+            calls.streams.discard(stream)
+        if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
+        calls.finish_reasons.append(reason)
 
 
 def reasoning_to_pass_back(messages: Sequence[LLMMessage]) -> list[str | None]:
@@ -1072,8 +1136,16 @@ def make_client(settings: Settings) -> ChatClient:
 
 
 def history_window(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
-    """The last `size` messages, widened back to a user message so no tool result is cut
-    from its call (the current turn stays whole even when it alone is longer)."""
+    """System messages at the start (a client's, on /v1), then the last `size` messages,
+    widened back to a user message so no tool result is cut from its call (the current turn
+    stays whole even when it alone is longer)."""
+    head = 0
+    while head < len(messages) and isinstance(messages[head], SystemMessage):
+        head += 1
+    return messages[:head] + _recent(messages[head:], size)
+
+
+def _recent(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
     start = max(0, len(messages) - size)
     for index in range(start, len(messages)):
         if isinstance(messages[index], UserMessage):
@@ -1169,6 +1241,7 @@ class AppContext:
     turns: set[Turn] = field(default_factory=set)
     releases: set[asyncio.Task[None]] = field(default_factory=set)
     shutting_down: bool = False
+    started: int = field(default_factory=lambda: int(time.time()))
 
 
 LAST_EVENTS = {"done", "error"}
@@ -1201,13 +1274,27 @@ async def keep_releasing(ctx: AppContext, conversation_id: str, lease: str) -> N
 
 class Turn:
     """One message run through the agent in its own task, its events queued for the
-    response. Holds the conversation's lease until close(); saves only if it completes."""
+    response. Holds the conversation's lease until close(); saves only if it completes.
 
-    def __init__(self, ctx: AppContext, conversation_id: str, message: str, lease: str):
+    Given a `history` instead of a lease, the turn is stateless (the /v1 face's default): it
+    starts from that history, takes no lease and saves nothing. `sampling` goes with each
+    model call (see SAMPLING)."""
+
+    def __init__(
+        self,
+        ctx: AppContext,
+        conversation_id: str,
+        message: str,
+        lease: str | None,
+        history: list[LLMMessage] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+    ):
         self.ctx = ctx
         self.conversation_id = conversation_id
         self.message = message
         self.lease = lease
+        self.history = history
+        self.sampling = sampling or {}
         self.events: asyncio.Queue[Event | None] = asyncio.Queue()
         self.token = CancellationToken()
         self.stop_reason: str | None = None
@@ -1238,6 +1325,9 @@ class Turn:
             if not self.task.done():
                 self.token.cancel()
                 self.task.cancel()
+                # A cancelled turn saves nothing, so its lease need not wait for it to unwind
+                # (the model request closing): a client that stops and resends at once gets in.
+                self._start_release()
                 # On disconnect Starlette cancels the response's anyio scope, which re-delivers
                 # the cancellation at every await: shield the wait for the turn to unwind.
                 with anyio.CancelScope(shield=True):
@@ -1252,7 +1342,7 @@ class Turn:
     def _start_release(self) -> asyncio.Future[None]:
         """Release the lease once, in a task of its own: cancelling the turn cannot stop it."""
         if self.releasing is None:
-            if self.saved:  # the save deleted it
+            if self.saved or self.lease is None:  # the save deleted it, or there is none
                 self.releasing = self.loop.create_future()
                 self.releasing.set_result(None)
             else:
@@ -1275,7 +1365,11 @@ class Turn:
         if now - self.last_event >= settings.ping_interval:
             self.events.put_nowait(PING)
             self.last_event = now
-        if now - self.renewed >= settings.lease_seconds / 3 and (self.renewal is None or self.renewal.done()):
+        if (
+            now - self.renewed >= settings.lease_seconds / 3
+            and self.lease is not None
+            and (self.renewal is None or self.renewal.done())
+        ):
             self.renewal = asyncio.create_task(self._renew())
             self.renewed = now
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
@@ -1291,6 +1385,7 @@ class Turn:
             self.stop("turn_superseded")
 
     async def _pump(self) -> None:
+        SAMPLING.set(self.sampling)  # this task's context only
         try:
             async for event in self._run():
                 if event[0] in LAST_EVENTS:
@@ -1308,16 +1403,23 @@ class Turn:
 
     async def _run(self) -> AsyncIterator[Event]:
         yield "status", {"status": "started", "conversation_id": self.conversation_id}
+        MODEL_CALLS.set(calls := ModelCalls())
         try:
             agent = await self._agent()
             task = TextMessage(content=self.message, source="user")
-            async for event in agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False):
-                for item in self._translate(event):
-                    yield item
-            state = await agent.save_state()
-            self.saving = True
-            await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
-            self.saved = True
+            events = agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
+            try:
+                async for event in events:
+                    for item in self._translate(event):
+                        yield item
+            finally:
+                await events.aclose()
+                await calls.close()
+            if self.lease is not None:
+                state = await agent.save_state()
+                self.saving = True
+                await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
+                self.saved = True
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise
@@ -1328,7 +1430,8 @@ class Turn:
             self._log_failure(error, exc)
             yield "error", error.body()
             return
-        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage}
+        finish_reason = "length" if "length" in calls.finish_reasons else "stop"
+        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage, "finish_reason": finish_reason}
 
     async def _agent(self) -> AssistantAgent:
         settings, tools = self.ctx.settings, self.ctx.tools
@@ -1339,9 +1442,9 @@ class Turn:
             system_message=settings.system_message,
             model_client_stream=True,
             reflect_on_tool_use=bool(tools),
-            model_context=HistoryWindow(settings.max_history_messages),
+            model_context=HistoryWindow(settings.max_history_messages, initial_messages=self.history),
         )
-        state = await self.ctx.store.load_state(self.conversation_id)
+        state = None if self.history is not None else await self.ctx.store.load_state(self.conversation_id)
         if state is not None:
             await agent.load_state(state)
         return agent
@@ -1404,14 +1507,14 @@ class Turn:
         )
 
 
-async def stream_turn(turn: Turn) -> AsyncIterator[bytes]:
+async def stream_turn(turn: Turn, render: Callable[[Event], bytes] = sse_event) -> AsyncIterator[bytes]:
     """The turn's events as SSE; events that queued up while the last write was going out
     leave together in one write, so a busy server makes fewer, larger writes."""
     while True:
         batch = [await turn.events.get()]
         while batch[-1] is not None and not turn.events.empty():
             batch.append(turn.events.get_nowait())
-        body = b"".join(sse_event(event) for event in batch if event is not None)
+        body = b"".join(render(event) for event in batch if event is not None)
         if body:
             yield body
         if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
@@ -1432,7 +1535,7 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
             elif name == "tool_result" and data["call_id"] in calls:
                 calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
             elif name == "done":
-                reply["usage"] = data["usage"]
+                reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
             elif name == "error":
                 raise ApiError(data["code"], data["message"], data.get("retry_after"))
     finally:
@@ -1443,8 +1546,11 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
 class TurnStream(StreamingResponse):
     """The SSE response of a turn; closes the turn however the response ends."""
 
-    def __init__(self, turn: Turn) -> None:
-        super().__init__(stream_turn(turn), media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(
+        self, turn: Turn, render: Callable[[Event], bytes] = sse_event, headers: Mapping[str, str] | None = None
+    ) -> None:
+        headers = {**SSE_HEADERS, **(headers or {})}
+        super().__init__(stream_turn(turn, render), media_type="text/event-stream", headers=headers)
         self.turn = turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1460,17 +1566,22 @@ class TurnStream(StreamingResponse):
 
 # curl -d sends application/x-www-form-urlencoded; a JSON body is accepted under it so the
 # five-minute curl demo works. Types that cannot hold JSON are refused with 415.
+# JSON may escape half of a UTF-16 pair ("\ud800"), which no UTF-8 text (database, model API) can hold.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 JSON_CONTENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
 
 
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON; refused while reading once it passes `limit` bytes."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in JSON_CONTENT_TYPES and not content_type.endswith("+json"):
+    declared_json = content_type == "application/json" or content_type.endswith("+json")
+    if not declared_json and content_type not in JSON_CONTENT_TYPES:
         raise ApiError("unsupported_media_type")
+    if not declared_json and not origin_allowed(request):
+        raise ApiError("origin_not_allowed")
     too_large = ApiError("payload_too_large", f"The body is larger than MAX_BODY_BYTES ({limit} bytes).")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = whole_number(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
@@ -1481,6 +1592,19 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError:
         raise ApiError("invalid_json") from None
+    except RecursionError:
+        raise ApiError("invalid_json", "The request body is nested too deeply.") from None
+
+
+def origin_allowed(request: Request) -> bool:
+    """Whether the page that sent this may run it. A browser sends a form or text/plain
+    cross-site without asking CORS first, so for those bodies the server asks: a page of an
+    origin CORS_ORIGINS names, of this server itself, or no page at all (curl). '*' does not
+    count here: it opens JSON to every page (the browser asks CORS first), not hidden forms."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return origin in context(request).settings.cors_origins or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
@@ -1493,6 +1617,8 @@ def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
     if len(message) > settings.max_message_chars:
         limit = settings.max_message_chars
         raise ApiError("payload_too_large", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
+    if LONE_SURROGATE.search(message):
+        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff): it is not text.")
     conversation_id = data.get("conversation_id")
     if conversation_id is None:
         return message, str(uuid.uuid4())
@@ -1509,9 +1635,10 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    value = whole_number(raw)
+    if value is None or not low <= value <= high:
         raise ApiError("validation_error", f"'{name}' must be a whole number from {low} to {high}.")
-    return int(raw)
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -1537,6 +1664,8 @@ async def index(request: Request) -> JSONResponse:
                 "conversations": "GET /api/conversations",
                 "conversation": "GET|DELETE /api/conversations/{conversation_id}",
                 "health": "GET /health",
+                "openai_chat": "POST /v1/chat/completions",
+                "openai_models": "GET /v1/models",
             },
             "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
         }
@@ -1564,23 +1693,75 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if database else 503)
 
 
-async def start_turn(request: Request) -> Turn:
+async def turn_body(request: Request) -> Any:
+    """The JSON body of a request for a turn, which needs the model configured and the
+    server not shutting down."""
     ctx = context(request)
     if ctx.client is None:
         raise ApiError("not_configured")
-    if ctx.shutting_down:
-        raise ApiError("server_shutting_down")
     data = await read_json(request, ctx.settings.max_body_bytes)
-    message, conversation_id = parse_chat_request(data, ctx.settings)
+    if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
+        raise ApiError("server_shutting_down")
+    return data
+
+
+async def stored_turn(
+    ctx: AppContext, conversation_id: str, message: str, sampling: Mapping[str, Any] | None = None
+) -> Turn:
+    """A turn on the stored conversation, holding its lease; 409 while another turn runs."""
     lease = uuid.uuid4().hex
-    if not await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    if not await take_lease(ctx, conversation_id, lease):
         raise ApiError("conversation_busy")
-    return Turn(ctx, conversation_id, message, lease)
+    return Turn(ctx, conversation_id, message, lease, sampling=sampling)
 
 
-async def chat(request: Request) -> JSONResponse:
+async def start_turn(request: Request) -> Turn:
+    message, conversation_id = parse_chat_request(await turn_body(request), context(request).settings)
+    return await stored_turn(context(request), conversation_id, message)
+
+
+async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
+    """The conversation's lease for a new turn. A turn here that holds it may be one its
+    client stopped a moment ago ("stop, then resend"): the closed connection can reach the
+    server after the resend. Such a turn gets HANDOVER_SECONDS to end (its lease goes first)."""
+    if await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+        return True
+    holder = next((turn for turn in ctx.turns if turn.conversation_id == conversation_id), None)
+    if holder is None:
+        return False
+    await asyncio.wait([holder.task], timeout=HANDOVER_SECONDS)
+    return await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds)
+
+
+async def chat(request: Request) -> Response:
     turn = await start_turn(request)
-    return JSONResponse(await collect_turn(turn))
+    return await json_reply(request, collect_turn(turn))
+
+
+async def json_reply(
+    request: Request, collect: Coroutine[Any, Any, dict[str, Any]], headers: Mapping[str, str] | None = None
+) -> Response:
+    """A turn's JSON reply. Starlette does not cancel a plain handler whose client went away, so
+    this watches for that: the turn is cancelled, saves nothing and lets go of its lease."""
+    reply = asyncio.ensure_future(collect)
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait([reply, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not reply.done():
+            reply.cancel()  # collect_turn closes the turn as it unwinds
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([reply])
+    if reply.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return JSONResponse(reply.result(), headers=headers)
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects; only once the body has been read."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def chat_stream(request: Request) -> TurnStream:
@@ -1626,26 +1807,36 @@ async def openapi_json(request: Request) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    if exc.status_code < 500 and exc.code != "not_found":
-        logger.info("%s %s -> %s %s", request.method, request.url.path, exc.status_code, exc.code)
-    return exc.response()
+    return refuse(request, exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "internal_error")
-    response = ApiError(code).response()
+    response = refuse(request, ApiError(code))
     response.headers.update(exc.headers or {})
     return response
 
 
+def refuse(request: Request, error: ApiError) -> Response:
+    """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
+    if error.status_code < 500:
+        logger.info("%s %s -> %s %s", request.method, request.url.path, error.status_code, error.code)
+    return error_response(request.scope, error)
+
+
 async def database_error(request: Request, exc: Exception) -> Response:
     logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
-    return ApiError("database_unavailable").response()
+    return error_response(request.scope, ApiError("database_unavailable"))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    return ApiError("internal_error").response()
+    return error_response(request.scope, ApiError("internal_error"))
+
+
+def error_response(scope: Scope, error: ApiError) -> Response:
+    """The error in the shape of the face the request came to."""
+    return v1_error_response(error) if on_v1(scope) else error.response()
 
 
 class RequireServerKey:
@@ -1806,6 +1997,291 @@ async def redoc(request: Request) -> HTMLResponse:
 
 
 # ---------------------------------------------------------------------------
+# OpenAI-compatible /v1 face
+# ---------------------------------------------------------------------------
+
+V1_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+V1_TEXT_PARTS = {"text", "input_text"}
+V1_IMAGE_PARTS = {"image_url", "input_image", "image"}
+# Sampling fields sent with each model call of the turn, with their bounds. Every other field
+# (n, logprobs, logit_bias, response_format, reasoning_effort, tools, tool_choice, user, ...)
+# is accepted and ignored.
+V1_NUMBERS = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
+V1_STATUS = {415: 400, 422: 400}  # OpenAI answers every malformed request with 400
+V1_DELTA_FIELDS = {"chunk": "content", "thought": "reasoning_content"}
+V1_DONE = b"data: [DONE]\n\n"
+MAX_TOOL_RESULT_SHOWN = 500
+# The face's tool lines in reasoning_content, found again when an app sends them back in content.
+FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).*(?:\n|$)", re.M)
+# Reasoning that apps fold into the content they send back: <think> (R1 style), Open WebUI's
+# <details type="reasoning">, NextChat's <!--THINKING--> quote.
+FOLDED_REASONING = re.compile(
+    r"<think>.*?</think>|<details type=\"reasoning\".*?</details>|<!--THINKING-->.*?<!--/THINKING-->", re.S
+)
+
+
+def on_v1(scope: Scope) -> bool:
+    path = scope["path"].removeprefix(scope.get("root_path", ""))
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def v1_error_body(code: str, message: str) -> dict[str, Any]:
+    status = ERRORS[code][0]
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def v1_error_response(error: ApiError) -> JSONResponse:
+    status = V1_STATUS.get(error.status_code, error.status_code)
+    return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
+
+
+@dataclass(frozen=True)
+class V1Request:
+    """What the agent uses of a chat completion request."""
+
+    message: str
+    history: list[LLMMessage]
+    conversation_id: str | None
+    stream: bool
+    include_usage: bool
+    sampling: dict[str, Any]
+    model: str
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError("validation_error", message)
+
+
+def parse_v1_request(data: Any, conversation_header: str | None, settings: Settings) -> V1Request:
+    """The request's last user message is the turn's; what precedes it is its history."""
+    if not isinstance(data, dict):
+        raise invalid("The body must be a JSON object with 'messages'.")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list.")
+    parsed = [v1_message(message, index) for index, message in enumerate(messages)]
+    last = max((index for index, (role, _) in enumerate(parsed) if role == "user"), default=None)
+    if last is None:
+        raise invalid("'messages' has no user message.")
+    message = parsed[last][1]
+    if not message.strip():
+        raise invalid("The last user message has no text.")
+    if len(message) > settings.max_message_chars:
+        raise ApiError(
+            "payload_too_large",
+            f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).",
+        )
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
+        raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
+    model = data.get("model")
+    if not _optional(str, model):
+        raise invalid("'model' must be a string.")
+    conversation_id = conversation_header or data.get("conversation_id")
+    return V1Request(
+        message=message,
+        history=v1_history(parsed, last),
+        conversation_id=None if conversation_id is None else check_conversation_id(conversation_id),
+        stream=data.get("stream") is True,
+        include_usage=options.get("include_usage") is True,
+        sampling=v1_sampling(data),
+        model=model or settings.agent_model_id,
+    )
+
+
+def _optional(kind: type, *values: Any) -> bool:
+    return all(value is None or isinstance(value, kind) for value in values)
+
+
+def v1_message(message: Any, index: int) -> tuple[str, str]:
+    """(role, text) of a message; developer counts as system, tool messages are not read."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in V1_ROLES:
+        raise invalid(f"messages[{index}].role must be one of {', '.join(V1_ROLES)}.")
+    content = message.get("content")
+    if role in {"tool", "function"} and (content is None or isinstance(content, str | list)):
+        return role, ""
+    return ("system" if role == "developer" else role), v1_text(content, index)
+
+
+def v1_text(content: Any, index: int) -> str:
+    """The string, or the text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise invalid(f"messages[{index}].content must be a string or a list of content parts.")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in V1_IMAGE_PARTS:
+            raise invalid(f"messages[{index}] holds an image; this model cannot read images (MODEL_VISION).")
+        else:
+            raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text parts are read.")
+    return "\n".join(texts)
+
+
+def v1_history(parsed: list[tuple[str, str]], last: int) -> list[LLMMessage]:
+    """The agent's starting context: the client's system messages, then the user and assistant
+    text before the last user message. Tool calls and tool messages are dropped: the agent
+    runs its own tools."""
+    history: list[LLMMessage] = [SystemMessage(content=text) for role, text in parsed if role == "system" and text]
+    for role, text in parsed[:last]:
+        if role == "user" and text.strip():
+            history.append(UserMessage(content=text, source="user"))
+        elif role == "assistant" and (answer := without_facade_marks(text)):
+            history.append(AssistantMessage(content=answer, source="assistant"))
+    return history
+
+
+def without_facade_marks(text: str) -> str:
+    """An earlier answer without what the face or the app added: folded reasoning, tool lines."""
+    return FACADE_TOOL_LINES.sub("", FOLDED_REASONING.sub("", text)).strip()
+
+
+def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
+    sampling: dict[str, Any] = {}
+    for name, (low, high) in V1_NUMBERS.items():
+        value = data.get(name)
+        if value is not None:
+            if not _is_number(value) or not low <= value <= high:
+                raise invalid(f"'{name}' must be a number from {low} to {high}.")
+            sampling[name] = value
+    # Sent as max_tokens, the name DeepSeek and local servers read.
+    tokens = next((data[k] for k in ("max_completion_tokens", "max_tokens") if data.get(k) is not None), None)
+    for name, value, low in (("max_tokens", tokens, 1), ("seed", data.get("seed"), -(2**63))):
+        if value is not None:
+            if not _is_number(value) or value != int(value) or value < low:
+                raise invalid(f"'{name}' must be a whole number of at least {low}.")
+            sampling[name] = int(value)
+    stop = data.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None:
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+            raise invalid("'stop' must be a string or a list of up to 4 strings.")
+        sampling["stop"] = stop
+    return sampling
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def v1_delta(event: Event) -> tuple[str, str] | None:
+    """The delta field and text an event adds to the answer or the reasoning: the model's
+    reasoning, and a readable line for each tool call and result."""
+    name, data = event
+    if name in V1_DELTA_FIELDS:
+        return V1_DELTA_FIELDS[name], data["content"]
+    if name == "tool_call":
+        return "reasoning_content", f"\n\n🔧 {data['name']}({data['arguments']})\n\n"
+    if name == "tool_result":
+        result = " ".join(data["content"].split())
+        if len(result) > MAX_TOOL_RESULT_SHOWN:
+            result = result[:MAX_TOOL_RESULT_SHOWN] + "…"
+        return "reasoning_content", f"🔧 {data['name']} → {'⚠️ ' if data['is_error'] else ''}{result}\n\n"
+    return None
+
+
+def v1_usage(usage: Mapping[str, int]) -> dict[str, int]:
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class V1Completion:
+    """One chat completion: the turn's events rendered as chat.completion.chunk frames, or
+    folded into a chat.completion; either way with one id, created and model. Frames are
+    `data:` lines only, no event names or comments: some clients' parsers break on both."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        head = dumps(self._object("chat.completion.chunk"))[:-1]
+        self.text_head = f'data: {head},"choices":[{{"index":0,"delta":{{'  # a text delta skips the encoder
+
+    def _object(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+    def render(self, event: Event) -> bytes:
+        name, data = event
+        delta = v1_delta(event)
+        if delta is not None:
+            return self._text(*delta)
+        if name == "ping":  # an empty delta: apps and proxies see a live stream
+            return self._text("content", "")
+        if name == "status" and data["status"] == "started":
+            return self._frame([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        if name == "done":
+            return self._finish(data)
+        if name == "error":
+            return f"data: {dumps(v1_error_body(data['code'], data['message']))}\n\n".encode() + V1_DONE
+        return b""
+
+    def _text(self, field_name: str, text: str) -> bytes:
+        return f'{self.text_head}"{field_name}":{encode_basestring(text)}}},"finish_reason":null}}]}}\n\n'.encode()
+
+    def _frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        chunk = self._object("chat.completion.chunk", choices=choices)
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {dumps(chunk)}\n\n".encode()
+
+    def _finish(self, done: dict[str, Any]) -> bytes:
+        # Usage also on the finish chunk: some apps close the message at the finish reason.
+        usage = v1_usage(done["usage"]) if self.include_usage else None
+        finish = [{"index": 0, "delta": {}, "finish_reason": done["finish_reason"]}]
+        frames = self._frame(finish, usage)
+        return frames + (self._frame([], usage) if usage else b"") + V1_DONE
+
+    async def collect(self, turn: Turn) -> dict[str, Any]:
+        """The turn folded into one chat.completion; its error raised as an ApiError."""
+        texts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
+        done: dict[str, Any] = {}
+        try:
+            while (event := await turn.events.get()) is not None:
+                name, data = event
+                if (delta := v1_delta(event)) is not None:
+                    texts[delta[0]].append(delta[1])
+                elif name == "done":
+                    done = data
+                elif name == "error":
+                    raise ApiError(data["code"], data["message"], data.get("retry_after"))
+        finally:
+            await turn.close()
+        reasoning = "".join(texts["reasoning_content"]).strip()
+        message = {"role": "assistant", "content": "".join(texts["content"]), "reasoning_content": reasoning or None}
+        choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
+        return self._object("chat.completion", choices=[choice], usage=v1_usage(done["usage"]))
+
+
+async def v1_models(request: Request) -> JSONResponse:
+    ctx = context(request)
+    model = {"id": ctx.settings.agent_model_id, "object": "model", "created": ctx.started, "owned_by": "autogen-chat"}
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+async def v1_chat_completions(request: Request) -> Response:
+    """Stateless by default; with X-Conversation-Id (or conversation_id) exactly /api/chat's turn."""
+    ctx = context(request)
+    chat = parse_v1_request(await turn_body(request), request.headers.get("x-conversation-id"), ctx.settings)
+    completion = V1Completion(chat.model, chat.include_usage)
+    headers: dict[str, str] = {}
+    if chat.conversation_id is None:
+        turn = Turn(ctx, completion.id, chat.message, None, history=chat.history, sampling=chat.sampling)
+    else:
+        turn = await stored_turn(ctx, chat.conversation_id, chat.message, chat.sampling)
+        headers["X-Conversation-Id"] = chat.conversation_id
+    if chat.stream:
+        return TurnStream(turn, completion.render, headers)
+    return await json_reply(request, completion.collect(turn), headers)
+
+
+# ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
 
@@ -1949,6 +2425,8 @@ routes = [
     Route("/api/chat/stream", chat_stream, methods=["POST"], middleware=SECURED),
     Route("/api/conversations", list_conversations, middleware=SECURED),
     Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"], middleware=SECURED),
+    Route("/v1/models", v1_models, middleware=SECURED),
+    Route("/v1/chat/completions", v1_chat_completions, methods=["POST"], middleware=SECURED),
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
@@ -1965,9 +2443,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
+            # Any request header: the openai JS SDK of browser apps sends x-stainless-* headers,
+            # and adds new ones between versions.
+            allow_headers=["*"],
             allow_credentials=not wildcard,  # never credentials together with '*'
-            expose_headers=["Retry-After"],
+            expose_headers=["Retry-After", "X-Conversation-Id"],
         ),
     ]
     handlers = {
