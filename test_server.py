@@ -2492,6 +2492,43 @@ def test_v1_app_shaped_requests_are_accepted_and_the_model_gets_clean_history(
     assert stored_total(service.url) == 0
 
 
+PIXEL = (  # a 1x1 PNG
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+def image_message(url: str) -> dict[str, Any]:
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}],
+    }
+
+
+def test_v1_a_user_image_reaches_a_vision_model_with_its_text(service: ServerThread, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="A pixel."), Reply(content="Still a pixel."))
+    body = {"messages": [image_message(PIXEL), {"role": "assistant", "content": "A pixel."}, image_message(PIXEL)]}
+    for stream in (False, True):
+        assert (
+            httpx.post(service.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=10).status_code
+            == 200
+        )
+    for request in upstream.requests:
+        images = [m["content"] for m in request["messages"] if m["role"] == "user"]
+        assert len(images) == 2
+        for content in images:
+            assert [part["type"] for part in content] == ["text", "image_url"] and content[0]["text"] == "What is this?"
+            assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_v1_an_image_for_a_model_without_vision_is_refused_naming_the_setting(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with TestClient(server.create_app(settings_for(MODEL_VISION="false"))) as client:
+        response = client.post("/v1/chat/completions", json={"messages": [image_message(PIXEL)]})
+    assert response.status_code == 400 and "MODEL_VISION" in response.json()["error"]["message"]
+    assert upstream.requests == []
+
+
 V1_BAD_REQUESTS = [
     ("body-not-json", {"content": b"{nope"}, 400, "invalid_json"),
     ("json-not-object", {"json": ["hi"]}, 400, INVALID),
@@ -2501,9 +2538,12 @@ V1_BAD_REQUESTS = [
     ("bad-role", {"json": {"messages": [{"role": "wizard", "content": "hi"}, *ASK]}}, 400, INVALID),
     ("message-not-object", {"json": {"messages": ["hi"]}}, 400, INVALID),
     ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID),
-    ("image-part", {"json": {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}}, 400, INVALID),
+    ("image-not-readable", {"json": {"messages": [image_message("data:image/png;base64,AA==")]}}, 400, INVALID),
+    ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}}, 400, INVALID),
+    ("image-in-assistant-message", {"json": {"messages": [
+        {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID),
+    ("image-with-conversation-id", {"json": {"messages": [image_message(PIXEL)], "conversation_id": "c"}},
+     400, INVALID),
     ("audio-part", {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}}, 400, INVALID),
     ("last-user-message-empty", {"json": {"messages": [{"role": "user", "content": " "}]}}, 400, INVALID),
     ("stream-not-bool", {"json": {"messages": ASK, "stream": "yes"}}, 400, INVALID),
