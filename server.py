@@ -1604,13 +1604,13 @@ async def read_json(request: Request, limit: int) -> Any:
 
 def origin_allowed(request: Request) -> bool:
     """Whether the page that sent this may run it. A browser sends a form or text/plain
-    cross-site without asking CORS first, so for those bodies the server asks: any page of an
-    origin in CORS_ORIGINS ('*': all), of this server itself, or no page at all (curl)."""
+    cross-site without asking CORS first, so for those bodies the server asks: a page of an
+    origin CORS_ORIGINS names, of this server itself, or no page at all (curl). '*' does not
+    count here: it opens JSON to every page (the browser asks CORS first), not hidden forms."""
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    allowed = context(request).settings.cors_origins
-    return "*" in allowed or origin in allowed or urlsplit(origin).netloc == request.headers.get("host")
+    return origin in context(request).settings.cors_origins or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:

@@ -1778,7 +1778,8 @@ ORIGIN_CASES = [
     ("text-from-this-server", "/api/chat", APP, {"Origin": "http://testserver", "Content-Type": "text/plain"}, 200),
     ("json-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": "application/json"}, 200),
     ("curl-sends-no-origin", "/api/chat", APP, {"Content-Type": FORM}, 200),
-    ("any-origin-allowed", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 200),
+    ("wildcard-opens-json-not-forms", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 403),
+    ("wildcard-opens-json", "/api/chat", "*", {"Origin": EVIL, "Content-Type": "application/json"}, 200),
 ]
 
 
@@ -2303,6 +2304,25 @@ def test_v1_stateful_mode_runs_on_a_stored_conversation_across_two_requests(
     assert sent == [("user", "I am Ada."), ("assistant", "Nice to meet you, Ada."), ("user", "Who am I?")]
     [listed] = httpx.get(service.url + "/api/conversations", timeout=10).json()["conversations"]
     assert listed["conversation_id"] == "v1-ada" and listed["message_count"] == 4
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_v1_stateful_mode_with_deepseek_thinking_completes_tool_turns_and_the_turns_after_them(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, stream: bool
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), *tool_turn("7*8", "56."), strict="deepseek")
+    answers = []
+    with ServerThread(server.create_app(settings_for(THINKING="enabled"))) as service:
+        with openai.OpenAI(base_url=service.url + "/v1", api_key="k", max_retries=0) as sdk:
+            for text in ("What is 6*7?", "Sure?", "And 7*8?"):
+                messages = [{"role": "user", "content": text}]
+                reply = sdk.chat.completions.create(
+                    model="m", messages=messages, extra_body={"conversation_id": "v1-think"}, stream=stream
+                )
+                answers.append(joined(list(reply), "content") if stream else reply.choices[0].message.content)
+    assert answers == ["42.", "Yes.", "56."]
+    sent = [m.get("reasoning_content") for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert sent == [DEFAULT_REASONING, DEFAULT_REASONING, None, DEFAULT_REASONING]
 
 
 def test_v1_stateful_mode_is_busy_while_a_turn_of_that_conversation_runs(
