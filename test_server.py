@@ -2415,25 +2415,6 @@ def test_v1_client_system_messages_stay_when_the_history_window_cuts(
     ]
 
 
-@BOTH_DATABASES
-def test_v1_with_deepseek_thinking_a_tool_turn_and_more_turns_complete_in_stateful_mode(
-    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
-) -> None:
-    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), *tool_turn("7*8", "56."), strict="deepseek")
-    with ServerThread(server.create_app(settings_for(THINKING="enabled"))) as service:
-        with openai.OpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0) as sdk:
-            answers = []
-            for text in ("What is 6*7?", "Sure?", "And 7*8?"):
-                messages = [{"role": "user", "content": text}]
-                chunks = sdk.chat.completions.create(
-                    model="m", messages=messages, stream=True, extra_headers={"X-Conversation-Id": "think"}
-                )
-                answers.append(joined(list(chunks), "content"))
-    assert answers == ["42.", "Yes.", "56."]
-    sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
-    assert [m.get("reasoning_content") for m in sent] == [DEFAULT_REASONING, DEFAULT_REASONING, None, DEFAULT_REASONING]
-
-
 def test_v1_with_deepseek_thinking_the_stateless_history_carries_no_invented_reasoning(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
