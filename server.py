@@ -3,6 +3,7 @@
 One AutoGen ``AssistantAgent`` talks to any OpenAI-compatible chat API (DeepSeek by
 default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Conversations are
 kept in SQLite by ``conversation_id``. Settings come from the environment and ``.env``.
+The same agent also answers as an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs).
 
 Run:
 

@@ -2221,6 +2221,19 @@ def test_v1_tool_run_shows_its_call_and_result_in_reasoning_content_and_the_answ
     assert upstream.requests[1]["messages"][-1] == {"role": "tool", "tool_call_id": "call_0", "content": "80"}
 
 
+def test_v1_stateless_mode_answers_while_the_database_cannot_be_written(
+    monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    monkeypatch.setattr(server, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    settings = settings_for()
+    with ServerThread(server.create_app(settings)) as service, httpx.Client(base_url=service.url, timeout=10) as http:
+        with sqlite_write_lock(settings.database_path):
+            stored = http.post("/api/chat", json={"message": "hi"})
+            answered = http.post("/v1/chat/completions", json={"messages": ASK})
+    assert stored.status_code == 503 and stored.json()["error"]["code"] == "database_unavailable"
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] == "echo: 2+2?"
+
+
 @pytest.mark.parametrize(
     "reply",
     [
