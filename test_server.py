@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     error_body: dict[str, Any] | None = None
-    fault: str | None = None  # drop, truncate, bad_json, hang, stall
+    fault: str | None = None  # drop, truncate, bad_json, error_event, hang, stall
     finish_reason: str | None = None  # None: "tool_calls" or "stop"
     usage: tuple[int, int] = (11, 7)
     call_ids: tuple[str, ...] = ()  # default: call_0, call_1, ...
@@ -157,7 +157,7 @@ class FakeModelAPI:
         for piece in _pieces(reply.reasoning):
             yield chunk({"reasoning_content": piece, "content": None})
         for index, piece in enumerate(_pieces(reply.content if not reply.tool_calls else "")):
-            if index == 2 and reply.fault in {"drop", "truncate", "bad_json", "hang"}:
+            if index == 2 and reply.fault in {"drop", "truncate", "bad_json", "error_event", "hang"}:
                 async for part in self._fault(reply.fault):
                     yield part
                 return
@@ -196,6 +196,10 @@ class FakeModelAPI:
             raise ConnectionResetError("scripted drop mid-stream")
         if fault == "bad_json":
             yield b"data: {this is not json\n\n"
+        if fault == "error_event":  # as OpenRouter reports a failure mid-stream: a chunk with an error
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}  # fmt: skip
+            yield f"data: {json.dumps({**chunk, 'error': {'message': 'overloaded', 'code': 502}})}\n\n".encode()
         if fault == "hang":
             await self._hang()
 
@@ -1279,6 +1283,7 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     [
         ("PORT", "eighty"),
         ("PORT", "0"),
+        ("WORKERS", "0"),
         ("REQUEST_TIMEOUT", "-1"),
         ("MAX_HISTORY_MESSAGES", "0"),
         ("BASE_URL", "api.deepseek.com"),
@@ -1293,6 +1298,7 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     ids=[
         "port-text",
         "port-zero",
+        "workers-zero",
         "timeout-negative",
         "history-zero",
         "url-no-scheme",
@@ -1422,10 +1428,29 @@ FAULTS = [
     ("content-filter", Reply(content="a b c d", finish_reason="content_filter"), "upstream_incomplete", 502),
     ("unknown-reason", Reply(content="a b c d", finish_reason="gave_up"), "upstream_incomplete", 502),
     ("bad-json-chunk", Reply(content="a b c d", fault="bad_json"), "upstream_error", 502),
+    ("error-event", Reply(content="a b c d", fault="error_event"), "upstream_error", 502),
     ("no-first-byte", Reply(fault="stall"), "upstream_timeout", 504),
     ("no-next-chunk", Reply(content="a b c d", fault="hang"), "upstream_timeout", 504),
     ("model-404", Reply(status=404), "model_not_found", 502),
 ]
+
+
+SSE_EVENTS = b'data: {"a": 1}\n\n: a comment\n\nevent: x\ndata: [\ndata: 2]\nid: 7\n\ndata:{"\xe4\xb8\xad"}\n\n'
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_the_model_stream_is_read_the_same_whatever_its_line_ends_and_wherever_a_read_ends(line_end: bytes) -> None:
+    raw = SSE_EVENTS.replace(b"\n", line_end)
+
+    async def read(parts: list[bytes]) -> list[bytes]:
+        async def stream() -> AsyncIterator[bytes]:
+            for part in parts:
+                yield part
+
+        return [data async for data in server.sse_data(stream())]
+
+    for cut in range(len(raw) + 1):
+        assert asyncio.run(read([raw[:cut], raw[cut:]])) == [b'{"a": 1}', b"[\n2]", '{"中"}'.encode()], cut
 
 
 def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, Any]:
@@ -1871,10 +1896,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def service_process(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`uvicorn server:app` in its own process(es) on a free loopback port."""
+    """`uvicorn server:app` in its own process(es) on a free loopback port; `python server.py`
+    when `args` is just that."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(HERE),
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]  # fmt: skip
+    if args == ("server.py",):
+        command, env = [sys.executable, str(HERE / "server.py")], {**env, "HOST": "127.0.0.1", "PORT": str(port)}
     # Its own session, so the workers of --workers go down with it.
     process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -1904,11 +1932,24 @@ def process_env(settings_for: Callable[..., server.Settings], **overrides: str) 
             "MAX_RETRIES": "0", **overrides}  # fmt: skip
 
 
-def test_busy_rule_holds_across_two_worker_processes(
+def child_processes(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if (
+                int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
+                and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+            ):
+                children.append(int(stat.parent.name))
+    return children
+
+
+def test_python_server_py_runs_workers_processes_and_the_busy_rule_holds_across_them(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
 ) -> None:
     upstream.reset(Reply(content="a b c d", fault="hang"))
-    with service_process(process_env(settings_for), tmp_path, "--workers", "2") as (_, url):
+    with service_process(process_env(settings_for, WORKERS="2"), tmp_path, "server.py") as (process, url):
+        assert len(child_processes(process.pid)) == 2
         body = {"message": "x", "conversation_id": "shared"}
         with held_stream(url, body, upstream):
             statuses = {httpx.post(url + "/api/chat", json=body, timeout=10).status_code for _ in range(10)}
