@@ -2411,6 +2411,19 @@ def test_v1_tool_run_shows_its_call_and_result_in_reasoning_content_and_the_answ
     assert upstream.requests[1]["messages"][-1] == {"role": "tool", "tool_call_id": "call_0", "content": "80"}
 
 
+def test_v1_stateless_mode_answers_while_the_database_cannot_be_written(
+    monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    monkeypatch.setattr(server, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    settings = settings_for()
+    with ServerThread(server.create_app(settings)) as service, httpx.Client(base_url=service.url, timeout=10) as http:
+        with sqlite_write_lock(settings.database_path):
+            stored = http.post("/api/chat", json={"message": "hi"})
+            answered = http.post("/v1/chat/completions", json={"messages": ASK})
+    assert stored.status_code == 503 and stored.json()["error"]["code"] == "database_unavailable"
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] == "echo: 2+2?"
+
+
 @pytest.mark.parametrize(
     "reply",
     [
@@ -2605,6 +2618,24 @@ def test_v1_client_system_messages_stay_when_the_history_window_cuts(
     ]
 
 
+def test_v1_with_deepseek_thinking_the_stateless_history_carries_no_invented_reasoning(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), *tool_turn("7*8", "56."), strict="deepseek")
+    with ServerThread(server.create_app(settings_for(THINKING="enabled"))) as service:
+        with openai.OpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0) as sdk:
+            first = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is 6*7?"}])
+            earlier = first.choices[0].message.model_dump(
+                exclude_none=True
+            )  # with the reasoning_content an app may keep
+            messages = [{"role": "user", "content": "What is 6*7?"}, earlier, {"role": "user", "content": "And 7*8?"}]
+            second = sdk.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+    assert second.choices[0].message.content == "56."
+    sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert sent[0] == {"role": "assistant", "content": "42."}  # the app's copy, without reasoning
+    assert [m.get("reasoning_content") for m in sent[1:]] == [DEFAULT_REASONING]  # this turn's tool call
+
+
 EARLIER = [{"role": "user", "content": "1+1?"}]
 CLEAN = [("system", SYSTEM), ("user", "1+1?"), ("assistant", "It is 2."), ("user", "2+2?")]
 TOOL_LINES = '🔧 calculate({"expression": "1+1"})\n\n🔧 calculate → 2'
@@ -2665,6 +2696,43 @@ def test_v1_app_shaped_requests_are_accepted_and_the_model_gets_clean_history(
     assert stored_total(service.url) == 0
 
 
+PIXEL = (  # a 1x1 PNG
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+def image_message(url: str) -> dict[str, Any]:
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}],
+    }
+
+
+def test_v1_a_user_image_reaches_a_vision_model_with_its_text(service: ServerThread, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="A pixel."), Reply(content="Still a pixel."))
+    body = {"messages": [image_message(PIXEL), {"role": "assistant", "content": "A pixel."}, image_message(PIXEL)]}
+    for stream in (False, True):
+        assert (
+            httpx.post(service.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=10).status_code
+            == 200
+        )
+    for request in upstream.requests:
+        images = [m["content"] for m in request["messages"] if m["role"] == "user"]
+        assert len(images) == 2
+        for content in images:
+            assert [part["type"] for part in content] == ["text", "image_url"] and content[0]["text"] == "What is this?"
+            assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_v1_an_image_for_a_model_without_vision_is_refused_naming_the_setting(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with TestClient(server.create_app(settings_for(MODEL_VISION="false"))) as client:
+        response = client.post("/v1/chat/completions", json={"messages": [image_message(PIXEL)]})
+    assert response.status_code == 400 and "MODEL_VISION" in response.json()["error"]["message"]
+    assert upstream.requests == []
+
+
 V1_BAD_REQUESTS = [
     ("body-not-json", {"content": b"{nope"}, 400, "invalid_json"),
     ("json-not-object", {"json": ["hi"]}, 400, INVALID),
@@ -2674,9 +2742,12 @@ V1_BAD_REQUESTS = [
     ("bad-role", {"json": {"messages": [{"role": "wizard", "content": "hi"}, *ASK]}}, 400, INVALID),
     ("message-not-object", {"json": {"messages": ["hi"]}}, 400, INVALID),
     ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID),
-    ("image-part", {"json": {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}}, 400, INVALID),
+    ("image-not-readable", {"json": {"messages": [image_message("data:image/png;base64,AA==")]}}, 400, INVALID),
+    ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}}, 400, INVALID),
+    ("image-in-assistant-message", {"json": {"messages": [
+        {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID),
+    ("image-with-conversation-id", {"json": {"messages": [image_message(PIXEL)], "conversation_id": "c"}},
+     400, INVALID),
     ("audio-part", {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}}, 400, INVALID),
     ("last-user-message-empty", {"json": {"messages": [{"role": "user", "content": " "}]}}, 400, INVALID),
     ("stream-not-bool", {"json": {"messages": ASK, "stream": "yes"}}, 400, INVALID),
