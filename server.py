@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import copy
 import functools
 import gzip
@@ -1731,6 +1732,7 @@ async def index(request: Request) -> JSONResponse:
                 "openai_models": "GET /v1/models",
             },
             "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
+            "chat_page": "/chat",
         }
     )
 
@@ -2379,6 +2381,35 @@ async def v1_chat_completions(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------------
+# The chat page
+# ---------------------------------------------------------------------------
+
+INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=4)
+def page_policy(html: bytes) -> str:
+    """A Content-Security-Policy that runs only the page's own inline script and talks only
+    to this server: should model text ever reach the DOM as HTML, it still cannot run."""
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in INLINE_SCRIPT.findall(html)
+    )
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+async def chat_page(request: Request) -> Response:
+    response = await static_response(request, "chat.html")
+    asset = find_asset("chat.html")
+    if asset is not None:
+        response.headers["Content-Security-Policy"] = page_policy(asset.body)
+    return response
+
+
+# ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
 
@@ -2536,6 +2567,7 @@ routes = [
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
+    Route("/chat", chat_page),
     Route("/static/{path:path}", static_file),
 ]
 
