@@ -3,6 +3,7 @@
 One AutoGen ``AssistantAgent`` talks to any OpenAI-compatible chat API (DeepSeek by
 default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Conversations are
 kept in SQLite by ``conversation_id``. Settings come from the environment and ``.env``.
+The same agent also answers as an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs).
 
 Run:
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import copy
 import functools
 import gzip
@@ -58,12 +60,13 @@ import uvicorn
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import (
     ModelClientStreamingChunkEvent,
+    MultiModalMessage,
     TextMessage,
     ToolCallExecutionEvent,
     ToolCallRequestEvent,
     ToolCallSummaryMessage,
 )
-from autogen_core import CancellationToken
+from autogen_core import CancellationToken, Image
 from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
 from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, SystemMessage, UserMessage
 from autogen_core.tools import FunctionTool, ToolSchema
@@ -1340,7 +1343,7 @@ class Turn:
         self,
         ctx: AppContext,
         conversation_id: str,
-        message: str,
+        message: str | list[str | Image],
         lease: str | None,
         history: list[LLMMessage] | None = None,
         sampling: Mapping[str, Any] | None = None,
@@ -1462,7 +1465,7 @@ class Turn:
         MODEL_CALLS.set(calls := ModelCalls())
         try:
             agent = await self._agent()
-            task = TextMessage(content=self.message, source="user")
+            task = self._task()
             events = agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
             try:
                 async for event in events:
@@ -1488,6 +1491,11 @@ class Turn:
             return
         finish_reason = "length" if "length" in calls.finish_reasons else "stop"
         yield "done", {"conversation_id": self.conversation_id, "usage": self.usage, "finish_reason": finish_reason}
+
+    def _task(self) -> TextMessage | MultiModalMessage:
+        if isinstance(self.message, str):
+            return TextMessage(content=self.message, source="user")
+        return MultiModalMessage(content=self.message, source="user")
 
     async def _agent(self) -> AssistantAgent:
         settings, tools = self.ctx.settings, self.ctx.tools
@@ -1724,6 +1732,7 @@ async def index(request: Request) -> JSONResponse:
                 "openai_models": "GET /v1/models",
             },
             "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
+            "chat_page": "/chat",
         }
     )
 
@@ -2053,20 +2062,17 @@ async def redoc(request: Request) -> HTMLResponse:
 
 
 # ---------------------------------------------------------------------------
-# OpenAI-compatible /v1 face
+# OpenAI-compatible /v1 face: reading a request
 # ---------------------------------------------------------------------------
 
 V1_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 V1_TEXT_PARTS = {"text", "input_text"}
-V1_IMAGE_PARTS = {"image_url", "input_image", "image"}
+V1_IMAGE_PARTS = {"image_url"}
+NO_VISION = "this model cannot read images (MODEL_VISION)"
 # Sampling fields sent with each model call of the turn, with their bounds. Every other field
 # (n, logprobs, logit_bias, response_format, reasoning_effort, tools, tool_choice, user, ...)
 # is accepted and ignored.
 V1_NUMBERS = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
-V1_STATUS = {415: 400, 422: 400}  # OpenAI answers every malformed request with 400
-V1_DELTA_FIELDS = {"chunk": "content", "thought": "reasoning_content"}
-V1_DONE = b"data: [DONE]\n\n"
-MAX_TOOL_RESULT_SHOWN = 500
 # The face's tool lines in reasoning_content, found again when an app sends them back in content.
 FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).*(?:\n|$)", re.M)
 # Reasoning that apps fold into the content they send back: <think> (R1 style), Open WebUI's
@@ -2076,28 +2082,14 @@ FOLDED_REASONING = re.compile(
 )
 
 
-def on_v1(scope: Scope) -> bool:
-    path = scope["path"].removeprefix(scope.get("root_path", ""))
-    return path == "/v1" or path.startswith("/v1/")
-
-
-def v1_error_body(code: str, message: str) -> dict[str, Any]:
-    status = ERRORS[code][0]
-    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def v1_error_response(error: ApiError) -> JSONResponse:
-    status = V1_STATUS.get(error.status_code, error.status_code)
-    return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
+Content = str | list[str | Image]  # a user message's images come with its text, in order
 
 
 @dataclass(frozen=True)
 class V1Request:
     """What the agent uses of a chat completion request."""
 
-    message: str
+    message: Content
     history: list[LLMMessage]
     conversation_id: str | None
     stream: bool
@@ -2111,84 +2103,108 @@ def invalid(message: str) -> ApiError:
 
 
 def parse_v1_request(data: Any, conversation_header: str | None, settings: Settings) -> V1Request:
-    """The request's last user message is the turn's; what precedes it is its history."""
     if not isinstance(data, dict):
         raise invalid("The body must be a JSON object with 'messages'.")
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("'messages' must be a non-empty list.")
-    parsed = [v1_message(message, index) for index, message in enumerate(messages)]
-    last = max((index for index, (role, _) in enumerate(parsed) if role == "user"), default=None)
-    if last is None:
-        raise invalid("'messages' has no user message.")
-    message = parsed[last][1]
-    if not message.strip():
-        raise invalid("The last user message has no text.")
-    if len(message) > settings.max_message_chars:
-        raise ApiError(
-            "payload_too_large",
-            f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).",
-        )
+    message, history = v1_conversation(data.get("messages"), settings)
+    conversation_id = conversation_header or data.get("conversation_id")
+    if conversation_id is not None and not isinstance(message, str):
+        raise invalid("Images are read only without a conversation id: a stored conversation keeps text.")
     options = data.get("stream_options") or {}
     if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
         raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
-    model = data.get("model")
-    if not _optional(str, model):
+    if not _optional(str, data.get("model")):
         raise invalid("'model' must be a string.")
-    conversation_id = conversation_header or data.get("conversation_id")
     return V1Request(
         message=message,
-        history=v1_history(parsed, last),
+        history=history,
         conversation_id=None if conversation_id is None else check_conversation_id(conversation_id),
         stream=data.get("stream") is True,
         include_usage=options.get("include_usage") is True,
         sampling=v1_sampling(data),
-        model=model or settings.agent_model_id,
+        model=data.get("model") or settings.agent_model_id,
     )
+
+
+def v1_conversation(messages: Any, settings: Settings) -> tuple[Content, list[LLMMessage]]:
+    """The last user message, the turn's, and the history before it."""
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list.")
+    vision = bool(settings.model_info["vision"])
+    parsed = [v1_message(message, index, vision) for index, message in enumerate(messages)]
+    last = max((index for index, (role, _) in enumerate(parsed) if role == "user"), default=None)
+    if last is None:
+        raise invalid("'messages' has no user message.")
+    return v1_turn_message(parsed[last][1], settings), v1_history(parsed, last)
 
 
 def _optional(kind: type, *values: Any) -> bool:
     return all(value is None or isinstance(value, kind) for value in values)
 
 
-def v1_message(message: Any, index: int) -> tuple[str, str]:
-    """(role, text) of a message; developer counts as system, tool messages are not read."""
+def v1_message(message: Any, index: int, vision: bool) -> tuple[str, Content]:
+    """(role, content) of a message; developer counts as system, tool messages are not read."""
     role = message.get("role") if isinstance(message, dict) else None
     if role not in V1_ROLES:
         raise invalid(f"messages[{index}].role must be one of {', '.join(V1_ROLES)}.")
     content = message.get("content")
     if role in {"tool", "function"} and (content is None or isinstance(content, str | list)):
         return role, ""
-    return ("system" if role == "developer" else role), v1_text(content, index)
+    no_images = None if role == "user" and vision else "only user messages hold images" if vision else NO_VISION
+    return ("system" if role == "developer" else role), v1_content(content, index, no_images)
 
 
-def v1_text(content: Any, index: int) -> str:
-    """The string, or the text parts joined."""
+def v1_content(content: Any, index: int, no_images: str | None) -> Content:
+    """The string; or the text parts joined, or with images (unless `no_images` says why not)
+    the parts in order."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise invalid(f"messages[{index}].content must be a string or a list of content parts.")
-    texts = []
+    parts: list[str | Image] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append(part["text"])
+        elif kind in V1_IMAGE_PARTS and no_images is None:
+            parts.append(v1_image(part, index))
         elif kind in V1_IMAGE_PARTS:
-            raise invalid(f"messages[{index}] holds an image; this model cannot read images (MODEL_VISION).")
+            raise invalid(f"messages[{index}] holds an image: {no_images}.")
         else:
-            raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text parts are read.")
-    return "\n".join(texts)
+            raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text and image parts are read.")
+    texts = [part for part in parts if isinstance(part, str)]
+    return "\n".join(texts) if len(texts) == len(parts) else parts
 
 
-def v1_history(parsed: list[tuple[str, str]], last: int) -> list[LLMMessage]:
+def v1_image(part: dict[str, Any], index: int) -> Image:
+    url = part.get("image_url")
+    head, _, data = (url.get("url") if isinstance(url, dict) else url or "").partition(",")
+    if not re.fullmatch(r"data:image/[\w.+-]+;base64", head):
+        raise invalid(f"messages[{index}] has an image that is not a base64 data: URI (the server fetches no URL).")
+    try:
+        return Image.from_base64(data)
+    except Exception:  # PIL fails on a broken file with many kinds of error
+        raise invalid(f"messages[{index}] has an image that cannot be read.") from None
+
+
+def v1_turn_message(content: Content, settings: Settings) -> Content:
+    text = content if isinstance(content, str) else "\n".join(p for p in content if isinstance(p, str))
+    if isinstance(content, str) and not content.strip():
+        raise invalid("The last user message has no text.")
+    if len(text) > settings.max_message_chars:
+        limit = settings.max_message_chars
+        raise ApiError("payload_too_large", f"The last user message is longer than MAX_MESSAGE_CHARS ({limit}).")
+    return content
+
+
+def v1_history(parsed: list[tuple[str, Content]], last: int) -> list[LLMMessage]:
     """The agent's starting context: the client's system messages, then the user and assistant
-    text before the last user message. Tool calls and tool messages are dropped: the agent
-    runs its own tools."""
+    messages before the last user message. Tool calls and tool messages are dropped: the agent
+    runs its own tools. Only user messages hold images."""
     history: list[LLMMessage] = [SystemMessage(content=text) for role, text in parsed if role == "system" and text]
-    for role, text in parsed[:last]:
-        if role == "user" and text.strip():
-            history.append(UserMessage(content=text, source="user"))
-        elif role == "assistant" and (answer := without_facade_marks(text)):
+    for role, content in parsed[:last]:
+        if role == "user" and (not isinstance(content, str) or content.strip()):
+            history.append(UserMessage(content=content, source="user"))
+        elif role == "assistant" and (answer := without_facade_marks(str(content))):
             history.append(AssistantMessage(content=answer, source="assistant"))
     return history
 
@@ -2224,6 +2240,33 @@ def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------
+# OpenAI-compatible /v1 face: replies and routes
+# ---------------------------------------------------------------------------
+
+V1_STATUS = {415: 400, 422: 400}  # OpenAI answers every malformed request with 400
+V1_DELTA_FIELDS = {"chunk": "content", "thought": "reasoning_content"}
+V1_DONE = b"data: [DONE]\n\n"
+MAX_TOOL_RESULT_SHOWN = 500
+
+
+def on_v1(scope: Scope) -> bool:
+    path = scope["path"].removeprefix(scope.get("root_path", ""))
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def v1_error_body(code: str, message: str) -> dict[str, Any]:
+    status = ERRORS[code][0]
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def v1_error_response(error: ApiError) -> JSONResponse:
+    status = V1_STATUS.get(error.status_code, error.status_code)
+    return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
 
 
 def v1_delta(event: Event) -> tuple[str, str] | None:
@@ -2335,6 +2378,35 @@ async def v1_chat_completions(request: Request) -> Response:
     if chat.stream:
         return TurnStream(turn, completion.render, headers)
     return await json_reply(request, completion.collect(turn), headers)
+
+
+# ---------------------------------------------------------------------------
+# The chat page
+# ---------------------------------------------------------------------------
+
+INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=4)
+def page_policy(html: bytes) -> str:
+    """A Content-Security-Policy that runs only the page's own inline script and talks only
+    to this server: should model text ever reach the DOM as HTML, it still cannot run."""
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in INLINE_SCRIPT.findall(html)
+    )
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+async def chat_page(request: Request) -> Response:
+    response = await static_response(request, "chat.html")
+    asset = find_asset("chat.html")
+    if asset is not None:
+        response.headers["Content-Security-Policy"] = page_policy(asset.body)
+    return response
 
 
 # ---------------------------------------------------------------------------
@@ -2510,6 +2582,7 @@ routes = [
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
+    Route("/chat", chat_page),
     Route("/static/{path:path}", static_file),
 ]
 
