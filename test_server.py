@@ -1214,9 +1214,9 @@ def test_openapi_json_is_a_valid_openapi_3_1_document() -> None:
 
 
 def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClient) -> None:
-    document = client.get("/openapi.json").json()
-    codes = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
-    assert set(codes) == set(server.ERRORS)
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for face in ("Error", "V1Error"):  # /api and /v1
+        assert set(schemas[face]["properties"]["error"]["properties"]["code"]["enum"]) == set(server.ERRORS), face
 
 
 # ---------------------------------------------------------------------------
