@@ -976,20 +976,35 @@ async def read_json(request: Request, limit: int) -> Any:
         raise ApiError("invalid_json") from None
 
 
+CHAT_REQUEST_FIELDS = {"message", "conversation_id"}
+
+
 def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
     """(message, conversation_id) from a chat body; a new id when none is given."""
     if not isinstance(data, dict):
         raise ApiError("validation_error", 'The body must be a JSON object: {"message": "..."}.')
-    message = data.get("message")
-    if not isinstance(message, str) or not message.strip():
-        raise ApiError("validation_error", "'message' must be a non-empty string.")
-    if len(message) > settings.max_message_chars:
-        limit = settings.max_message_chars
-        raise ApiError("payload_too_large", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
+    unknown = sorted(set(data) - CHAT_REQUEST_FIELDS)
+    if unknown:  # a misspelt conversation_id would otherwise start a new conversation
+        raise ApiError(
+            "validation_error", f"Unknown field(s) {unknown}; a chat body has {sorted(CHAT_REQUEST_FIELDS)}."
+        )
+    message = check_message(data.get("message"), settings.max_message_chars)
     conversation_id = data.get("conversation_id")
     if conversation_id is None:
         return message, str(uuid.uuid4())
     return message, check_conversation_id(conversation_id)
+
+
+def check_message(value: Any, limit: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError("validation_error", "'message' must be a string with more than white space.")
+    if len(value) > limit:
+        raise ApiError("payload_too_large", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # JSON can escape a lone surrogate, which no text can hold
+        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff).") from None
+    return value
 
 
 def check_conversation_id(value: Any) -> str:
@@ -1002,7 +1017,7 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ApiError("validation_error", f"'{name}' must be a whole number from {low} to {high}.")
     return int(raw)
 
@@ -1176,8 +1191,11 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
 
 def openapi_document(settings: Settings) -> bytes:
-    """openapi.json as served: with SERVER_API_KEY set, its /api and /v1 operations need the bearer key."""
+    """openapi.json as served: the message limit of the settings and, with SERVER_API_KEY set, the
+    bearer key on the /api and /v1 operations."""
     document = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    message = document["components"]["schemas"]["ChatRequest"]["properties"]["message"]
+    message["maxLength"] = settings.max_message_chars
     if settings.server_api_key:
         for path, item in document["paths"].items():
             if path.startswith(SECURED_PREFIXES):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from jsonschema import Draft202012Validator  # openapi-spec-validator's own dependency
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -285,6 +287,74 @@ def stream(url: str, body: dict[str, Any], **kwargs: Any) -> tuple[httpx.Respons
 
 def names(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return [name for name, _ in events]
+
+
+# ---------------------------------------------------------------------------
+# openapi.json as a test oracle
+# ---------------------------------------------------------------------------
+
+OPENAPI = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
+
+
+def schema_validator(schema: dict[str, Any]) -> Draft202012Validator:
+    """A validator for a schema of openapi.json, its $refs resolved within the document."""
+    root = {**schema, "components": OPENAPI["components"]}
+    return Draft202012Validator(root, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def resolve(item: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in item:
+        item = functools.reduce(lambda node, key: node[key], item["$ref"][2:].split("/"), OPENAPI)
+    return item
+
+
+def template_of(method: str, path: str) -> str | None:
+    """The documented path a request path falls under, if the method is documented there."""
+    for template, item in OPENAPI["paths"].items():
+        if method.lower() in item and re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", template), path):
+            return template
+    return None
+
+
+def sse_events(text: str) -> list[dict[str, str]]:
+    """Events as an SSE client parses them (comments skipped, one event per blank line)."""
+    events, event = [], {}
+    for line in text.split("\n"):
+        if not line:
+            if "data" in event:
+                events.append({"event": "message", **event})
+            event = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            event[field] = value.removeprefix(" ")
+    return events
+
+
+def assert_event_documented(event: dict[str, str]) -> None:
+    """One parsed event against the stream's schema, its data against the contentSchema of its name."""
+    schema = OPENAPI["components"]["schemas"]["ChatEvent"]
+    schema_validator(schema).validate(event)
+    branch = next(b for b in schema["oneOf"] if b["properties"]["event"]["const"] == event["event"])
+    schema_validator(branch["properties"]["data"]["contentSchema"]).validate(json.loads(event["data"]))
+
+
+def assert_documented(response: httpx.Response) -> None:
+    """The status is listed for the operation and the body validates against what it lists; an
+    unknown path or method gets the shared error shape."""
+    template = template_of(response.request.method, response.request.url.path)
+    if template is None:
+        schema_validator(OPENAPI["components"]["schemas"]["Error"]).validate(response.json())
+        return
+    responses = responses_of(response.request.method.lower(), template)
+    assert str(response.status_code) in responses, f"{response.request.url} gave {response.status_code}"
+    documented = resolve(responses[str(response.status_code)])
+    media_type = response.headers.get("content-type", "").split(";")[0]
+    assert set(documented.get("content", {})) == ({media_type} if response.content else set())
+    if media_type == "text/event-stream":
+        for event in sse_events(response.text):
+            assert_event_documented(event)
+    elif media_type == "application/json":
+        schema_validator(documented["content"][media_type]["schema"]).validate(response.json())
 
 
 @contextlib.contextmanager
@@ -660,16 +730,125 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
         assert f"| {event} |" in stream_doc
 
 
-def test_openapi_json_is_a_valid_openapi_3_1_document() -> None:
-    document = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
-    OpenAPIV31SpecValidator(document).validate()
-    assert document["info"]["version"] == server.__version__
+def test_openapi_json_is_a_valid_openapi_3_1_document_formatted_with_two_spaces() -> None:
+    text = (HERE / "openapi.json").read_text(encoding="utf-8")
+    OpenAPIV31SpecValidator(OPENAPI).validate()
+    assert text == json.dumps(OPENAPI, indent=2, ensure_ascii=False) + "\n", "format: json.dumps(indent=2)"
+    assert OPENAPI["info"]["version"] == server.__version__
 
 
-def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClient) -> None:
-    document = client.get("/openapi.json").json()
-    codes = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
-    assert set(codes) == set(server.ERRORS)
+def test_the_documents_error_codes_are_the_servers_each_under_its_status() -> None:
+    schemas = OPENAPI["components"]["schemas"]
+    assert schemas["ErrorDetail"]["properties"]["code"]["enum"] == list(server.ERRORS)
+    listed = set(schemas["ErrorEventData"]["allOf"][1]["properties"]["code"]["enum"])
+    for item in OPENAPI["paths"].values():
+        for operation in item.values():
+            for status, response in operation["responses"].items():
+                codes = error_codes(response)
+                assert all(server.ERRORS[code][0] == int(status) for code in codes), (status, codes)
+                listed.update(codes)
+    # Any unknown path is 404 not_found and any other method 405 method_not_allowed, as the info says.
+    assert listed | {"not_found", "method_not_allowed"} == set(server.ERRORS)
+
+
+def error_codes(response: dict[str, Any]) -> list[str]:
+    """The codes an error response narrows the shared Error schema to; [] for any other response."""
+    schema = resolve(response).get("content", {}).get("application/json", {}).get("schema", {})
+    if "allOf" not in schema:
+        return []
+    assert schema["allOf"][0] == {"$ref": "#/components/schemas/Error"}
+    return schema["allOf"][1]["properties"]["error"]["properties"]["code"]["enum"]
+
+
+def test_the_documented_message_pattern_refuses_exactly_the_characters_the_server_calls_blank() -> None:
+    pattern = re.compile(OPENAPI["components"]["schemas"]["ChatRequest"]["properties"]["message"]["pattern"])
+    for code in range(sys.maxunicode + 1):
+        character = chr(code)
+        assert bool(pattern.search(character)) == bool(character.strip()), hex(code)
+
+
+def test_the_served_document_states_the_message_limit_of_the_settings(
+    settings_for: Callable[..., server.Settings],
+) -> None:
+    with TestClient(server.create_app(settings_for(MAX_MESSAGE_CHARS="100"))) as client:
+        document = client.get("/openapi.json").json()
+        refused = client.post("/api/chat", json={"message": "x" * 101})
+    assert document["components"]["schemas"]["ChatRequest"]["properties"]["message"]["maxLength"] == 100
+    assert refused.status_code == 413
+
+
+def test_a_null_conversation_id_starts_a_new_conversation(client: TestClient, upstream: FakeModelAPI) -> None:
+    response = client.post("/api/chat", json={"message": "hi", "conversation_id": None})
+    assert response.status_code == 200
+    assert client.get(f"/api/conversations/{response.json()['conversation_id']}").status_code == 200
+
+
+def test_every_streamed_event_and_ping_validates_against_the_documented_event_schema(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(
+        Reply(reasoning="let me see", tool_calls=[("calculate", {"expression": "6*7"})]),
+        Reply(content="it is 42"),
+        Reply(content="a b c d", fault="hang"),
+    )
+    app = server.create_app(settings_for(PING_INTERVAL="0.05", REQUEST_TIMEOUT="0.5"))
+    with ServerThread(app) as service, httpx.Client(base_url=service.url, timeout=10) as http:
+        answered = http.post("/api/chat/stream", json={"message": "6*7?"})
+        failed = http.post("/api/chat/stream", json={"message": "and now?"})
+    assert ": ping\n\n" in failed.text
+    events = sse_events(answered.text) + sse_events(failed.text)
+    for event in events:
+        assert_event_documented(event)
+    documented = OPENAPI["components"]["schemas"]["ChatEvent"]["properties"]["event"]["enum"]
+    assert {event["event"] for event in events} == set(documented)
+
+
+def test_every_response_the_document_lists_is_given_and_validates(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ServerThread(server.create_app(settings_for())) as service, httpx.Client(base_url=service.url) as http:
+        given = [http.get(path) for path in ("/", "/health", "/openapi.json", "/docs", "/redoc")]
+        upstream.reset(Reply(tool_calls=[("get_current_time", {"timezone": "UTC"})]), Reply(content="noon"))
+        given.append(http.post("/api/chat", json={"message": "time?", "conversation_id": "c"}))
+        given.append(http.post("/api/chat/stream", json={"message": "again", "conversation_id": "c"}))
+        given += [http.get("/api/conversations"), http.get("/api/conversations/c"), http.get("/api/conversations/x")]
+        given.append(http.delete("/api/conversations/x"))
+        upstream.reset(Reply(content="a b c d", fault="hang"))
+        with held_stream(service.url, {"message": "wait", "conversation_id": "c"}, upstream):
+            given += [http.post(path, json={"message": "hi", "conversation_id": "c"}) for path in CHAT_PATHS]
+            given.append(http.delete("/api/conversations/c"))
+        assert wait_until(lambda: not service.app_ctx.turns)
+        given.append(http.delete("/api/conversations/c"))
+        monkeypatch.setattr(server.Turn, "_agent", a_bug)
+        given.append(http.post("/api/chat", json={"message": "hi"}))
+        service.app_ctx.shutting_down = True
+        given += [http.post(path, json={"message": "hi"}) for path in CHAT_PATHS]
+        service.app_ctx.store.db.close()
+        given.append(http.get("/health"))
+    with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
+        given += [client.request(method.upper(), path.replace("{conversation_id}", "c")) for method, path in OPERATIONS]
+    for response in given:
+        assert_documented(response)
+    seen = {(r.request.method, r.request.url.path, r.status_code) for r in given}
+    seen |= {(method, path.split("?")[0], status) for _, method, path, _, status, _ in BAD_REQUESTS}
+    seen |= {("POST", "/api/chat", status) for *_, status in FAULTS}
+    given_by_operation = {(method, template_of(method, path), status) for method, path, status in seen}
+    listed = {
+        (method.upper(), path, int(status)) for method, path in OPERATIONS for status in responses_of(method, path)
+    }
+    assert {given for given in given_by_operation if given[1] is not None} == listed
+
+
+CHAT_PATHS = ("/api/chat", "/api/chat/stream")
+OPERATIONS = [(method, path) for path, item in OPENAPI["paths"].items() for method in item]
+
+
+def responses_of(method: str, path: str) -> dict[str, Any]:
+    return OPENAPI["paths"][path][method]["responses"]
+
+
+async def a_bug(*args: Any) -> None:
+    raise RuntimeError("an unexpected failure")
 
 
 @pytest.mark.parametrize(
@@ -794,6 +973,8 @@ def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, 
         after = http.get("/api/conversations/f").json()
         upstream.reset(Reply(content="fine"))
         next_turn = http.post("/api/chat", json={"message": "again", "conversation_id": "f"})
+    for event in sse_events(streamed.text):
+        assert_event_documented(event)
     return {"events": parse_sse(streamed.text), "answered": answered, "unchanged": before == after, "next": next_turn}
 
 
@@ -804,6 +985,7 @@ def test_a_model_api_fault_ends_the_turn_with_one_error_and_changes_nothing(
     timeout = "0.5" if code == "upstream_timeout" else "10"
     with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT=timeout))) as service:
         outcome = fault_scenario(service.url, upstream, fault)
+    assert_documented(outcome["answered"])
     events = outcome["events"]
     assert names(events).count("error") == 1 and events[-1][0] == "error"
     assert events[-1][1]["code"] == code
@@ -946,6 +1128,13 @@ BAD_REQUESTS = [
     ("xml-content-type", "POST", "/api/chat", {"content": b"<m/>", "headers": XML}, 415, "unsupported_media_type"),
     ("bad-limit", "GET", "/api/conversations?limit=0", {}, 422, "validation_error"),
     ("bad-path-id", "GET", "/api/conversations/a%20b", {}, 422, "validation_error"),
+    ("delete-bad-path-id", "DELETE", "/api/conversations/a%20b", {}, 422, "validation_error"),
+    ("stream-body-not-json", "POST", "/api/chat/stream", {"content": b"{nope"}, 400, "invalid_json"),
+    ("stream-xml", "POST", "/api/chat/stream", {"content": b"<m/>", "headers": XML}, 415, "unsupported_media_type"),
+    ("unknown-field", "POST", "/api/chat", {"json": {"message": "hi", "conversationId": "c"}}, 422, INVALID),
+    ("lone-surrogate", "POST", "/api/chat", {"content": b'{"message": "a\\ud800"}'}, 422, INVALID),
+    ("limit-not-ascii", "GET", "/api/conversations?limit=%C2%B2", {}, 422, "validation_error"),
+    ("offset-too-large", "GET", "/api/conversations?offset=1000000001", {}, 422, "validation_error"),
 ]  # fmt: skip
 
 
@@ -969,6 +1158,7 @@ def test_bad_input_gets_a_json_error_one_log_line_and_changes_nothing(
         "status": "error",
         "error": {"code": code, "message": response.json()["error"]["message"]},
     }
+    assert_documented(response)
     assert len([r for r in caplog.records if r.name == "autogen_chat"]) <= 1
     assert upstream.requests == []
     assert client.get("/api/conversations").json()["total"] == 0
