@@ -999,7 +999,7 @@ def check_message(value: Any, limit: int) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ApiError("validation_error", "'message' must be a string with more than white space.")
     if len(value) > limit:
-        raise ApiError("payload_too_large", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
+        raise ApiError("validation_error", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
     try:
         value.encode()
     except UnicodeEncodeError:  # JSON can escape a lone surrogate, which no text can hold

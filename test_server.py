@@ -774,7 +774,7 @@ def test_the_served_document_states_the_message_limit_of_the_settings(
         document = client.get("/openapi.json").json()
         refused = client.post("/api/chat", json={"message": "x" * 101})
     assert document["components"]["schemas"]["ChatRequest"]["properties"]["message"]["maxLength"] == 100
-    assert refused.status_code == 413
+    assert refused.status_code == 422 and "MAX_MESSAGE_CHARS (100)" in refused.json()["error"]["message"]
 
 
 def test_a_null_conversation_id_starts_a_new_conversation(client: TestClient, upstream: FakeModelAPI) -> None:
@@ -1118,8 +1118,9 @@ BAD_REQUESTS = [
     ("message-not-string", "POST", "/api/chat", {"json": {"message": 5}}, 422, "validation_error"),
     ("message-empty", "POST", "/api/chat", {"json": {"message": ""}}, 422, "validation_error"),
     ("message-whitespace", "POST", "/api/chat/stream", {"json": {"message": " \n\t"}}, 422, "validation_error"),
-    ("message-too-long", "POST", "/api/chat", {"json": {"message": "x" * 32001}}, 413, "payload_too_large"),
+    ("message-too-long", "POST", "/api/chat", {"json": {"message": "x" * 32001}}, 422, "validation_error"),
     ("body-too-large", "POST", "/api/chat/stream", {"content": b"x" * 300_000}, 413, "payload_too_large"),
+    ("chat-body-too-large", "POST", "/api/chat", {"content": b"x" * 300_000}, 413, "payload_too_large"),
     ("id-not-string", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": 7}}, 422, "validation_error"),
     ("id-bad-pattern", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "../x"}}, 422, INVALID),
     ("id-too-long", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "a" * 129}}, 422, INVALID),
