@@ -19,6 +19,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import functools
+import gzip
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -29,21 +31,26 @@ import os
 import re
 import signal
 import sqlite3
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import httpx
 import openai
+import psycopg
+import psycopg_pool
 import pydantic
 import uvicorn
 from autogen_agentchat.agents import AssistantAgent
@@ -56,10 +63,11 @@ from autogen_agentchat.messages import (
 )
 from autogen_core import CancellationToken
 from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
-from autogen_core.models import LLMMessage, ModelInfo, UserMessage
+from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, UserMessage
 from autogen_core.tools import FunctionTool, ToolSchema
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.openai import _model_info as autogen_model_info
+from autogen_ext.models.openai._openai_client import CreateParams
 from dotenv import dotenv_values
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from starlette.applications import Starlette
@@ -69,11 +77,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __version__ = "1.0.0"
 
 logger = logging.getLogger("autogen_chat")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------
 # Settings
@@ -85,16 +95,21 @@ DEFAULT_SYSTEM_MESSAGE = (
     "calculate for arithmetic."
 )
 CONVERSATION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+HANDOVER_SECONDS = 0.25  # how long a new turn waits for a stopped turn of its conversation here
 
-# AutoGen only knows OpenAI's model names; these are the DeepSeek ones it must be told about.
+# AutoGen only knows OpenAI's model names; these are DeepSeek's current ones (its Models &
+# Pricing page): deepseek-flash is V4.1 Flash and reads images; deepseek-v4-flash is still
+# accepted and served by the same model, documented without images; deepseek-v4-pro is text only.
 KNOWN_MODEL_INFO: dict[str, ModelInfo] = {
-    "deepseek-chat": ModelInfo(
-        vision=False, function_calling=True, json_output=True, family="unknown", structured_output=False
-    ),
-    "deepseek-reasoner": ModelInfo(
-        vision=False, function_calling=False, json_output=True, family="r1", structured_output=False
-    ),
+    name: ModelInfo(vision=vision, function_calling=True, json_output=True, family="unknown", structured_output=False)
+    for name, vision in (("deepseek-flash", True), ("deepseek-v4-flash", False), ("deepseek-v4-pro", False))
 }
+# Names DeepSeek retired on 2026-07-24; its API refuses them since. Each with what to set instead.
+RETIRED_MODELS = {"deepseek-chat": "deepseek-flash", "deepseek-reasoner": "deepseek-flash"}
+DEEPSEEK_HOSTS = {"api.deepseek.com"}
+OPENAI_HOSTS = {"api.openai.com"}
+THINKING_MODES = ("enabled", "disabled")
+REASONING_EFFORTS = ("low", "high", "max")
 DEFAULT_MODEL_INFO = ModelInfo(
     vision=False, function_calling=True, json_output=False, family="unknown", structured_output=False
 )
@@ -144,6 +159,49 @@ def _env_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _env_database_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("DATABASE_URL", "").strip()
+    if raw and urlsplit(raw).scheme not in {"postgresql", "postgres"}:
+        shown = redact_url(raw)
+        raise SettingsError(f"DATABASE_URL={shown!r} must be a postgresql:// URL, or unset for SQLite at DATABASE_PATH")
+    return raw or None
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password, in the user part or the query, shown as ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if raw and raw not in choices:
+        raise SettingsError(f"{name}={raw!r} must be one of {', '.join(choices)}, or empty for the model's default")
+    return raw or None
+
+
+def _thinking_api(base_url: str, thinking: str | None, effort: str | None) -> bool:
+    """Whether the API takes DeepSeek's thinking fields and needs reasoning passed back:
+    DeepSeek's own, or any other where the user set THINKING or REASONING_EFFORT."""
+    host = urlsplit(base_url).hostname
+    for name, value in (("THINKING", thinking), ("REASONING_EFFORT", effort)):
+        if value and host in OPENAI_HOSTS:
+            raise SettingsError(f"{name}={value!r} is a DeepSeek setting; OpenAI's API (BASE_URL) refuses it")
+    return host in DEEPSEEK_HOSTS or bool(thinking or effort)
+
+
+def retired_model_note(model: str) -> str:
+    """For a model name DeepSeek retired, what to set instead; else nothing."""
+    if model not in RETIRED_MODELS:
+        return ""
+    return f"DeepSeek retired MODEL_NAME={model} on 2026-07-24: set MODEL_NAME={RETIRED_MODELS[model]} in .env."
+
+
 def _model_info(env: Mapping[str, str], model: str) -> ModelInfo:
     """DeepSeek's or AutoGen's own info for the model, else a default; MODEL_* override."""
     info = KNOWN_MODEL_INFO.get(model)
@@ -174,25 +232,30 @@ def _tool_names(env: Mapping[str, str]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Settings:
     api_key: str | None = None
-    model_name: str = "deepseek-chat"
+    model_name: str = "deepseek-flash"
     base_url: str = "https://api.deepseek.com"
     host: str = "0.0.0.0"
     port: int = 8000
     system_message: str = DEFAULT_SYSTEM_MESSAGE
     database_path: str = "conversations.db"
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    database_pool_size: int = 4
     max_history_messages: int = 40
     cors_origins: tuple[str, ...] = ("*",)
     request_timeout: float = 60.0
     max_retries: int = 2
     ping_interval: float = 15.0
     tools: tuple[str, ...] = ("get_current_time", "calculate")
-    model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-chat"]))
+    model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-flash"]))
     max_message_chars: int = 32000
     max_body_bytes: int = 256 * 1024
     server_api_key: str | None = None
     shutdown_grace_seconds: float = 10.0
     lease_seconds: float = 90.0
     log_level: str = "INFO"
+    thinking: str | None = None
+    reasoning_effort: str | None = None
+    thinking_api: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -200,15 +263,20 @@ class Settings:
         log_level = env.get("LOG_LEVEL", "").strip().upper() or cls.log_level
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+        base_url = _env_url(env, "BASE_URL", cls.base_url)
+        thinking = _env_choice(env, "THINKING", THINKING_MODES)
+        effort = _env_choice(env, "REASONING_EFFORT", REASONING_EFFORTS)
         origins = tuple(o.strip() for o in env.get("CORS_ORIGINS", "*").split(",") if o.strip())
         return cls(
             api_key=env.get("API_KEY", "").strip() or None,
             model_name=model,
-            base_url=_env_url(env, "BASE_URL", cls.base_url),
+            base_url=base_url,
             host=env.get("HOST", "").strip() or cls.host,
             port=_env_number(env, "PORT", cls.port, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
             database_path=env.get("DATABASE_PATH", "").strip() or cls.database_path,
+            database_url=_env_database_url(env),
+            database_pool_size=_env_number(env, "DATABASE_POOL_SIZE", cls.database_pool_size, 1),
             max_history_messages=_env_number(env, "MAX_HISTORY_MESSAGES", cls.max_history_messages, 1),
             cors_origins=origins,
             request_timeout=_env_number(env, "REQUEST_TIMEOUT", cls.request_timeout, 0.001),
@@ -222,6 +290,9 @@ class Settings:
             shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds, 0.001),
             lease_seconds=_env_number(env, "LEASE_SECONDS", cls.lease_seconds, 0.001),
             log_level=log_level,
+            thinking=thinking,
+            reasoning_effort=effort,
+            thinking_api=_thinking_api(base_url, thinking, effort),
         )
 
 
@@ -242,6 +313,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "not_found": (404, "Not found."),
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
+    "turn_superseded": (409, "Another turn took this conversation over while this one ran; nothing was saved."),
     "payload_too_large": (413, "The request is too large."),
     "unsupported_media_type": (415, "Send the body as JSON (Content-Type: application/json)."),
     "validation_error": (422, "The request is not valid."),
@@ -254,8 +326,13 @@ ERRORS: dict[str, tuple[int, str]] = {
     "model_not_found": (502, "The model API does not know this model."),
     "not_configured": (503, "The model is not configured: set API_KEY in .env and restart."),
     "server_shutting_down": (503, "The server is shutting down; try again shortly."),
+    "database_unavailable": (503, "The database is not answering; try again shortly."),
     "upstream_timeout": (504, "The model API did not answer in time (REQUEST_TIMEOUT)."),
 }
+
+
+# Seconds to wait before trying again, by status, for errors that do not know better.
+RETRY_AFTER = {409: 1, 503: 5}
 
 
 class ApiError(Exception):
@@ -266,7 +343,7 @@ class ApiError(Exception):
         self.code = code
         self.status_code = ERRORS[code][0]
         self.message = message or ERRORS[code][1]
-        self.retry_after = retry_after
+        self.retry_after = RETRY_AFTER.get(self.status_code) if retry_after is None else retry_after
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -286,25 +363,45 @@ class UpstreamIncomplete(Exception):
     """The model's stream ended without a finish reason: the answer was cut."""
 
 
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(text: str) -> int | None:
+    """A plain ASCII whole number, else None: str.isdigit() also passes '²', which int() refuses."""
+    return int(text) if WHOLE_NUMBER.fullmatch(text) else None
+
+
 def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     """Map a failure of the model API to a client error; never passes its text on."""
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return ApiError("upstream_auth")
     if isinstance(exc, openai.RateLimitError):
-        wait = exc.response.headers.get("retry-after", "")
-        return ApiError("upstream_rate_limited", retry_after=int(wait) if wait.isdigit() else None)
-    if isinstance(exc, openai.NotFoundError):
+        return ApiError("upstream_rate_limited", retry_after=whole_number(exc.response.headers.get("retry-after", "")))
+    if isinstance(exc, openai.NotFoundError) or _is_unknown_model(exc):
         model = settings.model_name
-        return ApiError("model_not_found", f"The model API does not know MODEL_NAME={model!r}.")
+        message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
+        return ApiError("model_not_found", message.strip())
     if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
         return ApiError("upstream_timeout")
     if isinstance(exc, openai.APIConnectionError | httpx.ConnectError):
         return ApiError("upstream_unreachable")
     if isinstance(exc, UpstreamIncomplete):
         return ApiError("upstream_incomplete")
+    if isinstance(exc, DatabaseUnavailable):
+        return ApiError("database_unavailable")
+    if isinstance(exc, LeaseLost):
+        return ApiError("turn_superseded")
     if isinstance(exc, openai.APIError | httpx.HTTPError | json.JSONDecodeError):
         return ApiError("upstream_error")
     return ApiError("internal_error")
+
+
+def _is_unknown_model(exc: BaseException) -> bool:
+    # DeepSeek answers an unknown model name with a 400, not OpenAI's 404.
+    body = getattr(exc, "body", None)
+    return (
+        isinstance(exc, openai.BadRequestError) and isinstance(body, dict) and body.get("message") == "Model Not Exist"
+    )
 
 
 # One encoder for all: json.dumps() with any option builds a new encoder on every call.
@@ -374,14 +471,14 @@ def calculate(expression: str) -> str:
 
 def _evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if _too_large(node.value):  # 1e999 parses as inf
+            raise ValueError("Number too large.")
         return node.value
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
         return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        # An int power is computed exactly, however long it takes: bound it before. A float
-        # power overflows with an error instead.
-        if isinstance(node.op, ast.Pow) and isinstance(left, int) and abs(right) * left.bit_length() > MAX_RESULT_BITS:
+        if isinstance(node.op, ast.Pow) and _power_too_large(left, right):
             raise ValueError("Result too large.")
         try:
             result = BINARY_OPERATORS[type(node.op)](left, right)
@@ -393,6 +490,15 @@ def _evaluate(node: ast.AST) -> int | float:
             raise ValueError("Result too large or not a real number.")
         return result
     raise ValueError(f"Unsupported in arithmetic: {type(node).__name__}.")
+
+
+def _power_too_large(base: int | float, exponent: int | float) -> bool:
+    """Whether int ** int surely passes MAX_RESULT_BITS: Python computes it exactly, however
+    long that takes. |base| has b bits, so |base| ** n has at least (b - 1) * n + 1. Other
+    powers are floats, which overflow with an error instead."""
+    if not isinstance(base, int) or not isinstance(exponent, int) or exponent <= 0:
+        return False
+    return (abs(base).bit_length() - 1) * exponent + 1 > MAX_RESULT_BITS
 
 
 def _too_large(value: int | float) -> bool:
@@ -416,10 +522,70 @@ def build_tools(names: tuple[str, ...]) -> list[FunctionTool]:
 
 
 # ---------------------------------------------------------------------------
-# Storage
+# Storage: the interface and SQLite
 # ---------------------------------------------------------------------------
 
-SCHEMA = """
+
+class DatabaseUnavailable(Exception):
+    """The database cannot answer now (locked, unreachable, restarting); the client may retry."""
+
+
+class LeaseLost(Exception):
+    """Another turn took over this turn's conversation: this turn must save nothing."""
+
+
+class Store(Protocol):
+    """Conversations and the one-turn-per-conversation leases. Two implementations, chosen
+    by the settings: SQLiteStore (DATABASE_PATH) and PostgresStore (DATABASE_URL). Every call
+    raises DatabaseUnavailable when the database cannot answer."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool: ...
+
+    async def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        """Extend the lease if `owner` still holds it; False when another turn has taken it."""
+        ...
+
+    async def release_lease(self, conversation_id: str, owner: str) -> None: ...
+    async def load_state(self, conversation_id: str) -> dict[str, Any] | None: ...
+
+    async def save_turn(
+        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+    ) -> None:
+        """Store a completed turn and delete its lease in one transaction; LeaseLost (and
+        nothing stored) if the lease is no longer this turn's."""
+        ...
+
+    async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]: ...
+    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None: ...
+    async def delete_conversation(self, conversation_id: str) -> bool: ...
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings choose, not yet opened."""
+    if settings.database_url:
+        return PostgresStore(settings.database_url, settings.database_pool_size)
+    return SQLiteStore(settings.database_path)
+
+
+def database_name(settings: Settings) -> str:
+    """The database in use, fit for a log line: never its password."""
+    return redact_url(settings.database_url) if settings.database_url else settings.database_path
+
+
+async def check_store(settings: Settings) -> None:
+    """Open and close the store: SettingsError if the database cannot be used."""
+    store = open_store(settings)
+    await store.open()
+    await store.close()
+
+
+SUMMARY_KEYS = ("conversation_id", "title", "message_count", "created_at", "updated_at")
+CONVERSATION_KEYS = ("conversation_id", "title", "created_at", "updated_at")
+SQLITE_BUSY_TIMEOUT_MS = 5000
+SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     title TEXT NOT NULL,
@@ -443,34 +609,69 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-class Store:
-    """Conversations in SQLite. Calls are synchronous: in WAL mode with synchronous=NORMAL
-    each is well under a millisecond, cheaper than a hop to a thread."""
+def in_thread(method: Callable[Concatenate[SQLiteStore, P], T]) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
+    """Run a SQLiteStore method on the store's own thread: a locked file waits busy_timeout
+    inside sqlite3, which must not stall the event loop."""
+
+    @functools.wraps(method)
+    async def call(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        work = functools.partial(method, self, *args, **kwargs)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.thread, work)
+        except sqlite3.OperationalError as exc:
+            raise DatabaseUnavailable(f"SQLite: {exc}") from None
+
+    return call
+
+
+class SQLiteStore:
+    """Conversations in one SQLite file (WAL, synchronous=NORMAL). One thread owns the
+    connection and runs every call in turn, so calls never overlap and never block the loop."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+        self.db: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.execute("PRAGMA busy_timeout=5000")
-            self.db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise SettingsError(f"DATABASE_PATH={path!r} cannot be opened or written: {exc}") from None
+            await self._connect()
+        except (sqlite3.Error, DatabaseUnavailable) as exc:
+            self.thread.shutdown()
+            raise SettingsError(f"DATABASE_PATH={self.path!r} cannot be opened or written: {exc}") from None
 
-    def close(self) -> None:
-        self.db.close()
+    @in_thread
+    def _connect(self) -> None:
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        self.db.executescript(SQLITE_SCHEMA)
 
+    async def close(self) -> None:
+        if self.db is not None:
+            await asyncio.get_running_loop().run_in_executor(self.thread, self.db.close)
+        self.thread.shutdown()
+
+    @in_thread
     def ping(self) -> bool:
         try:
-            self.db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
+            self._db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
         except sqlite3.Error:
             return False
         return True
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self.db is None:
+            raise sqlite3.OperationalError("the store is not open")
+        return self.db
+
+    @in_thread
     def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
         now = time.time()
-        cursor = self.db.execute(
+        cursor = self._db.execute(
             "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE"
             " SET owner = excluded.owner, expires_at = excluded.expires_at"
             " WHERE leases.expires_at < ?",
@@ -478,26 +679,34 @@ class Store:
         )
         return cursor.rowcount == 1
 
-    def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> None:
-        self.db.execute(
+    @in_thread
+    def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        cursor = self._db.execute(
             "UPDATE leases SET expires_at = ? WHERE conversation_id = ? AND owner = ?",
             (time.time() + seconds, conversation_id, owner),
         )
+        return cursor.rowcount == 1
 
+    @in_thread
     def release_lease(self, conversation_id: str, owner: str) -> None:
-        self.db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
+        self._db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
 
+    @in_thread
     def load_state(self, conversation_id: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        row = self._db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    @in_thread
     def save_turn(
         self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
     ) -> None:
-        """Store a completed turn, the agent's new state and the turn's messages, and release
-        the turn's lease, in one transaction."""
         now = utc_now()
         with self._transaction() as db:
+            released = db.execute(
+                "DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, lease)
+            )
+            if released.rowcount != 1:
+                raise LeaseLost
             row = db.execute("SELECT message_count FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
             seq = row[0] if row else 0
             title = messages[0].get("content", "")[:80]
@@ -507,7 +716,6 @@ class Store:
                 " updated_at = excluded.updated_at",
                 (conversation_id, title, dumps(state), seq + len(messages), now, now),
             )
-            db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, lease))
             db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?)",
                 [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
@@ -515,43 +723,228 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
+            yield self._db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        self._db.execute("COMMIT")
 
+    @in_thread
     def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        rows = self.db.execute(
+        rows = self._db.execute(
             "SELECT id, title, message_count, created_at, updated_at FROM conversations"
             " ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
-        total = self.db.execute("SELECT count(*) FROM conversations").fetchone()[0]
-        keys = ("conversation_id", "title", "message_count", "created_at", "updated_at")
-        return [dict(zip(keys, row, strict=True)) for row in rows], total
+        total = self._db.execute("SELECT count(*) FROM conversations").fetchone()[0]
+        return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
 
+    @in_thread
     def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
-        row = self.db.execute(
+        row = self._db.execute(
             "SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?", (conversation_id,)
         ).fetchone()
         if row is None:
             return None
-        bodies = self.db.execute(
+        bodies = self._db.execute(
             "SELECT body FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
         ).fetchall()
-        keys = ("conversation_id", "title", "created_at", "updated_at")
-        return {**dict(zip(keys, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
+        return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
 
+    @in_thread
     def delete_conversation(self, conversation_id: str) -> bool:
-        cursor = self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        cursor = self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return cursor.rowcount > 0
 
 
 # ---------------------------------------------------------------------------
-# Agent and turns
+# Storage: PostgreSQL
+# ---------------------------------------------------------------------------
+
+POSTGRES_SCHEMA_VERSION = 1
+POSTGRES_SCHEMA_LOCK = 0x636861740001  # any fixed number: the key of the advisory lock around schema changes
+POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS conversations (
+    id text PRIMARY KEY,
+    title text NOT NULL,
+    state text NOT NULL,
+    message_count integer NOT NULL,
+    created_at text NOT NULL,
+    updated_at text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_by_update ON conversations (updated_at DESC, id);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    seq integer NOT NULL,
+    body text NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    conversation_id text PRIMARY KEY,
+    owner text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"""
+POSTGRES_WAIT_SECONDS = 5.0  # for a pooled connection before a call answers database_unavailable
+POSTGRES_PING_SECONDS = 1.0
+POSTGRES_CONNECT_SECONDS = 10
+
+
+class PostgresStore:
+    """Conversations in PostgreSQL, shared by any number of instances. One connection pool
+    per process, each call borrowing a connection only for its own statements; leases run
+    on the database's clock."""
+
+    def __init__(self, url: str, pool_size: int) -> None:
+        self.url = url
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=pool_size,
+            max_size=pool_size,
+            timeout=POSTGRES_WAIT_SECONDS,
+            # No prepared statements: they do not survive PgBouncer in transaction mode.
+            kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": POSTGRES_CONNECT_SECONDS},
+            open=False,
+        )
+
+    async def open(self) -> None:
+        try:
+            connection = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=POSTGRES_CONNECT_SECONDS
+            )
+            async with connection:
+                await self._create_schema(connection)
+            await self.pool.open(wait=True, timeout=POSTGRES_CONNECT_SECONDS)
+        except psycopg.Error as exc:
+            reason = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise SettingsError(f"DATABASE_URL={redact_url(self.url)!r} cannot be used: {reason}") from None
+
+    @staticmethod
+    async def _create_schema(connection: psycopg.AsyncConnection) -> None:
+        # One transaction behind an advisory lock: instances starting together on an empty
+        # database take turns, where concurrent CREATE TABLE IF NOT EXISTS can fail.
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_SCHEMA_LOCK,))
+            await connection.execute(POSTGRES_SCHEMA)
+            await connection.execute(
+                "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT 1 FROM schema_version)",
+                (POSTGRES_SCHEMA_VERSION,),
+            )
+
+    def _scrub(self, text: str) -> str:
+        password = urlsplit(self.url).password
+        return text.replace(password, "***") if password else text
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def _connection(self, timeout: float | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
+        try:
+            async with self.pool.connection(timeout) as connection:
+                yield connection
+        except psycopg.OperationalError as exc:  # the pool's timeout, a lost connection, a shutdown
+            raise DatabaseUnavailable(f"PostgreSQL: {type(exc).__name__}") from None
+
+    async def ping(self) -> bool:
+        try:
+            async with self._connection(POSTGRES_PING_SECONDS) as db:
+                await db.execute("SELECT 1 FROM conversations LIMIT 1")
+        except (DatabaseUnavailable, psycopg.Error):
+            return False
+        return True
+
+    async def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "INSERT INTO leases VALUES (%s, %s, now() + make_interval(secs => %s))"
+                " ON CONFLICT (conversation_id) DO UPDATE"
+                " SET owner = excluded.owner, expires_at = excluded.expires_at"
+                " WHERE leases.expires_at < now() RETURNING owner",
+                (conversation_id, owner, seconds),
+            )
+            return await cursor.fetchone() is not None
+
+    async def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "UPDATE leases SET expires_at = now() + make_interval(secs => %s)"
+                " WHERE conversation_id = %s AND owner = %s",
+                (seconds, conversation_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    async def release_lease(self, conversation_id: str, owner: str) -> None:
+        async with self._connection() as db:
+            await db.execute("DELETE FROM leases WHERE conversation_id = %s AND owner = %s", (conversation_id, owner))
+
+    async def load_state(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self._connection() as db:
+            cursor = await db.execute("SELECT state FROM conversations WHERE id = %s", (conversation_id,))
+            row = await cursor.fetchone()
+        return json.loads(row[0]) if row else None
+
+    async def save_turn(
+        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+    ) -> None:
+        now, title = utc_now(), messages[0].get("content", "")[:80]
+        async with self._connection() as db, db.transaction():
+            released = await db.execute(
+                "DELETE FROM leases WHERE conversation_id = %s AND owner = %s", (conversation_id, lease)
+            )
+            if released.rowcount != 1:
+                raise LeaseLost
+            cursor = await db.execute(
+                "INSERT INTO conversations VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                " SET state = excluded.state, message_count = conversations.message_count + excluded.message_count,"
+                " updated_at = excluded.updated_at RETURNING message_count",
+                (conversation_id, title, dumps(state), len(messages), now, now),
+            )
+            (count,) = await cursor.fetchone() or (len(messages),)
+            seq = count - len(messages)
+            async with db.cursor() as insert:
+                await insert.executemany(
+                    "INSERT INTO messages VALUES (%s, %s, %s)",
+                    [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
+                )
+
+    async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "SELECT id, title, message_count, created_at, updated_at FROM conversations"
+                " ORDER BY updated_at DESC, id LIMIT %s OFFSET %s",
+                (limit, offset),
+            )
+            rows = await cursor.fetchall()
+            cursor = await db.execute("SELECT count(*) FROM conversations")
+            (total,) = await cursor.fetchone() or (0,)
+        return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
+
+    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self._connection() as db:
+            cursor = await db.execute(
+                "SELECT id, title, created_at, updated_at FROM conversations WHERE id = %s", (conversation_id,)
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            cursor = await db.execute(
+                "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
+            )
+            bodies = await cursor.fetchall()
+        return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        async with self._connection() as db:
+            cursor = await db.execute("DELETE FROM conversations WHERE id = %s", (conversation_id,))
+            return cursor.rowcount > 0
+
+
+# ---------------------------------------------------------------------------
+# Model client: AutoGen's, reading the stream its own way and keeping the reasoning
 # ---------------------------------------------------------------------------
 
 
@@ -568,18 +961,92 @@ class Chunk(ChatCompletionChunk):
             return ChatCompletionChunk.construct(**data)
 
 
+# Reasons a model ends a complete answer. "length": cut at the token limit, kept and reported as
+# such. Any other reason (content_filter, DeepSeek's insufficient_system_resource) means the API
+# cut the answer: nothing of it is saved.
+FINISH_REASONS = {"stop", "tool_calls", "function_call", "length"}
+
+
+@dataclass
+class ModelCalls:
+    """The model calls of one turn, which AutoGen cannot pass between the turn and the client;
+    they meet in MODEL_CALLS, a context variable set in the turn's task."""
+
+    finish_reasons: list[str] = field(default_factory=list)
+    open: set[openai.AsyncStream[Any]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        """Close the model responses still open: AutoGen's nested generators, once left, are
+        closed only by the garbage collector, and so would be the model request."""
+        for stream in list(self.open):
+            await stream.close()
+
+
+MODEL_CALLS: ContextVar[ModelCalls | None] = ContextVar("model_calls", default=None)
+
+
+REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
+
+
 class ChatClient(OpenAIChatCompletionClient):
     """AutoGen's OpenAI client, reading the stream its own way. Per turn it posts AutoGen's
     request body as it is: the SDK's create() first walks every message through each of six
     message types to apply aliases chat messages do not have (0.25 ms a message, 10 ms a turn
     at 40). Per token it awaits the stream directly: AutoGen 0.7.5 wraps each read in a task
     linked to the cancellation token, and a Turn cancels its task with the token anyway.
-    And a stream that ends without a finish reason fails rather than pass as complete."""
+    And a stream that ends without a finish reason fails rather than pass as complete.
+
+    It also keeps the model's reasoning exactly as streamed, and with ``pass_reasoning`` (a
+    thinking API: DeepSeek's) keeps it for tool calls too and sends it back as DeepSeek's rule
+    asks. AutoGen 0.7.5 trims it by characters, drops it from tool calls and never sends it
+    (microsoft/autogen#7127)."""
+
+    def __init__(self, *, pass_reasoning: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pass_reasoning = pass_reasoning
+
+    async def create_stream(  # type: ignore[override]
+        self, messages: Sequence[LLMMessage], **kwargs: Any
+    ) -> AsyncIterator[str | CreateResult]:
+        reasoning: list[str] = []  # filled by _create_stream_chunks, which gets it through the create args
+        kwargs["extra_create_args"] = {**kwargs.get("extra_create_args", {}), REASONING_SINK: reasoning}
+        async for item in super().create_stream(messages, **kwargs):
+            if isinstance(item, CreateResult) and reasoning:
+                if isinstance(item.content, str) or self.pass_reasoning:
+                    item.thought = "".join(reasoning)
+            yield item
+
+    def _process_create_args(
+        self,
+        messages: Sequence[LLMMessage],
+        tools: Sequence[Any],
+        tool_choice: Any,
+        json_output: Any,
+        extra_create_args: Mapping[str, Any],
+    ) -> CreateParams:
+        extra = dict(extra_create_args)
+        sink = extra.pop(REASONING_SINK, None)
+        if not self.pass_reasoning:
+            params = super()._process_create_args(messages, tools, tool_choice, json_output, extra)
+        else:
+            # AutoGen would send a tool call's thought as its content: send it as reasoning_content.
+            plain = [m.model_copy(update={"thought": None}) if isinstance(m, AssistantMessage) else m for m in messages]
+            params = super()._process_create_args(plain, tools, tool_choice, json_output, extra)
+            # Each AssistantMessage becomes exactly one assistant message, in order.
+            sent = [m for m in params.messages if m["role"] == "assistant"]
+            for message, reasoning in zip(sent, reasoning_to_pass_back(messages), strict=True):
+                if reasoning is not None:
+                    message["reasoning_content"] = reasoning  # type: ignore[typeddict-unknown-key]
+        if sink is not None:
+            params.create_args[REASONING_SINK] = sink
+        return params
 
     async def _create_stream_chunks(
         self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
     ) -> AsyncIterator[ChatCompletionChunk]:
         body = {**create_args, "messages": oai_messages, "stream": True}
+        sink: list[str] = body.pop(REASONING_SINK, [])
+        body.update(body.pop("extra_body", None) or {})  # as the SDK's create() would
         options = {"timeout": body.pop("timeout")} if "timeout" in body else {}
         if tool_params:
             body["tools"] = tool_params
@@ -595,15 +1062,47 @@ class ChatClient(OpenAIChatCompletionClient):
         )
         if cancellation_token is not None:
             cancellation_token.link_future(request)
-        finished = False
-        async for chunk in await request:
-            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
-            yield chunk
-        if not finished:
+        stream, calls, reason = await request, MODEL_CALLS.get() or ModelCalls(), None
+        calls.open.add(stream)
+        try:
+            async for chunk in stream:
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    reason = choice.finish_reason or reason
+                    reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
+                    if isinstance(reasoning, str):
+                        sink.append(reasoning)
+                yield chunk
+        finally:
+            calls.open.discard(stream)
+        if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
+        calls.finish_reasons.append(reason)
+
+
+def reasoning_to_pass_back(messages: Sequence[LLMMessage]) -> list[str | None]:
+    """The reasoning_content for each assistant message, in order. DeepSeek wants it on every
+    assistant message of a turn (user message to user message) that called tools, and refuses
+    the request without it; elsewhere it is not needed. An empty one stands in for reasoning
+    never kept (a turn saved before this server passed it back)."""
+    result: list[str | None] = []
+    turn: list[AssistantMessage] = []
+    for message in [*messages, None]:
+        if message is None or isinstance(message, UserMessage):
+            called_tools = any(isinstance(m.content, list) for m in turn)
+            result += [(m.thought or "") if called_tools else None for m in turn]
+            turn = []
+        elif isinstance(message, AssistantMessage):
+            turn.append(message)
+    return result
 
 
 def make_client(settings: Settings) -> ChatClient:
+    extra: dict[str, Any] = {}
+    if settings.thinking:
+        extra["extra_body"] = {"thinking": {"type": settings.thinking}}
+    if settings.reasoning_effort:
+        extra["reasoning_effort"] = settings.reasoning_effort
     return ChatClient(
         model=settings.model_name,
         api_key=settings.api_key or "",
@@ -613,7 +1112,14 @@ def make_client(settings: Settings) -> ChatClient:
         max_retries=settings.max_retries,
         # Real APIs send the usage chunk only when asked.
         stream_options={"include_usage": True},
+        pass_reasoning=settings.thinking_api and settings.thinking != "disabled",
+        **extra,
     )
+
+
+# ---------------------------------------------------------------------------
+# Agent and turns
+# ---------------------------------------------------------------------------
 
 
 def history_window(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
@@ -712,7 +1218,36 @@ class AppContext:
     tools: list[FunctionTool]
     openapi: bytes = b""
     turns: set[Turn] = field(default_factory=set)
+    releases: set[asyncio.Task[None]] = field(default_factory=set)
     shutting_down: bool = False
+
+
+LAST_EVENTS = {"done", "error"}
+
+
+def release_lease(ctx: AppContext, conversation_id: str, lease: str) -> asyncio.Task[None]:
+    """Release a lease in a task of its own; while the database fails, keep trying in the
+    background until the lease would have expired anyway: no lease outlives its turn."""
+    task = asyncio.create_task(ctx.store.release_lease(conversation_id, lease))
+
+    def retry(attempt: asyncio.Task[None]) -> None:
+        if not attempt.cancelled() and isinstance(attempt.exception(), DatabaseUnavailable):
+            logger.warning("could not release the lease of conversation %s: retrying", conversation_id)
+            retrying = asyncio.create_task(keep_releasing(ctx, conversation_id, lease))
+            ctx.releases.add(retrying)
+            retrying.add_done_callback(ctx.releases.discard)
+
+    task.add_done_callback(retry)
+    return task
+
+
+async def keep_releasing(ctx: AppContext, conversation_id: str, lease: str) -> None:
+    deadline = asyncio.get_running_loop().time() + ctx.settings.lease_seconds
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(min(1.0, ctx.settings.lease_seconds / 10))  # a pause between tries, not a wait for an event
+        with suppress(DatabaseUnavailable):
+            await ctx.store.release_lease(conversation_id, lease)
+            return
 
 
 class Turn:
@@ -732,7 +1267,9 @@ class Turn:
         self.splitter = ThinkSplitter()
         self.stream_id: str | None = None
         self.thought: list[str] = []
-        self.released = False
+        self.saving = self.saved = False
+        self.releasing: asyncio.Future[None] | None = None
+        self.renewal: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
@@ -752,23 +1289,34 @@ class Turn:
             if not self.task.done():
                 self.token.cancel()
                 self.task.cancel()
+                # A cancelled turn saves nothing, so its lease need not wait for it to unwind
+                # (the model request closing): a client that stops and resends at once gets in.
+                self._start_release()
                 # On disconnect Starlette cancels the response's anyio scope, which re-delivers
                 # the cancellation at every await: shield the wait for the turn to unwind.
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait([self.task])
         finally:
             self.timer.cancel()
+            if self.renewal is not None:
+                self.renewal.cancel()
             self.ctx.turns.discard(self)
-            self._release()  # for a task cancelled before it ever ran
+            self._start_release()  # for a task cancelled before it ever ran
 
-    def _release(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        try:
-            self.ctx.store.release_lease(self.conversation_id, self.lease)
-        except sqlite3.Error:
-            logger.warning("could not release the lease of conversation %s", self.conversation_id)
+    def _start_release(self) -> asyncio.Future[None]:
+        """Release the lease once, in a task of its own: cancelling the turn cannot stop it."""
+        if self.releasing is None:
+            if self.saved:  # the save deleted it
+                self.releasing = self.loop.create_future()
+                self.releasing.set_result(None)
+            else:
+                self.releasing = release_lease(self.ctx, self.conversation_id, self.lease)
+        return self.releasing
+
+    async def _release(self) -> None:
+        releasing = self._start_release()
+        if not releasing.done():
+            await asyncio.wait([releasing])
 
     def _next_tick(self) -> float:
         settings = self.ctx.settings
@@ -781,36 +1329,55 @@ class Turn:
         if now - self.last_event >= settings.ping_interval:
             self.events.put_nowait(PING)
             self.last_event = now
-        if now - self.renewed >= settings.lease_seconds / 3:
-            try:
-                self.ctx.store.renew_lease(self.conversation_id, self.lease, settings.lease_seconds)
-            except sqlite3.Error:
-                logger.warning("could not renew the lease of conversation %s", self.conversation_id)
+        if now - self.renewed >= settings.lease_seconds / 3 and (self.renewal is None or self.renewal.done()):
+            self.renewal = asyncio.create_task(self._renew())
             self.renewed = now
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
+
+    async def _renew(self) -> None:
+        try:
+            owned = await self.ctx.store.renew_lease(self.conversation_id, self.lease, self.ctx.settings.lease_seconds)
+        except DatabaseUnavailable:
+            logger.warning("could not renew the lease of conversation %s", self.conversation_id)
+            return
+        if not owned and not self.saving:  # a save in flight has deleted it, or finds it gone itself
+            logger.warning("conversation %s was taken over by another turn: stopping this one", self.conversation_id)
+            self.stop("turn_superseded")
 
     async def _pump(self) -> None:
         try:
             async for event in self._run():
+                if event[0] in LAST_EVENTS:
+                    # Before the client can read it: a client that sends its next message as
+                    # soon as it reads the last event never meets this turn's lease.
+                    await self._release()
                 self.events.put_nowait(event)
                 self.last_event = self.loop.time()
         finally:
-            # Both before the response task runs again: a client that reads the last event
-            # and sends its next message at once never meets this turn's lease.
-            self.events.put_nowait(None)
-            self._release()
+            self.timer.cancel()  # no ping or renewal follows the end
+            try:
+                await self._release()
+            finally:
+                self.events.put_nowait(None)
 
     async def _run(self) -> AsyncIterator[Event]:
         yield "status", {"status": "started", "conversation_id": self.conversation_id}
+        MODEL_CALLS.set(calls := ModelCalls())
         try:
             agent = await self._agent()
             task = TextMessage(content=self.message, source="user")
-            async for event in agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False):
-                for item in self._translate(event):
-                    yield item
+            events = agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
+            try:
+                async for event in events:
+                    for item in self._translate(event):
+                        yield item
+            finally:
+                await events.aclose()
+                await calls.close()
             state = await agent.save_state()
-            self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
-            self.released = True  # in the same transaction
+            self.saving = True
+            await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
+            self.saved = True
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise
@@ -821,7 +1388,8 @@ class Turn:
             self._log_failure(error, exc)
             yield "error", error.body()
             return
-        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage}
+        finish_reason = "length" if "length" in calls.finish_reasons else "stop"
+        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage, "finish_reason": finish_reason}
 
     async def _agent(self) -> AssistantAgent:
         settings, tools = self.ctx.settings, self.ctx.tools
@@ -834,7 +1402,7 @@ class Turn:
             reflect_on_tool_use=bool(tools),
             model_context=HistoryWindow(settings.max_history_messages),
         )
-        state = self.ctx.store.load_state(self.conversation_id)
+        state = await self.ctx.store.load_state(self.conversation_id)
         if state is not None:
             await agent.load_state(state)
         return agent
@@ -902,12 +1470,12 @@ async def stream_turn(turn: Turn) -> AsyncIterator[bytes]:
     leave together in one write, so a busy server makes fewer, larger writes."""
     while True:
         batch = [await turn.events.get()]
-        while not turn.events.empty():
+        while batch[-1] is not None and not turn.events.empty():
             batch.append(turn.events.get_nowait())
         body = b"".join(sse_event(event) for event in batch if event is not None)
         if body:
             yield body
-        if batch[-1] is None:
+        if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
             return
 
 
@@ -925,7 +1493,7 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
             elif name == "tool_result" and data["call_id"] in calls:
                 calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
             elif name == "done":
-                reply["usage"] = data["usage"]
+                reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
             elif name == "error":
                 raise ApiError(data["code"], data["message"], data.get("retry_after"))
     finally:
@@ -953,6 +1521,8 @@ class TurnStream(StreamingResponse):
 
 # curl -d sends application/x-www-form-urlencoded; a JSON body is accepted under it so the
 # five-minute curl demo works. Types that cannot hold JSON are refused with 415.
+# JSON may escape half of a UTF-16 pair ("\ud800"), which no UTF-8 text (database, model API) can hold.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 JSON_CONTENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
 
 
@@ -962,8 +1532,8 @@ async def read_json(request: Request, limit: int) -> Any:
     if content_type not in JSON_CONTENT_TYPES and not content_type.endswith("+json"):
         raise ApiError("unsupported_media_type")
     too_large = ApiError("payload_too_large", f"The body is larger than MAX_BODY_BYTES ({limit} bytes).")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = whole_number(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
@@ -974,6 +1544,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError:
         raise ApiError("invalid_json") from None
+    except RecursionError:
+        raise ApiError("invalid_json", "The request body is nested too deeply.") from None
 
 
 CHAT_REQUEST_FIELDS = {"message", "conversation_id"}
@@ -1000,10 +1572,8 @@ def check_message(value: Any, limit: int) -> str:
         raise ApiError("validation_error", "'message' must be a string with more than white space.")
     if len(value) > limit:
         raise ApiError("validation_error", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # JSON can escape a lone surrogate, which no text can hold
-        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff).") from None
+    if LONE_SURROGATE.search(value):
+        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff): it is not text.")
     return value
 
 
@@ -1017,9 +1587,10 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+    value = whole_number(raw)
+    if value is None or not low <= value <= high:
         raise ApiError("validation_error", f"'{name}' must be a whole number from {low} to {high}.")
-    return int(raw)
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -1053,7 +1624,7 @@ async def index(request: Request) -> JSONResponse:
 
 async def health(request: Request) -> JSONResponse:
     ctx = context(request)
-    database = ctx.store.ping()
+    database = await ctx.store.ping()
     reasons = []
     if ctx.client is None:
         reasons.append("model not configured: set API_KEY in .env")
@@ -1076,19 +1647,52 @@ async def start_turn(request: Request) -> Turn:
     ctx = context(request)
     if ctx.client is None:
         raise ApiError("not_configured")
-    if ctx.shutting_down:
-        raise ApiError("server_shutting_down")
     data = await read_json(request, ctx.settings.max_body_bytes)
     message, conversation_id = parse_chat_request(data, ctx.settings)
+    if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
+        raise ApiError("server_shutting_down")
     lease = uuid.uuid4().hex
-    if not ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    if not await take_lease(ctx, conversation_id, lease):
         raise ApiError("conversation_busy")
     return Turn(ctx, conversation_id, message, lease)
 
 
-async def chat(request: Request) -> JSONResponse:
+async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
+    """The conversation's lease for a new turn. A turn here that holds it may be one its
+    client stopped a moment ago ("stop, then resend"): the closed connection can reach the
+    server after the resend. Such a turn gets HANDOVER_SECONDS to end (its lease goes first)."""
+    if await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+        return True
+    holder = next((turn for turn in ctx.turns if turn.conversation_id == conversation_id), None)
+    if holder is None:
+        return False
+    await asyncio.wait([holder.task], timeout=HANDOVER_SECONDS)
+    return await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds)
+
+
+async def chat(request: Request) -> Response:
+    """One turn as JSON. Starlette does not cancel a plain handler whose client went away, so
+    this one watches for that: the turn is cancelled, saves nothing and lets go of its lease."""
     turn = await start_turn(request)
-    return JSONResponse(await collect_turn(turn))
+    reply = asyncio.ensure_future(collect_turn(turn))
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait([reply, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not reply.done():
+            reply.cancel()  # collect_turn closes the turn as it unwinds
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([reply])
+    if reply.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return JSONResponse(reply.result())
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects; only once the body has been read."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def chat_stream(request: Request) -> TurnStream:
@@ -1099,7 +1703,7 @@ async def chat_stream(request: Request) -> TurnStream:
 async def list_conversations(request: Request) -> JSONResponse:
     limit = query_int(request, "limit", 20, 1, 100)
     offset = query_int(request, "offset", 0, 0, 10**9)
-    items, total = context(request).store.list_conversations(limit, offset)
+    items, total = await context(request).store.list_conversations(limit, offset)
     return JSONResponse({"conversations": items, "total": total, "limit": limit, "offset": offset})
 
 
@@ -1107,22 +1711,22 @@ async def conversation(request: Request) -> Response:
     ctx = context(request)
     conversation_id = check_conversation_id(request.path_params["conversation_id"])
     if request.method == "DELETE":
-        return delete_conversation(ctx, conversation_id)
-    found = ctx.store.get_conversation(conversation_id)
+        return await delete_conversation(ctx, conversation_id)
+    found = await ctx.store.get_conversation(conversation_id)
     if found is None:
         raise ApiError("not_found", f"No conversation {conversation_id!r}.")
     return JSONResponse(found)
 
 
-def delete_conversation(ctx: AppContext, conversation_id: str) -> Response:
+async def delete_conversation(ctx: AppContext, conversation_id: str) -> Response:
     # Taking the lease means a running turn cannot save the conversation back afterwards.
     lease = uuid.uuid4().hex
-    if not ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    if not await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
         raise ApiError("conversation_busy")
     try:
-        deleted = ctx.store.delete_conversation(conversation_id)
+        deleted = await ctx.store.delete_conversation(conversation_id)
     finally:
-        ctx.store.release_lease(conversation_id, lease)
+        await asyncio.wait([release_lease(ctx, conversation_id, lease)])
     if not deleted:
         raise ApiError("not_found", f"No conversation {conversation_id!r}.")
     return Response(status_code=204)
@@ -1132,54 +1736,190 @@ async def openapi_json(request: Request) -> Response:
     return Response(context(request).openapi, media_type="application/json")
 
 
-async def swagger_ui(request: Request) -> HTMLResponse:
-    return HTMLResponse(SWAGGER_UI_HTML)
-
-
-async def redoc(request: Request) -> HTMLResponse:
-    return HTMLResponse(REDOC_HTML)
-
-
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    if exc.status_code < 500 and exc.code != "not_found":
-        logger.info("%s %s -> %s %s", request.method, request.url.path, exc.status_code, exc.code)
-    return exc.response()
+    return refuse(request, exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "internal_error")
-    response = ApiError(code).response()
+    response = refuse(request, ApiError(code))
     response.headers.update(exc.headers or {})
     return response
+
+
+def refuse(request: Request, error: ApiError) -> Response:
+    """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
+    if error.status_code < 500:
+        logger.info("%s %s -> %s %s", request.method, request.url.path, error.status_code, error.code)
+    return error.response()
+
+
+async def database_error(request: Request, exc: Exception) -> Response:
+    logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
+    return ApiError("database_unavailable").response()
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
     return ApiError("internal_error").response()
 
 
-SECURED_PREFIXES = ("/api/", "/v1/")
-
-
 class RequireServerKey:
-    """With SERVER_API_KEY set, /api/* and /v1/* need 'Authorization: Bearer <key>'."""
+    """A route's guard: with SERVER_API_KEY set, the route needs 'Authorization: Bearer <key>'.
 
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
+    Applied per route (``middleware=SECURED``), never by path prefix: behind
+    ``--root-path`` uvicorn puts the prefix into ``scope["path"]``, the router strips it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.expected is not None
-            and scope["type"] == "http"
-            and scope["path"].startswith(SECURED_PREFIXES)
-            and scope["method"] != "OPTIONS"
-            and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected)
-        ):
-            await ApiError("unauthorized").response()(scope, receive, send)
-            return
+        key = scope["app"].state.settings.server_api_key
+        if key and not bearer_matches(dict(scope["headers"]).get(b"authorization", b""), key):
+            raise ApiError("unauthorized")
         await self.app(scope, receive, send)
+
+
+def bearer_matches(header: bytes, key: str) -> bool:
+    """Whether the header carries the key; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+
+
+SECURED = [Middleware(RequireServerKey)]
+
+
+# ---------------------------------------------------------------------------
+# Static files and documentation pages
+# ---------------------------------------------------------------------------
+
+STATIC_DIR = Path(__file__).resolve().with_name("static")
+# Vendored packages sit in directories named with their version, so their URLs change with it.
+IMMUTABLE = "public, max-age=31536000, immutable"
+CONTENT_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain; charset=utf-8",
+    "": "text/plain; charset=utf-8",  # LICENSE, NOTICE
+}
+COMPRESSIBLE = {".css", ".html", ".js", ".json", ".svg", ".txt", ""}
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A static file as served: its bytes, gzipped once, and the validators derived from them."""
+
+    body: bytes
+    gzipped: bytes | None
+    etag: str
+    content_type: str
+    cache_control: str
+
+
+@functools.lru_cache(maxsize=64)
+def load_asset(path: Path, mtime_ns: int, size: int) -> Asset:
+    """Read and compress a file once per version of it (the stat arguments key the cache)."""
+    body = path.read_bytes()
+    gzipped = gzip.compress(body, 9, mtime=0) if path.suffix in COMPRESSIBLE else None
+    versioned = path.relative_to(STATIC_DIR).parts[0] == "vendor"
+    return Asset(
+        body=body,
+        gzipped=gzipped if gzipped is not None and len(gzipped) < len(body) else None,
+        etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+        content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+        cache_control=IMMUTABLE if versioned else "no-cache",
+    )
+
+
+def find_asset(relative: str) -> Asset | None:
+    """The file at relative inside STATIC_DIR, or None; nothing outside it is ever read."""
+    try:
+        path = (STATIC_DIR / relative).resolve()
+        stat = path.stat()
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+    if not path.is_relative_to(STATIC_DIR) or not path.is_file() or path.name.startswith("."):
+        return None
+    return load_asset(path, stat.st_mtime_ns, stat.st_size)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether Accept-Encoding allows gzip, by name or by '*', with a q-value above zero."""
+    weights: dict[str, float] = {}
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        try:
+            weights[coding.strip()] = float(params.strip().removeprefix("q=") or 1)
+        except ValueError:
+            weights[coding.strip()] = 0.0
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
+
+
+async def static_response(request: Request, relative: str) -> Response:
+    """A file under static/ with its content type, caching headers, and gzip where accepted."""
+    asset = await anyio.to_thread.run_sync(find_asset, relative)
+    if asset is None:
+        raise ApiError("not_found", "No such static file.")
+    body, headers = asset.body, {"Cache-Control": asset.cache_control, "X-Content-Type-Options": "nosniff"}
+    etag = asset.etag
+    if asset.gzipped is not None:
+        headers["Vary"] = "Accept-Encoding"
+        if accepts_gzip(request.headers.get("accept-encoding", "")):
+            body, etag = asset.gzipped, etag[:-1] + '-gzip"'  # another representation, another tag
+            headers["Content-Encoding"] = "gzip"
+    headers["ETag"] = etag
+    if etag in (tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(body, headers=headers, media_type=asset.content_type)
+
+
+async def static_file(request: Request) -> Response:
+    return await static_response(request, request.path_params["path"])
+
+
+def vendored(pattern: str) -> str:
+    """The URL of the one file under static/vendor matching pattern (whatever version is vendored)."""
+    found = sorted(STATIC_DIR.glob(f"vendor/{pattern}"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one static/vendor/{pattern}, found {len(found)}: see README to vendor it")
+    return "/static/" + found[0].relative_to(STATIC_DIR).as_posix()
+
+
+# The pages load nothing from other hosts; the policy makes the browser hold them to it
+# (ReDoc's sidebar would fetch its logo from a CDN). Both libraries inject inline styles.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
+)
+
+SWAGGER_UI_HTML = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
+<link rel="icon" type="image/png" href="{vendored("swagger-ui-dist-*/favicon-32x32.png")}">
+<link rel="stylesheet" href="{vendored("swagger-ui-dist-*/swagger-ui.css")}">
+</head><body><div id="swagger-ui"></div>
+<script src="{vendored("swagger-ui-dist-*/swagger-ui-bundle.js")}"></script>
+<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
+</body></html>"""
+
+REDOC_HTML = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
+<body><redoc spec-url="/openapi.json"></redoc>
+<script src="{vendored("redoc-*/bundles/redoc.standalone.js")}"></script>
+</body></html>"""
+
+
+async def swagger_ui(request: Request) -> HTMLResponse:
+    return HTMLResponse(SWAGGER_UI_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+
+
+async def redoc(request: Request) -> HTMLResponse:
+    return HTMLResponse(REDOC_HTML, headers={"Content-Security-Policy": DOCS_CSP})
 
 
 # ---------------------------------------------------------------------------
@@ -1188,6 +1928,7 @@ class RequireServerKey:
 
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+SECURED_PREFIXES = ("/api/", "/v1/")  # where the routes have middleware=SECURED
 
 
 def openapi_document(settings: Settings) -> bytes:
@@ -1202,21 +1943,6 @@ def openapi_document(settings: Settings) -> bytes:
                 for operation in item.values():
                     operation["security"] = [{"bearer": []}]
     return dumps(document).encode()
-
-
-SWAGGER_UI_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
-</head><body><div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body></html>"""
-
-REDOC_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js"></script>
-</body></html>"""
 
 
 # ---------------------------------------------------------------------------
@@ -1274,22 +2000,49 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class StartupErrorInOneLine:
+    """uvicorn logs a failed start-up with the traceback Starlette sends; a SettingsError
+    (an unreachable DATABASE_URL, say) is the user's to fix, so it goes out as its one line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: Message) -> None:
+            error = sys.exc_info()[1]  # Starlette sends the failure while handling the error
+            if message["type"] == "lifespan.startup.failed" and isinstance(error, SettingsError):
+                message = {**message, "message": f"Configuration error: {error}"}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     logging.getLogger("autogen_core").setLevel(logging.WARNING)  # its INFO events log whole prompts
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per model call
-    store = Store(settings.database_path)
+    store = open_store(settings)
+    await store.open()
     client = make_client(settings) if settings.api_key else None
     tools = build_tools(settings.tools) if settings.model_info["function_calling"] else []
     ctx = app.state.ctx = AppContext(settings, store, client, tools, openapi_document(settings))
     if client is None:
         logger.warning("API_KEY is not set: chat answers 503 until it is set in .env")
+    if retired_model_note(settings.model_name):
+        logger.warning(retired_model_note(settings.model_name))
     if not settings.server_api_key and not is_loopback(settings.host):
         logger.warning("HOST=%s is reachable from other machines and SERVER_API_KEY is not set", settings.host)
     restore_signals = watch_for_shutdown(ctx)
     logger.info(
-        "model %s at %s, database %s", settings.model_name, urlsplit(settings.base_url).hostname, settings.database_path
+        "model %s at %s, database %s",
+        settings.model_name,
+        urlsplit(settings.base_url).hostname,
+        database_name(settings),
     )
     try:
         yield
@@ -1297,9 +2050,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         restore_signals()
         stop_turns(ctx)
         await asyncio.gather(*(turn.close() for turn in list(ctx.turns)))
+        for task in list(ctx.releases):
+            task.cancel()  # a lease left behind expires by itself
+        await asyncio.gather(*ctx.releases, return_exceptions=True)
         if client is not None:
             await client.close()
-        store.close()
+        await store.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1309,13 +2065,14 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 routes = [
     Route("/", index),
     Route("/health", health),
-    Route("/api/chat", chat, methods=["POST"]),
-    Route("/api/chat/stream", chat_stream, methods=["POST"]),
-    Route("/api/conversations", list_conversations),
-    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"]),
+    Route("/api/chat", chat, methods=["POST"], middleware=SECURED),
+    Route("/api/chat/stream", chat_stream, methods=["POST"], middleware=SECURED),
+    Route("/api/conversations", list_conversations, middleware=SECURED),
+    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"], middleware=SECURED),
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
+    Route("/static/{path:path}", static_file),
 ]
 
 
@@ -1323,6 +2080,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
     wildcard = "*" in settings.cors_origins
     middleware = [
+        Middleware(StartupErrorInOneLine),
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
@@ -1331,9 +2089,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             allow_credentials=not wildcard,  # never credentials together with '*'
             expose_headers=["Retry-After"],
         ),
-        Middleware(RequireServerKey, key=settings.server_api_key),
     ]
-    handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
+    handlers = {
+        ApiError: api_error,
+        HTTPException: http_error,
+        DatabaseUnavailable: database_error,
+        Exception: server_error,
+    }
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings = settings
     return app
@@ -1348,7 +2110,7 @@ except SettingsError as exc:
 if __name__ == "__main__":
     settings: Settings = app.state.settings
     try:
-        Store(settings.database_path).close()  # one clear line before uvicorn, not a traceback
+        asyncio.run(check_store(settings))  # one clear line before uvicorn, not a traceback
     except SettingsError as exc:
         raise SystemExit(f"Configuration error: {exc}") from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,18 +7,22 @@ in-process; streams run under a real uvicorn so SSE framing and disconnects are 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -28,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 from jsonschema import Draft202012Validator  # openapi-spec-validator's own dependency
 from openapi_spec_validator import OpenAPIV31SpecValidator
+from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Route as BrowserRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -65,7 +72,9 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     error_body: dict[str, Any] | None = None
     fault: str | None = None  # drop, truncate, bad_json, hang, stall
+    finish_reason: str | None = None  # None: "tool_calls" or "stop"
     usage: tuple[int, int] = (11, 7)
+    call_ids: tuple[str, ...] = ()  # default: call_0, call_1, ...
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -89,25 +98,42 @@ class FakeModelAPI:
         self.hanging = 0
         self.disconnected = threading.Event()
         self.release: asyncio.Event | None = None
+        self.strict: str | None = None  # None: lenient; "deepseek" or "openai": that API's rules
+        self.produced: dict[str, str] = {}  # in deepseek mode: the reasoning of each answer it gave
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
 
-    def reset(self, *replies: Reply) -> None:
+    def reset(self, *replies: Reply, strict: str | None = None) -> None:
         self.script, self.requests, self.headers = list(replies), [], []
+        self.strict, self.produced = strict, {}
         self.disconnected.clear()
 
     async def completions(self, request: Request) -> Response:
         if self.release is None:
-            self.release = asyncio.Event()
+            self.release, self.loop = asyncio.Event(), asyncio.get_running_loop()
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        refusal = deepseek_refusal(body, self.produced) if self.strict == "deepseek" else None
+        refusal = openai_refusal(body) if self.strict == "openai" else refusal
+        if refusal is not None:
+            # Both APIs' error shape; DeepSeek repeats the type as the code, OpenAI leaves it null.
+            code = "invalid_request_error" if self.strict == "deepseek" else None
+            error = {"message": refusal, "type": "invalid_request_error", "param": None, "code": code}
+            return JSONResponse({"error": error}, status_code=400)
         reply = self.script.pop(0) if self.script else Reply()
+        if self.strict == "deepseek":
+            reply = self._deepseek_reply(body, reply)
         if reply.status != 200:
             error = reply.error_body or {"error": {"message": "scripted failure", "type": "x"}}
             return JSONResponse(error, status_code=reply.status, headers=reply.headers)
         if reply.fault == "stall":
             await self._hang()
         return StreamingResponse(self._stream(body, reply), media_type="text/event-stream")
+
+    def end_hang(self) -> None:
+        """Let hanging requests go on (from the test's thread)."""
+        assert self.release is not None
+        self.loop.call_soon_threadsafe(self.release.set)
 
     async def _hang(self) -> None:
         self.hanging += 1
@@ -136,20 +162,35 @@ class FakeModelAPI:
                 async for part in self._fault(reply.fault):
                     yield part
                 return
-            yield chunk({"content": piece})
+            # DeepSeek marks the end of the reasoning with a null reasoning_content.
+            yield chunk({"content": piece, **({"reasoning_content": None} if self.strict == "deepseek" else {})})
         for index, (name, arguments) in enumerate(reply.tool_calls):
-            call = {"index": index, "id": f"call_{index}", "type": "function"}
+            call_id = reply.call_ids[index] if reply.call_ids else f"call_{index}"
+            call = {"index": index, "id": call_id, "type": "function"}
             yield chunk({"tool_calls": [{**call, "function": {"name": name, "arguments": ""}}]})
             text = json.dumps(arguments)
             for part in (text[: len(text) // 2], text[len(text) // 2 :]):
                 yield chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]})
-        yield chunk({}, "tool_calls" if reply.tool_calls else "stop")
+        yield chunk({}, reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop"))
         if body.get("stream_options", {}).get("include_usage"):
             usage = {"prompt_tokens": reply.usage[0], "completion_tokens": reply.usage[1]}
             usage["total_tokens"] = sum(reply.usage)
             data = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model}
             yield f"data: {json.dumps({**data, 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
+
+    def _deepseek_reply(self, body: dict[str, Any], reply: Reply) -> Reply:
+        """As DeepSeek V4 answers: thinking unless told not to, remembering what it thought."""
+        if body.get("thinking", {}).get("type") == "disabled":
+            return dataclasses.replace(reply, reasoning="")
+        if reply.status != 200:
+            return reply
+        reasoning = reply.reasoning or DEFAULT_REASONING
+        # Call ids unique per request, so the reasoning of each call can be looked up later.
+        ids = tuple(f"call_{len(self.requests)}_{index}" for index in range(len(reply.tool_calls)))
+        key = " ".join(ids) or (reply.content if reply.content is not None else "echo: " + last_user_text(body))
+        self.produced[key] = reasoning
+        return dataclasses.replace(reply, reasoning=reasoning, content=None if ids else key, call_ids=ids)
 
     async def _fault(self, fault: str) -> Any:
         if fault == "drop":
@@ -158,6 +199,73 @@ class FakeModelAPI:
             yield b"data: {this is not json\n\n"
         if fault == "hang":
             await self._hang()
+
+
+# Starts with "the" and ends with "k": AutoGen 0.7.5's lstrip("<think>")/rstrip("</think>") would eat letters.
+DEFAULT_REASONING = "the user asks; a tool may help.\n  I should think"
+DEEPSEEK_MODELS = {"deepseek-flash", "deepseek-v4-flash", "deepseek-v4-pro"}
+PASS_BACK = "The `reasoning_content` in the thinking mode must be passed back to the API."
+OPENAI_BODY_FIELDS = {
+    "model", "messages", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls", "temperature",
+    "top_p", "max_tokens", "max_completion_tokens", "n", "stop", "presence_penalty", "frequency_penalty", "seed",
+    "user", "response_format", "logprobs", "top_logprobs", "logit_bias", "metadata", "store", "service_tier",
+}  # fmt: skip
+OPENAI_MESSAGE_FIELDS = {
+    "system": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "tool_calls", "refusal", "audio"},
+    "tool": {"role", "content", "tool_call_id"},
+}
+
+
+def deepseek_refusal(body: dict[str, Any], produced: dict[str, str]) -> str | None:
+    """What DeepSeek V4's API would refuse this request for, if anything."""
+    if body.get("model") not in DEEPSEEK_MODELS:
+        return "Model Not Exist"
+    if body.get("thinking", {"type": "enabled"}).get("type") not in ("enabled", "disabled"):
+        return "thinking.type must be enabled or disabled"
+    if body.get("reasoning_effort", "high") not in ("low", "high", "max"):
+        return "reasoning_effort must be low, high or max"
+    calls: set[str] = set()
+    for message in body["messages"]:
+        if message["role"] == "assistant":
+            calls = {call["id"] for call in message.get("tool_calls") or []}
+        elif message["role"] == "tool" and message["tool_call_id"] not in calls:
+            return "Messages with role 'tool' must be a response to a preceding message with 'tool_calls'"
+    if body.get("thinking", {}).get("type") == "disabled":
+        return None
+    for turn in split_turns(body["messages"]):
+        if not any(m.get("tool_calls") for m in turn):
+            continue
+        for message in turn:
+            key = " ".join(c["id"] for c in message.get("tool_calls") or []) or message.get("content")
+            sent = message.get("reasoning_content")
+            if not isinstance(sent, str) or produced.get(key, sent) != sent:
+                return PASS_BACK
+    return None
+
+
+def split_turns(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The assistant messages of each turn: the messages between two user messages."""
+    turns: list[list[dict[str, Any]]] = [[]]
+    for message in messages:
+        if message["role"] == "user":
+            turns.append([])
+        elif message["role"] == "assistant":
+            turns[-1].append(message)
+    return turns
+
+
+def openai_refusal(body: dict[str, Any]) -> str | None:
+    """What OpenAI's API would refuse for an unknown field in the body or a message."""
+    unknown = set(body) - OPENAI_BODY_FIELDS
+    if unknown:
+        return f"Unrecognized request argument supplied: {', '.join(sorted(unknown))}"
+    for index, message in enumerate(body["messages"]):
+        extra = set(message) - OPENAI_MESSAGE_FIELDS[message["role"]]
+        if extra:
+            return f"Additional properties are not allowed ({sorted(extra)} were unexpected) - 'messages.{index}'"
+    return None
 
 
 def last_user_text(body: dict[str, Any]) -> str:
@@ -236,8 +344,93 @@ ENV_NAMES = {
 }
 
 
+# ---------------------------------------------------------------------------
+# PostgreSQL for the tests
+# ---------------------------------------------------------------------------
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster from the installed binaries on a free loopback port,
+    run as the postgres user (initdb refuses root), with fsync off."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found:
+            pytest.fail(
+                "The PostgreSQL tests need PostgreSQL: apt-get install -y postgresql (or set TEST_DATABASE_URL)"
+            )
+        self.bin, self.port = found[-1].parent, free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="chat-pg-"))
+        password = self.dir / "password"
+        password.write_text(POSTGRES_PASSWORD, encoding="utf-8")
+        for path in (self.dir, password):
+            shutil.chown(path, "postgres", "postgres")
+        self._run("initdb", "-D", "data", "-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=trust",
+                  f"--pwfile={password}", "--no-sync", "-E", "UTF8")  # fmt: skip
+        self.start()
+        admin = f"postgresql://postgres:{POSTGRES_PASSWORD}@127.0.0.1:{self.port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f"CREATE ROLE chat LOGIN PASSWORD '{POSTGRES_PASSWORD}'")
+            connection.execute("CREATE DATABASE chat OWNER chat")
+        self.url = f"postgresql://chat:{POSTGRES_PASSWORD}@127.0.0.1:{self.port}/chat"
+
+    def _run(self, program: str, *args: str) -> None:
+        command = [str(self.bin / program), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, cwd=self.dir, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c fsync=off -c unix_socket_directories={self.dir}"
+        self._run("pg_ctl", "-D", "data", "-l", "log", "-w", "-o", options, "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", "data", "-w", "-m", "fast", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+POSTGRES_PASSWORD = "pg-secret-789"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """TEST_DATABASE_URL, else a cluster of our own for the session."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    cluster = PostgresCluster()
+    try:
+        yield cluster.url
+    finally:
+        cluster.remove()
+
+
+def empty_postgres(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("DROP TABLE IF EXISTS messages, conversations, leases, schema_version")
+
+
 @pytest.fixture
-def settings_for(upstream: FakeModelAPI, _upstream_server: Any, tmp_path: Path) -> Callable[..., server.Settings]:
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """The database settings of a test: SQLite, or an empty PostgreSQL under BOTH_DATABASES."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return {"DATABASE_PATH": str(tmp_path / "chat.db")}
+    url = request.getfixturevalue("postgres_url")
+    empty_postgres(url)
+    return {"DATABASE_URL": url}
+
+
+BOTH_DATABASES = pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def settings_for(
+    upstream: FakeModelAPI, _upstream_server: Any, tmp_path: Path, database: dict[str, str]
+) -> Callable[..., server.Settings]:
     """Settings of a service pointed at the fake API, with env-style overrides."""
     url = _upstream_server[1].url + "/v1"
 
@@ -249,6 +442,7 @@ def settings_for(upstream: FakeModelAPI, _upstream_server: Any, tmp_path: Path) 
             "MAX_RETRIES": "0",
             "REQUEST_TIMEOUT": "10",
             "HOST": "127.0.0.1",
+            **database,
         }
         env.update(overrides)
         return server.Settings.from_env(env)
@@ -311,7 +505,8 @@ def resolve(item: dict[str, Any]) -> dict[str, Any]:
 def template_of(method: str, path: str) -> str | None:
     """The documented path a request path falls under, if the method is documented there."""
     for template, item in OPENAPI["paths"].items():
-        if method.lower() in item and re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", template), path):
+        pattern = re.sub(r"\{\w+\}", "[^/]+", template.replace("{path}", ".+"))  # Starlette's {path:path}
+        if method.lower() in item and re.fullmatch(pattern, path):
             return template
     return None
 
@@ -348,8 +543,12 @@ def assert_documented(response: httpx.Response) -> None:
     responses = responses_of(response.request.method.lower(), template)
     assert str(response.status_code) in responses, f"{response.request.url} gave {response.status_code}"
     documented = resolve(responses[str(response.status_code)])
+    for name, header in documented.get("headers", {}).items():
+        if name in response.headers:
+            schema_validator(header["schema"]).validate(response.headers[name])
     media_type = response.headers.get("content-type", "").split(";")[0]
-    assert set(documented.get("content", {})) == ({media_type} if response.content else set())
+    content = set(documented.get("content", {}))
+    assert content == ({media_type} if response.content else set()) or content == {"*/*"}, (content, media_type)
     if media_type == "text/event-stream":
         for event in sse_events(response.text):
             assert_event_documented(event)
@@ -385,7 +584,7 @@ def test_stream_sends_status_chunks_message_and_done_in_order(service: ServerThr
     assert started["status"] == "started" and started["conversation_id"] == done["conversation_id"]
     assert "".join(d["content"] for n, d in events if n == "chunk") == "你好 世界 from the model"
     assert events[-2][1] == {"content": "你好 世界 from the model", "source": "assistant"}
-    assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
+    assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 7} and done["finish_reason"] == "stop"
 
 
 def test_stream_events_are_one_line_json_with_readable_chinese(service: ServerThread, upstream: FakeModelAPI) -> None:
@@ -412,8 +611,21 @@ def test_chat_answers_json_with_message_usage_and_conversation_id(client: TestCl
     assert body["status"] == "success"
     assert body["message"] == "Paris is the capital."
     assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
-    assert body["tool_calls"] == []
+    assert body["tool_calls"] == [] and body["finish_reason"] == "stop"
     assert len(body["conversation_id"]) == 36
+
+
+def test_an_answer_cut_at_the_token_limit_is_kept_and_reported_as_length(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="the start of", finish_reason="length"), Reply(content="cut", finish_reason="length"))
+    _, events = stream(service.url, {"message": "long", "conversation_id": "cut"})
+    with httpx.Client(timeout=10) as http:
+        answered = http.post(service.url + "/api/chat", json={"message": "more", "conversation_id": "cut"}).json()
+        stored = http.get(service.url + "/api/conversations/cut").json()["messages"]
+    assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "length"
+    assert answered["status"] == "success" and answered["finish_reason"] == "length"
+    assert [m["content"] for m in stored] == ["long", "the start of", "more", "cut"]
 
 
 def test_calculate_tool_runs_end_to_end_and_its_result_reaches_the_model(
@@ -486,6 +698,7 @@ def test_think_splitter_gives_the_same_parts_however_the_text_is_cut(size: int) 
     assert "".join(t for kind, t in parts if kind == "chunk") == "The answer <think> stays text."
 
 
+@BOTH_DATABASES
 def test_stored_assistant_message_keeps_the_thought_apart(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(reasoning="hmm", content="Four."))
     conversation_id = client.post("/api/chat", json={"message": "2+2?"}).json()["conversation_id"]
@@ -508,11 +721,65 @@ def test_a_ping_comment_is_sent_while_the_model_is_quiet(
     assert "event: chunk" in seen and seen.index("event: chunk") < seen.index(": ping")
 
 
+def raw_stream_request(url: str, body: dict[str, Any], receive_buffer: int) -> socket.socket:
+    """A stream request on a raw socket with a small receive buffer, not read yet: a slow reader."""
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    host, port = url.removeprefix("http://").split(":")
+    reader.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    reader.sendall(
+        b"POST /api/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return reader
+
+
+def read_to_the_end(reader: socket.socket, within: float = 10.0) -> bytes:
+    """What the socket receives until the chunked terminator, or until `within` seconds pass."""
+    received, deadline = b"", time.monotonic() + within
+    reader.settimeout(0.5)
+    while not received.endswith(b"0\r\n\r\n") and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            received += reader.recv(1 << 20) or b""
+    return received
+
+
+async def queue_behind_the_end(turn: server.Turn, event: server.Event) -> None:
+    turn.events.put_nowait(event)
+
+
+def test_a_stream_ends_after_done_even_when_the_reader_lags_behind_the_turn(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    long_answer = " ".join(f"{i:05d}" + "x" * 500 for i in range(6000))  # about 3 MB of events
+    upstream.reset(Reply(content=long_answer))
+    with ServerThread(server.create_app(settings_for(PING_INTERVAL="0.05"))) as service:
+        # Accepted sockets inherit the listener's send buffer: keep the kernel from taking it all.
+        service.server.servers[0].sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        reader = raw_stream_request(service.url, {"message": "long", "conversation_id": "lag"}, 65536)
+        try:
+            assert wait_until(lambda: len(service.app_ctx.turns) == 1)
+            [turn] = service.app_ctx.turns
+            assert wait_until(turn.task.done, timeout=30)
+            assert service.call(service.app_ctx.store.get_conversation("lag")) is not None
+            assert not turn.events.empty(), "the reader was not actually behind when the turn ended"
+            assert turn.timer.cancelled(), "the turn's timer still runs after its task ended"
+            service.call(queue_behind_the_end(turn, server.PING))  # as a tick after the end once did
+            received = read_to_the_end(reader)
+        finally:
+            reader.close()
+    assert received.endswith(b"0\r\n\r\n"), "the stream never ended"
+    assert b"event: done" in received and b": ping" not in received[received.rindex(b"event: done") :]
+
+
 # ---------------------------------------------------------------------------
 # Conversations and memory
 # ---------------------------------------------------------------------------
 
 
+@BOTH_DATABASES
 def test_second_turn_sends_the_first_turn_to_the_model(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(content="Nice to meet you, Ada."), Reply(content="You are Ada."))
     first = client.post("/api/chat", json={"message": "I am Ada."}).json()
@@ -522,6 +789,7 @@ def test_second_turn_sends_the_first_turn_to_the_model(client: TestClient, upstr
     assert sent[1:] == [("user", "I am Ada."), ("assistant", "Nice to meet you, Ada."), ("user", "Who am I?")]
 
 
+@BOTH_DATABASES
 def test_unknown_conversation_id_starts_a_new_conversation_under_that_id(
     client: TestClient, upstream: FakeModelAPI
 ) -> None:
@@ -531,6 +799,7 @@ def test_unknown_conversation_id_starts_a_new_conversation_under_that_id(
     assert client.get("/api/conversations/my-chat:1").status_code == 200
 
 
+@BOTH_DATABASES
 def test_conversation_survives_a_restart_on_the_same_database(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
@@ -545,6 +814,7 @@ def test_conversation_survives_a_restart_on_the_same_database(
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
 
 
+@BOTH_DATABASES
 def test_history_sent_to_the_model_is_bounded_and_starts_at_a_user_message(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
@@ -575,6 +845,7 @@ def test_tool_result_is_never_sent_without_its_call(
                 assert roles[index - 1] in {"assistant", "tool"}
 
 
+@BOTH_DATABASES
 def test_conversations_are_listed_newest_first_with_paging(client: TestClient, upstream: FakeModelAPI) -> None:
     for name in ("a", "b", "c"):
         client.post("/api/chat", json={"message": f"hello {name}", "conversation_id": name})
@@ -587,6 +858,7 @@ def test_conversations_are_listed_newest_first_with_paging(client: TestClient, u
     assert rest["conversations"][0]["message_count"] == 2
 
 
+@BOTH_DATABASES
 def test_conversation_holds_messages_with_tool_calls_results_and_timestamps(
     client: TestClient, upstream: FakeModelAPI
 ) -> None:
@@ -602,6 +874,7 @@ def test_conversation_holds_messages_with_tool_calls_results_and_timestamps(
     assert body["created_at"] <= body["updated_at"]
 
 
+@BOTH_DATABASES
 def test_delete_removes_a_conversation_and_a_second_delete_is_404(client: TestClient, upstream: FakeModelAPI) -> None:
     client.post("/api/chat", json={"message": "hi", "conversation_id": "gone"})
     assert client.delete("/api/conversations/gone").status_code == 204
@@ -610,6 +883,7 @@ def test_delete_removes_a_conversation_and_a_second_delete_is_404(client: TestCl
     assert second.status_code == 404 and second.json()["error"]["code"] == "not_found"
 
 
+@BOTH_DATABASES
 def test_a_running_conversation_is_busy_while_others_run_in_parallel(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
@@ -621,29 +895,59 @@ def test_a_running_conversation_is_busy_while_others_run_in_parallel(
             delete = http.delete(service.url + "/api/conversations/busy")
             other = http.post(service.url + "/api/chat", json={"message": "z", "conversation_id": "free"})
     assert again.status_code == 409 and again.json()["error"]["code"] == "conversation_busy"
-    assert delete.status_code == 409
+    assert again.headers["retry-after"] == "1" and again.json()["error"]["retry_after"] == 1
+    assert delete.status_code == 409 and delete.headers["retry-after"] == "1"
     assert other.status_code == 200 and other.json()["message"] == "other"
 
 
+@BOTH_DATABASES
 @pytest.mark.parametrize(
     "first, last_event", [(Reply(content="first answer"), "done"), (Reply(status=500), "error")], ids=["done", "error"]
 )
 def test_the_next_message_can_follow_as_soon_as_the_last_event_is_read(
-    service: ServerThread, upstream: FakeModelAPI, first: Reply, last_event: str
+    service: ServerThread, upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch, first: Reply, last_event: str
 ) -> None:
+    # The race, widened: the first response does not close its turn until the next message is
+    # answered, so only a lease let go as the turn's task ends lets that message in.
+    answered, close = threading.Event(), server.Turn.close
+
+    async def close_after_the_next_message(turn: server.Turn) -> None:
+        if turn.message == "one":
+            await asyncio.get_running_loop().run_in_executor(None, answered.wait, 10)
+        await close(turn)
+
+    monkeypatch.setattr(server.Turn, "close", close_after_the_next_message)
     upstream.reset(first, Reply(content="second answer"))
     with httpx.Client(timeout=10) as http:
-        body = {"message": "one", "conversation_id": "quick"}
+        body, seen = {"message": "one", "conversation_id": "quick"}, ""
         with http.stream("POST", service.url + "/api/chat/stream", json=body) as response:
-            seen = ""
-            for text in response.iter_text():  # the response is still open when the next message goes
-                seen += text
-                if f"event: {last_event}" in seen:
-                    follow = http.post(service.url + "/api/chat", json={"message": "two", "conversation_id": "quick"})
-                    break
+            try:
+                for text in response.iter_text():  # the response is still open when the next message goes
+                    seen += text
+                    if f"event: {last_event}" in seen:
+                        follow = http.post(service.url + "/api/chat", json={**body, "message": "two"})
+                        break
+            finally:
+                answered.set()
     assert follow.status_code == 200 and follow.json()["message"] == "second answer"
 
 
+def test_a_client_can_stop_a_stream_and_resend_at_once(service: ServerThread, upstream: FakeModelAPI) -> None:
+    statuses = []
+    for attempt in range(5):
+        upstream.reset(Reply(content="a b c d e", fault="hang"), Reply(content="resent"))
+        body = {"message": "x", "conversation_id": f"stop-{attempt}"}
+        with httpx.Client(timeout=10) as resender, httpx.Client(timeout=10) as http:
+            resender.get(service.url + "/health")  # kept alive: the resend can overtake the closing connection
+            with http.stream("POST", service.url + "/api/chat/stream", json=body) as response:
+                for text in response.iter_text():
+                    if "event: chunk" in text:
+                        break
+            statuses.append(resender.post(service.url + "/api/chat", json=body).status_code)
+    assert statuses == [200] * 5
+
+
+@BOTH_DATABASES
 def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_nothing(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
@@ -666,6 +970,167 @@ def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_n
     assert [m["content"] for m in upstream.requests[-1]["messages"][1:]] == ["first", "saved", "second"]
 
 
+def test_a_failure_in_the_event_translation_closes_the_model_request(
+    service: ServerThread, upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_translate(turn: server.Turn, event: Any) -> Any:
+        raise RuntimeError("scripted failure in the translation")
+
+    monkeypatch.setattr(server.Turn, "_translate", broken_translate)
+    upstream.reset(Reply(content="a b c d e", fault="hang"))
+    _, events = stream(service.url, {"message": "hi", "conversation_id": "broken"})
+    assert events[-1][1]["code"] == "internal_error"
+    assert upstream.disconnected.wait(5), "the model request stayed open"
+
+
+def test_a_json_chat_whose_client_disconnects_is_cancelled_and_saves_nothing(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d e", fault="hang"), Reply(content="answered"))
+    host, port = service.url.removeprefix("http://").split(":")
+    body = json.dumps({"message": "hello", "conversation_id": "gave-up"}).encode()
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_until(lambda: upstream.hanging == 1)
+    assert upstream.disconnected.wait(5), "the model request was not closed"
+    assert wait_until(lambda: not service.app_ctx.turns)
+    assert service.call(service.app_ctx.store.acquire_lease("gave-up", "probe", 0.001)), "the lease outlived the turn"
+    with httpx.Client(timeout=10) as http:
+        assert http.get(service.url + "/api/conversations/gave-up").status_code == 404
+        retry = http.post(service.url + "/api/chat", json={"message": "hello", "conversation_id": "gave-up"})
+        stored = http.get(service.url + "/api/conversations/gave-up").json()["messages"]
+    assert retry.status_code == 200 and retry.json()["message"] == "answered"
+    assert [m["content"] for m in stored] == ["hello", "answered"]
+
+
+# ---------------------------------------------------------------------------
+# DeepSeek's thinking mode, and nothing of it sent to other APIs
+# ---------------------------------------------------------------------------
+
+
+def tool_turn(expression: str, answer: str) -> list[Reply]:
+    return [Reply(tool_calls=[("calculate", {"expression": expression})]), Reply(content=answer)]
+
+
+def chat_turns(settings: server.Settings, texts: list[str], restart: bool = False) -> list[list[Any]]:
+    """Stream each message into conversation "c", on one server or a new one for each."""
+    results = []
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(TestClient(server.create_app(settings)))
+        for text in texts:
+            if restart and results:
+                stack.close()
+                client = stack.enter_context(TestClient(server.create_app(settings)))
+            response = client.post("/api/chat/stream", json={"message": text, "conversation_id": "c"})
+            results.append(parse_sse(response.text))
+        results.append(client.get("/api/conversations/c").json()["messages"])
+    return results
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["one-server", "restart-before-each-turn"])
+def test_with_deepseek_thinking_a_tool_turn_and_the_turns_after_it_complete(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, restart: bool
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), *tool_turn("7*8", "56."), strict="deepseek")
+    settings = settings_for(REASONING_EFFORT="high")  # no THINKING: the API thinks by default
+    *turns, stored = chat_turns(settings, ["What is 6*7?", "Sure?", "And 7*8?"], restart)
+    assert [names(events)[-1] for events in turns] == ["done", "done", "done"]
+    assert "".join(d["content"] for n, d in turns[0] if n == "thought") == DEFAULT_REASONING * 2
+    assert [m.get("thought") for m in stored if m["role"] == "assistant"] == [DEFAULT_REASONING] * 5
+    sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning_content") for m in sent] == [DEFAULT_REASONING, DEFAULT_REASONING, None, DEFAULT_REASONING]
+    assert sent[0]["content"] is None  # the reasoning is not sent as the tool call's content
+    assert {r.get("reasoning_effort") for r in upstream.requests} == {"high"} and len(upstream.requests) == 5
+
+
+def test_thinking_disabled_is_sent_and_yields_no_thought_events(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), strict="deepseek")
+    *turns, stored = chat_turns(settings_for(THINKING="disabled"), ["What is 6*7?", "Sure?"])
+    assert [names(events)[-1] for events in turns] == ["done", "done"]
+    assert "thought" not in names(turns[0] + turns[1]) and all("thought" not in m for m in stored)
+    assert [r["thinking"] for r in upstream.requests] == [{"type": "disabled"}] * 3
+    assert not any("reasoning_content" in m for r in upstream.requests for m in r["messages"])
+
+
+def test_a_tool_turn_saved_without_reasoning_does_not_block_thinking_later(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), strict="deepseek")
+    chat_turns(settings_for(THINKING="disabled"), ["What is 6*7?"])
+    *turns, _ = chat_turns(settings_for(THINKING="enabled"), ["Sure?"])
+    assert names(turns[0])[-1] == "done"
+    sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning_content") for m in sent] == ["", ""]  # none was kept: empty, not invented
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 8], ids=lambda size: f"window-{size}")
+def test_the_history_window_never_cuts_an_assistant_message_from_its_reasoning_or_tool_results(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, size: int
+) -> None:
+    upstream.reset(*tool_turn("1+1", "2."), *tool_turn("2+2", "4."), *tool_turn("3+3", "6."), strict="deepseek")
+    settings = settings_for(THINKING="enabled", MAX_HISTORY_MESSAGES=str(size))
+    *turns, _ = chat_turns(settings, ["one", "two", "three"])
+    assert [names(events)[-1] for events in turns] == ["done", "done", "done"]  # the fake refuses a cut turn
+
+
+def test_nothing_of_deepseek_reaches_an_api_that_refuses_unknown_fields(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    # An API that streams reasoning_content yet, like OpenAI's, refuses fields it does not know.
+    upstream.reset(
+        Reply(reasoning="the plan: think", tool_calls=[("calculate", {"expression": "6*7"})]),
+        Reply(reasoning="the answer: think", content="42."),
+        Reply(reasoning="the end: think", content="Yes."),
+        strict="openai",
+    )
+    *turns, _ = chat_turns(settings_for(MODEL_NAME="gpt-4o-mini"), ["What is 6*7?", "Sure?"])
+    assert [names(events)[-1] for events in turns] == ["done", "done"] and len(upstream.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "env, thinking_api",
+    [
+        ({}, True),
+        ({"BASE_URL": "http://localhost:11434/v1"}, False),
+        ({"BASE_URL": "http://localhost:4000/v1", "THINKING": "enabled"}, True),
+        ({"BASE_URL": "http://localhost:4000/v1", "REASONING_EFFORT": "max"}, True),
+    ],
+    ids=["deepseek-by-default", "other-api", "other-api-thinking-set", "other-api-effort-set"],
+)
+def test_thinking_fields_go_to_deepseek_and_where_the_user_sets_them(env: dict[str, str], thinking_api: bool) -> None:
+    assert server.Settings.from_env(env).thinking_api is thinking_api
+
+
+@pytest.mark.parametrize("name, value", [("THINKING", "enabled"), ("REASONING_EFFORT", "low")])
+def test_thinking_settings_are_refused_for_openai(name: str, value: str) -> None:
+    with pytest.raises(server.SettingsError) as error:
+        server.Settings.from_env({"BASE_URL": "https://api.openai.com/v1", name: value})
+    assert f"{name}={value!r}" in str(error.value)
+
+
+@pytest.mark.parametrize("model", ["deepseek-chat", "deepseek-reasoner"])
+def test_a_retired_model_name_starts_with_one_warning_and_its_error_names_the_replacement(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    caplog: pytest.LogCaptureFixture,
+    model: str,
+) -> None:
+    upstream.reset(strict="deepseek")
+    caplog.set_level(logging.WARNING, logger="autogen_chat")
+    with TestClient(server.create_app(settings_for(MODEL_NAME=model))) as client:
+        warned = [r.getMessage() for r in caplog.records if r.name == "autogen_chat"]
+        response = client.post("/api/chat", json={"message": "hi"})
+    assert warned == [f"DeepSeek retired MODEL_NAME={model} on 2026-07-24: set MODEL_NAME=deepseek-flash in .env."]
+    assert response.status_code == 502 and response.json()["error"]["code"] == "model_not_found"
+    assert "set MODEL_NAME=deepseek-flash" in response.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------------------
 # Configuration, index, health and docs
 # ---------------------------------------------------------------------------
@@ -684,21 +1149,22 @@ def test_without_api_key_health_is_degraded_and_chat_says_to_set_it(
     assert health.json()["status"] == "degraded" and health.json()["agent_ready"] is False
     assert "API_KEY" in health.json()["reasons"][0]
     for response in (chat, streamed):
-        assert response.status_code == 503
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
         assert response.json()["error"]["code"] == "not_configured"
         assert "API_KEY" in response.json()["error"]["message"]
 
 
+@BOTH_DATABASES
 def test_health_is_ok_with_model_agent_and_database(client: TestClient) -> None:
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["reasons"] == []
-    assert body["model"] == "deepseek-chat" and body["agent_ready"] is True and body["database"] is True
+    assert body["model"] == "deepseek-flash" and body["agent_ready"] is True and body["database"] is True
 
 
 def test_index_names_model_and_host_but_never_the_key(client: TestClient) -> None:
     response = client.get("/")
     body = response.json()
-    assert body["model"] == "deepseek-chat" and body["base_url_host"] == "127.0.0.1"
+    assert body["model"] == "deepseek-flash" and body["base_url_host"] == "127.0.0.1"
     assert body["docs"] == {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"}
     assert SERVICE_KEY not in response.text
 
@@ -715,7 +1181,7 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
     assert document["openapi"].startswith("3.1")
     documented = {(path, method.upper()) for path, item in document["paths"].items() for method in item}
     served = {
-        (route.path, method)
+        (re.sub(r":\w+}", "}", route.path), method)  # /static/{path:path} is /static/{path} in OpenAPI
         for route in client.app.routes  # type: ignore[attr-defined]
         for method in route.methods - {"HEAD"}
     }
@@ -807,7 +1273,10 @@ def test_every_response_the_document_lists_is_given_and_validates(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with ServerThread(server.create_app(settings_for())) as service, httpx.Client(base_url=service.url) as http:
-        given = [http.get(path) for path in ("/", "/health", "/openapi.json", "/docs", "/redoc")]
+        given = [http.get(path) for path in ("/", "/health", "/openapi.json", "/docs", "/redoc", "/static/none")]
+        example = OPENAPI["paths"]["/static/{path}"]["get"]["parameters"][0]["example"]
+        given.append(http.get("/static/" + example))
+        given.append(http.get(given[-1].url, headers={"If-None-Match": given[-1].headers["ETag"]}))
         upstream.reset(Reply(tool_calls=[("get_current_time", {"timezone": "UTC"})]), Reply(content="noon"))
         given.append(http.post("/api/chat", json={"message": "time?", "conversation_id": "c"}))
         given.append(http.post("/api/chat/stream", json={"message": "again", "conversation_id": "c"}))
@@ -823,8 +1292,10 @@ def test_every_response_the_document_lists_is_given_and_validates(
         given.append(http.post("/api/chat", json={"message": "hi"}))
         service.app_ctx.shutting_down = True
         given += [http.post(path, json={"message": "hi"}) for path in CHAT_PATHS]
-        service.app_ctx.store.db.close()
-        given.append(http.get("/health"))
+        # Every SQLite statement is interrupted from now on, as on a failing disk.
+        service.app_ctx.store.db.set_progress_handler(lambda: 1, 1)
+        given += [http.get("/health"), http.get("/api/conversations"), http.get("/api/conversations/c")]
+        given.append(http.delete("/api/conversations/c"))
     with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
         given += [client.request(method.upper(), path.replace("{conversation_id}", "c")) for method, path in OPERATIONS]
     for response in given:
@@ -851,6 +1322,148 @@ async def a_bug(*args: Any) -> None:
     raise RuntimeError("an unexpected failure")
 
 
+# ---------------------------------------------------------------------------
+# Static files, and the documentation pages in a real browser
+# ---------------------------------------------------------------------------
+
+
+def docs_assets(client: TestClient) -> list[str]:
+    return [url for path in ("/docs", "/redoc") for url in re.findall(r'(?:src|href)="([^"]+)"', client.get(path).text)]
+
+
+def test_docs_pages_load_every_asset_from_the_app_and_forbid_other_hosts(client: TestClient) -> None:
+    urls = docs_assets(client)
+    assert len(urls) == 4 and all(url.startswith("/static/vendor/") for url in urls), urls
+    for path in ("/docs", "/redoc"):
+        assert "//" not in client.get(path).text
+        assert "default-src 'self'" in client.get(path).headers["content-security-policy"]
+
+
+def test_vendored_assets_are_served_with_type_long_caching_and_gzip(client: TestClient) -> None:
+    types = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".png": "image/png"}
+    for url in docs_assets(client):
+        plain = client.get(url, headers={"Accept-Encoding": "identity"})
+        assert plain.status_code == 200 and plain.headers["content-type"] == types[Path(url).suffix], url
+        assert plain.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert "content-encoding" not in plain.headers
+        again = client.get(url, headers={"Accept-Encoding": "identity", "If-None-Match": plain.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
+        if url.endswith(".png"):
+            continue
+        zipped = client.get(url, headers={"Accept-Encoding": "br;q=1, gzip;q=0.5"})
+        assert zipped.headers["content-encoding"] == "gzip" and zipped.headers["vary"].startswith("Accept-Encoding")
+        assert int(zipped.headers["content-length"]) < len(plain.content) / 3
+        assert zipped.content == plain.content and zipped.headers["etag"] != plain.headers["etag"]
+        refused = client.get(url, headers={"Accept-Encoding": "gzip;q=0, *"})
+        assert "content-encoding" not in refused.headers
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["%2e%2e/server.py", "%2E%2E%2Fserver.py", "%2Fetc%2Fpasswd", "vendor", "", "vendor/none.js", "a%00b"],
+    ids=["dot-dot", "encoded-slash", "absolute", "directory", "root", "missing", "nul"],
+)
+def test_only_files_inside_static_are_served(client: TestClient, path: str) -> None:
+    response = client.get(f"/static/{path}")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_an_unversioned_static_file_is_revalidated_and_served_anew_when_it_changes(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(server, "STATIC_DIR", tmp_path)
+    (tmp_path / "page.html").write_text("<p>one</p>", encoding="utf-8")
+    first = client.get("/static/page.html")
+    (tmp_path / "page.html").write_text("<p>two, longer</p>", encoding="utf-8")
+    second = client.get("/static/page.html", headers={"If-None-Match": first.headers["etag"]})
+    assert first.headers["cache-control"] == "no-cache" and first.text == "<p>one</p>"
+    assert first.headers["content-type"] == "text/html; charset=utf-8"
+    assert second.status_code == 200 and second.text == "<p>two, longer</p>"
+
+
+CHROMIUM = "/usr/bin/chromium"
+# A name that is not loopback: Swagger UI, for one, behaves differently on localhost.
+PAGE_HOST = "autogen-chat.test"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--host-resolver-rules=MAP {PAGE_HOST} 127.0.0.1"]  # fmt: skip
+
+
+@dataclass
+class Tab:
+    page: Page
+    url: str  # the service, as the browser reaches it
+    elsewhere: list[str] = field(default_factory=list)  # requests for other hosts, all blocked
+    errors: list[str] = field(default_factory=list)  # uncaught script errors
+
+
+@pytest.fixture
+def tab(service: ServerThread, tmp_path: Path) -> Iterator[Tab]:
+    """A page in a fresh Chromium on the service that can reach no other host."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    # Per test, not per session: sync_playwright() marks an event loop running on this thread
+    # for as long as it is open, which breaks asyncio.run() in the tests after it.
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            tmp_path / "chromium-profile", executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        tab = Tab(browser.new_page(), service.url.replace("127.0.0.1", PAGE_HOST))
+
+        def only_the_service(route: BrowserRoute) -> None:
+            if route.request.url.startswith(tab.url + "/"):
+                route.continue_()
+            else:
+                tab.elsewhere.append(route.request.url)
+                route.abort()
+
+        tab.page.route("**/*", only_the_service)
+        tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
+        try:
+            yield tab
+        finally:
+            browser.close()
+
+
+def documented_operations(service: ServerThread) -> set[tuple[str, str]]:
+    document = httpx.get(service.url + "/openapi.json").json()
+    return {(method, path) for path, item in document["paths"].items() for method in item}
+
+
+def test_swagger_ui_shows_every_operation_and_runs_one_with_no_other_host(tab: Tab, service: ServerThread) -> None:
+    tab.page.goto(tab.url + "/docs")
+    stream = tab.page.locator('.opblock-post .opblock-summary-path[data-path="/api/chat/stream"]')
+    stream.wait_for()
+    assert stream.is_visible()
+    shown = tab.page.eval_on_selector_all(
+        ".opblock", "els => els.map(e => [e.querySelector('.opblock-summary-method').textContent.toLowerCase(),"
+        " e.querySelector('.opblock-summary-path').dataset.path])"
+    )  # fmt: skip
+    assert {tuple(operation) for operation in shown} == documented_operations(service)
+    health = tab.page.locator("#operations-default-health")  # Swagger UI ids the block by operationId
+    health.locator(".opblock-summary-control").click()
+    health.get_by_role("button", name="Try it out").click()
+    health.get_by_role("button", name="Execute").click()
+    health.locator(".live-responses-table .response-col_status", has_text="200").wait_for()
+    assert tab.elsewhere == [] and tab.errors == []
+
+
+def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab, service: ServerThread) -> None:
+    tab.page.goto(tab.url + "/redoc")
+    stream = tab.page.locator('[data-section-id="operation/chatStream"]')  # ReDoc ids sections by operationId
+    stream.get_by_text("/api/chat/stream").first.wait_for()
+    shown = tab.page.eval_on_selector_all(
+        "[data-section-id^='operation/']", "els => els.map(e => e.dataset.sectionId.split('/')[1])"
+    )
+    operations = {
+        op["operationId"]: (method, path) for path, item in OPENAPI["paths"].items() for method, op in item.items()
+    }
+    assert {operations[operation_id] for operation_id in shown} == documented_operations(service)
+    tab.page.get_by_placeholder("Search...").fill("stream")
+    tab.page.get_by_role("menuitem", name="Run one turn, stream it as Server-Sent Events").wait_for()
+    assert tab.elsewhere == [] and tab.errors == []
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
@@ -862,8 +1475,25 @@ async def a_bug(*args: Any) -> None:
         ("MODEL_FUNCTION_CALLING", "maybe"),
         ("TOOLS", "calculate,shell"),
         ("LOG_LEVEL", "LOUD"),
+        ("THINKING", "on"),
+        ("REASONING_EFFORT", "medium"),
+        ("DATABASE_URL", "mysql://db.example/chat"),
+        ("DATABASE_POOL_SIZE", "0"),
     ],
-    ids=["port-text", "port-zero", "timeout-negative", "history-zero", "url-no-scheme", "bool", "tool", "log"],
+    ids=[
+        "port-text",
+        "port-zero",
+        "timeout-negative",
+        "history-zero",
+        "url-no-scheme",
+        "bool",
+        "tool",
+        "log",
+        "thinking",
+        "effort",
+        "database-url",
+        "pool-size",
+    ],  # fmt: skip
 )
 def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
@@ -884,8 +1514,10 @@ def test_dotenv_is_read_and_the_real_environment_wins(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize(
     "env, expected",
     [
-        ({"MODEL_NAME": "deepseek-chat"}, {"function_calling": True, "family": "unknown", "vision": False}),
-        ({"MODEL_NAME": "deepseek-reasoner"}, {"function_calling": False, "family": "r1"}),
+        ({}, {"function_calling": True, "json_output": True, "family": "unknown", "vision": True}),
+        ({"MODEL_NAME": "deepseek-v4-flash"}, {"function_calling": True, "json_output": True, "vision": False}),
+        ({"MODEL_NAME": "deepseek-v4-pro"}, {"function_calling": True, "json_output": True, "vision": False}),
+        ({"MODEL_NAME": "deepseek-reasoner"}, {"function_calling": True, "family": "unknown", "vision": False}),
         ({"MODEL_NAME": "qwen2.5:7b"}, {"function_calling": True, "json_output": False, "family": "unknown"}),
         ({"MODEL_NAME": "gpt-4o"}, {"vision": True, "function_calling": True}),
         (
@@ -893,7 +1525,15 @@ def test_dotenv_is_read_and_the_real_environment_wins(monkeypatch: pytest.Monkey
             {"vision": True, "function_calling": False, "family": "x"},
         ),
     ],
-    ids=["deepseek-chat", "deepseek-reasoner", "ollama-default", "autogen-known", "overrides"],
+    ids=[
+        "deepseek-flash-default",
+        "deepseek-v4-flash",
+        "deepseek-v4-pro",
+        "retired",
+        "ollama-default",
+        "autogen-known",
+        "overrides",
+    ],
 )
 def test_model_info_works_for_models_autogen_does_not_know(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: dict[str, Any]
@@ -925,7 +1565,8 @@ def test_tools_setting_empty_turns_tools_off(
     "expression, result",
     [("1 + 2 * 3", "7"), ("(1 + 2) * 3", "9"), ("7 / 2", "3.5"), ("7 // 2", "3"), ("7 % 4", "3"),
      ("2 ** 10", "1024"), ("-3 + +4", "1"), ("0.1 + 0.2", "0.30000000000000004"), ("2 ** -1", "0.5"),
-     ("1.001 ** 5000", str(1.001**5000))],
+     ("1.001 ** 5000", str(1.001**5000)), ("2 ** 3000", str(2**3000)), ("3 ** -2000", str(3**-2000)),
+     ("2 ** -4000", "0.0"), ("(-2) ** 4095", str((-2) ** 4095)), ("1 ** 10 ** 100", "1")],
 )  # fmt: skip
 def test_calculate_does_arithmetic(expression: str, result: str) -> None:
     assert server.calculate(expression) == result
@@ -934,9 +1575,17 @@ def test_calculate_does_arithmetic(expression: str, result: str) -> None:
 @pytest.mark.parametrize(
     "expression",
     ["__import__('os')", "x + 1", "abs(-1)", "1 / 0", "10 ** 100000", "(10 ** 300) ** 20", "1e308 * 10",
-     "(-8) ** 0.5", "1 +", "'a' * 3", "[1] * 2", "True + 1", "9" * 201],
+     "(-8) ** 0.5", "1 +", "'a' * 3", "[1] * 2", "True + 1", "9" * 201, "9 ** 9 ** 9", "2 ** 4096", "1e999",
+     "-1e999", "0 ** -1"],
 )  # fmt: skip
-def test_calculate_refuses_what_is_not_bounded_arithmetic(expression: str) -> None:
+def test_calculate_refuses_what_is_not_bounded_arithmetic(monkeypatch: pytest.MonkeyPatch, expression: str) -> None:
+    def bounded_power(base: Any, exponent: Any) -> Any:
+        # An exact int power runs as long as its result is big (9 ** 9 ** 9: minutes): never start one.
+        if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1:
+            assert abs(base).bit_length() * exponent <= 2 * server.MAX_RESULT_BITS, "an unbounded power was computed"
+        return base**exponent
+
+    monkeypatch.setitem(server.BINARY_OPERATORS, ast.Pow, bounded_power)
     with pytest.raises(ValueError):
         server.calculate(expression)
 
@@ -954,6 +1603,14 @@ FAULTS = [
     ("503", Reply(status=503), "upstream_error", 502),
     ("dropped-mid-stream", Reply(content="a b c d", fault="drop"), "upstream_error", 502),
     ("truncated", Reply(content="a b c d", fault="truncate"), "upstream_incomplete", 502),
+    (
+        "cut-by-the-api",
+        Reply(content="a b c d", finish_reason="insufficient_system_resource"),
+        "upstream_incomplete",
+        502,
+    ),
+    ("content-filter", Reply(content="a b c d", finish_reason="content_filter"), "upstream_incomplete", 502),
+    ("unknown-reason", Reply(content="a b c d", finish_reason="gave_up"), "upstream_incomplete", 502),
     ("bad-json-chunk", Reply(content="a b c d", fault="bad_json"), "upstream_error", 502),
     ("no-first-byte", Reply(fault="stall"), "upstream_timeout", 504),
     ("no-next-chunk", Reply(content="a b c d", fault="hang"), "upstream_timeout", 504),
@@ -1005,7 +1662,7 @@ def test_rate_limit_passes_the_wait_on(client: TestClient, upstream: FakeModelAP
 def test_model_not_found_names_the_model_setting(client: TestClient, upstream: FakeModelAPI) -> None:
     upstream.reset(Reply(status=404))
     error = client.post("/api/chat", json={"message": "hi"}).json()["error"]
-    assert "MODEL_NAME='deepseek-chat'" in error["message"]
+    assert "MODEL_NAME='deepseek-flash'" in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -1054,6 +1711,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@BOTH_DATABASES
 def test_fifty_disconnects_leak_no_task_connection_or_lease(service: ServerThread, upstream: FakeModelAPI) -> None:
     async def task_count() -> int:
         return len(asyncio.all_tasks())
@@ -1076,8 +1734,8 @@ def test_fifty_disconnects_leak_no_task_connection_or_lease(service: ServerThrea
     # At most the baseline: the warm-up left a keep-alive connection the pool may since have dropped.
     assert wait_until(lambda: open_fds() <= fds), "connections or files leaked"
     store = service.app_ctx.store
-    assert store.db.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
-    assert store.list_conversations(100, 0)[1] == 1
+    assert all(service.call(store.acquire_lease(f"d{index}", "probe", 1)) for index in range(50)), "a lease leaked"
+    assert service.call(store.list_conversations(100, 0))[1] == 1
 
 
 def test_a_slow_reader_does_not_hold_up_other_streams(service: ServerThread, upstream: FakeModelAPI) -> None:
@@ -1133,9 +1791,13 @@ BAD_REQUESTS = [
     ("stream-body-not-json", "POST", "/api/chat/stream", {"content": b"{nope"}, 400, "invalid_json"),
     ("stream-xml", "POST", "/api/chat/stream", {"content": b"<m/>", "headers": XML}, 415, "unsupported_media_type"),
     ("unknown-field", "POST", "/api/chat", {"json": {"message": "hi", "conversationId": "c"}}, 422, INVALID),
-    ("lone-surrogate", "POST", "/api/chat", {"content": b'{"message": "a\\ud800"}'}, 422, INVALID),
-    ("limit-not-ascii", "GET", "/api/conversations?limit=%C2%B2", {}, 422, "validation_error"),
     ("offset-too-large", "GET", "/api/conversations?offset=1000000001", {}, 422, "validation_error"),
+    ("limit-superscript", "GET", "/api/conversations?limit=%C2%B2", {}, 422, INVALID),
+    ("offset-superscript", "GET", "/api/conversations?offset=%C2%B9", {}, 422, INVALID),
+    ("offset-5000-digits", "GET", "/api/conversations?offset=" + "9" * 5000, {}, 422, INVALID),
+    ("deep-nesting", "POST", "/api/chat", {"content": b"[" * 100_000}, 400, "invalid_json"),
+    ("deep-nesting-closed", "POST", "/api/chat", {"content": b"[" * 100_000 + b"]" * 100_000}, 400, "invalid_json"),
+    ("lone-surrogate", "POST", "/api/chat", {"content": b'{"message": "hi \\ud800"}'}, 422, INVALID),
 ]  # fmt: skip
 
 
@@ -1160,7 +1822,7 @@ def test_bad_input_gets_a_json_error_one_log_line_and_changes_nothing(
         "error": {"code": code, "message": response.json()["error"]["message"]},
     }
     assert_documented(response)
-    assert len([r for r in caplog.records if r.name == "autogen_chat"]) <= 1
+    assert len([r for r in caplog.records if r.name == "autogen_chat"]) == 1
     assert upstream.requests == []
     assert client.get("/api/conversations").json()["total"] == 0
 
@@ -1194,6 +1856,31 @@ def test_a_large_body_is_refused_while_it_is_read(client: TestClient) -> None:
     assert len(consumed) <= server.Settings.max_body_bytes // len(chunk) + 1
 
 
+def test_a_body_that_finishes_arriving_after_shutdown_began_starts_no_turn(
+    client: TestClient, upstream: FakeModelAPI
+) -> None:
+    parts = [b'{"message": ', b'"late"}']
+
+    async def receive() -> dict[str, Any]:
+        if len(parts) == 1:
+            server.begin_shutdown(client.app.state.ctx)  # type: ignore[attr-defined]
+        return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/api/chat", "raw_path": b"/api/chat",
+        "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+        "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": client.app,
+    }  # fmt: skip
+    client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr]
+    assert sent[0]["status"] == 503 and b"server_shutting_down" in sent[1]["body"]
+    assert upstream.requests == [] and not client.app.state.ctx.turns  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------------------
 # Access
 # ---------------------------------------------------------------------------
@@ -1203,8 +1890,11 @@ def test_server_key_guards_every_api_route_and_leaves_the_rest_open(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
     with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
-        for method, path in [("POST", "/api/chat"), ("POST", "/api/chat/stream"), ("GET", "/api/conversations"),
-                             ("GET", "/api/conversations/x"), ("DELETE", "/api/conversations/x")]:  # fmt: skip
+        guarded = [(method, re.sub(r"\{\w+\}", "x", route.path))
+                   for route in client.app.routes  # type: ignore[attr-defined]
+                   if route.path.startswith(("/api/", "/v1/")) for method in route.methods - {"HEAD"}]  # fmt: skip
+        assert len(guarded) >= 5
+        for method, path in guarded:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SERVER_KEY}):
                 response = client.request(method, path, json={"message": "hi"}, headers=headers)
                 assert response.status_code == 401, (method, path, headers)
@@ -1218,6 +1908,30 @@ def test_server_key_guards_every_api_route_and_leaves_the_rest_open(
     assert document["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     assert document["paths"]["/api/chat"]["post"]["security"] == [{"bearer": []}]
     assert upstream.requests and len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, scheme: str
+) -> None:
+    with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
+        response = client.get("/api/conversations", headers={"Authorization": f"{scheme} {SERVER_KEY}"})
+    assert response.status_code == 200
+
+
+def test_server_key_guards_the_api_of_a_service_behind_a_root_path(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    env = process_env(settings_for, SERVER_API_KEY=SERVER_KEY)
+    # As behind nginx on a sub-path: the proxy strips /chat, uvicorn puts it back into scope["path"].
+    with service_process(env, tmp_path, "--root-path", "/chat") as (_, url):
+        with httpx.Client(base_url=url, timeout=10) as http:
+            refused = [http.get("/api/conversations"), http.post("/api/chat", json={"message": "hi"})]
+            allowed = http.get("/api/conversations", headers={"Authorization": f"Bearer {SERVER_KEY}"})
+    assert [r.status_code for r in refused] == [401, 401]
+    assert all(r.json()["error"]["code"] == "unauthorized" for r in refused)
+    assert allowed.status_code == 200 and "conversations" in allowed.json()
+    assert upstream.requests == []
 
 
 @pytest.mark.parametrize(
@@ -1290,6 +2004,7 @@ def test_keys_never_reach_a_response_an_event_or_the_logs(
 # ---------------------------------------------------------------------------
 
 
+@BOTH_DATABASES
 def test_two_hundred_concurrent_streams_complete_without_cross_talk(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
@@ -1307,7 +2022,7 @@ def test_two_hundred_concurrent_streams_complete_without_cross_talk(
     assert [names(events)[-1] for events in results] == ["done"] * 200
     store = service.app_ctx.store
     for index in range(200):
-        stored = store.get_conversation(f"load-{index}")
+        stored = service.call(store.get_conversation(f"load-{index}"))
         assert stored is not None
         assert [m["content"] for m in stored["messages"]] == [f"message {index}", f"echo: message {index}"]
 
@@ -1399,7 +2114,7 @@ def test_sigterm_ends_open_streams_with_an_error_and_keeps_the_database_consiste
     events = parse_sse(text)
     assert events[-1] == (
         "error",
-        {"code": "server_shutting_down", "message": server.ERRORS["server_shutting_down"][1]},
+        {"code": "server_shutting_down", "message": server.ERRORS["server_shutting_down"][1], "retry_after": 5},
     )
     database = sqlite3.connect(env["DATABASE_PATH"])
     assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -1434,8 +2149,132 @@ def test_python_server_py_refuses_a_bad_setting_with_one_clear_line(tmp_path: Pa
     assert "Traceback" not in result.stderr
 
 
+def test_a_database_url_that_is_not_postgresql_is_refused_without_its_password() -> None:
+    with pytest.raises(server.SettingsError) as error:
+        server.Settings.from_env({"DATABASE_URL": "mysql://chat:hunter2@db.example/chat?password=hunter2"})
+    assert str(error.value).startswith("DATABASE_URL='mysql://chat:***@db.example/chat?password=***'")
+    assert "hunter2" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["server.py"], ["-m", "uvicorn", "server:app", "--port", "0"]],
+    ids=["python-server-py", "uvicorn"],
+)
+def test_an_unreachable_postgresql_stops_start_up_with_one_line_and_no_password(
+    tmp_path: Path, command: list[str]
+) -> None:
+    url = f"postgresql://chat:{POSTGRES_PASSWORD}@127.0.0.1:{free_port()}/chat"
+    env = {**os.environ, "DATABASE_URL": url, "HOST": "127.0.0.1", "PORT": "1"}
+    result = subprocess.run([sys.executable, *command], cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    [line] = [line for line in result.stderr.splitlines() if "DATABASE_URL" in line]
+    assert line.split("Configuration error: ")[1].startswith("DATABASE_URL='postgresql://chat:***@127.0.0.1:")
+    assert "Traceback" not in result.stderr
+    assert POSTGRES_PASSWORD not in result.stderr + result.stdout
+
+
 def test_health_is_degraded_when_the_database_stops_answering(client: TestClient) -> None:
     client.app.state.ctx.store.db.close()  # type: ignore[attr-defined]
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "degraded" and response.json()["database"] is False
+
+
+# ---------------------------------------------------------------------------
+# Storage faults and leases
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sqlite_write_lock(path: str) -> Iterator[None]:
+    """Hold the write lock of a SQLite file, as a backup or a second tool would."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("COMMIT")
+        other.close()
+
+
+def test_a_locked_sqlite_file_never_stalls_the_event_loop(
+    service: ServerThread, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
+) -> None:
+    # The save waits out busy_timeout (5 s) inside sqlite3. On the event loop, GET / would
+    # answer only after the save gave up; off the loop it answers at once, the lock goes,
+    # and the waiting save goes through.
+    upstream.reset(Reply(content="a b c d", fault="stall"))
+    with held_stream(service.url, {"message": "x", "conversation_id": "locked"}, upstream) as (seen, rest):
+        with sqlite_write_lock(settings_for().database_path):
+            upstream.end_hang()
+            for text in rest:
+                seen += text
+                if "event: message" in seen:  # the save comes next
+                    break
+            index = httpx.get(service.url + "/", timeout=10)
+        seen += "".join(rest)
+    assert index.status_code == 200
+    assert names(parse_sse(seen))[-1] == "done"
+
+
+def test_a_database_that_cannot_be_written_answers_503_saves_nothing_and_keeps_no_lease(
+    monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    monkeypatch.setattr(server, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    settings = settings_for()
+    with ServerThread(server.create_app(settings)) as service, httpx.Client(base_url=service.url, timeout=10) as http:
+        upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="stall"))
+        http.post("/api/chat", json={"message": "first", "conversation_id": "w"})
+        before = http.get("/api/conversations/w").json()
+        with held_stream(service.url, {"message": "second", "conversation_id": "w"}, upstream) as (seen, rest):
+            with sqlite_write_lock(settings.database_path):
+                refused = http.post("/api/chat", json={"message": "hi", "conversation_id": "other"})
+                deleted = http.delete("/api/conversations/w")
+                upstream.end_hang()
+                seen += "".join(rest)  # the answer streams, then its save fails
+                listed = http.get("/api/conversations")
+        after = http.get("/api/conversations/w").json()
+        upstream.reset()
+        assert wait_until(
+            lambda: http.post("/api/chat", json={"message": "3", "conversation_id": "w"}).status_code == 200
+        )
+    for response in (refused, deleted):
+        assert response.status_code == 503 and response.json()["error"]["code"] == "database_unavailable"
+    events = parse_sse(seen)
+    assert "message" in names(events) and names(events).count("error") == 1
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "database_unavailable"
+    assert listed.status_code == 200 and after == before
+
+
+@BOTH_DATABASES
+def test_a_turn_whose_lease_was_taken_over_saves_nothing(service: ServerThread, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="stall"))
+    httpx.post(service.url + "/api/chat", json={"message": "first", "conversation_id": "taken"}, timeout=10)
+    with held_stream(service.url, {"message": "lost", "conversation_id": "taken"}, upstream) as (seen, rest):
+        [turn], store = service.app_ctx.turns, service.app_ctx.store
+        service.call(store.release_lease("taken", turn.lease))  # as if it expired while the process was paused
+        assert service.call(store.acquire_lease("taken", "another-process", 90))
+        upstream.end_hang()
+        seen += "".join(rest)
+    events = parse_sse(seen)
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "turn_superseded"
+    stored = service.call(store.get_conversation("taken"))
+    assert [m["content"] for m in stored["messages"]] == ["first", "kept"]
+
+
+@BOTH_DATABASES
+def test_a_renewal_that_finds_the_lease_taken_stops_the_turn(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))
+    with ServerThread(server.create_app(settings_for(LEASE_SECONDS="0.3"))) as service:
+        with held_stream(service.url, {"message": "x", "conversation_id": "renew"}, upstream) as (seen, rest):
+            [turn], store = service.app_ctx.turns, service.app_ctx.store
+            service.call(store.release_lease("renew", turn.lease))
+            assert service.call(store.acquire_lease("renew", "another-process", 90))
+            seen += "".join(rest)  # ends while the model is still answering
+        assert upstream.disconnected.wait(5), "the model request was not closed"
+        assert service.call(store.get_conversation("renew")) is None
+    events = parse_sse(seen)
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "turn_superseded"
