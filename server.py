@@ -34,7 +34,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
@@ -63,7 +63,7 @@ from autogen_agentchat.messages import (
 )
 from autogen_core import CancellationToken
 from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
-from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, UserMessage
+from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, SystemMessage, UserMessage
 from autogen_core.tools import FunctionTool, ToolSchema
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.openai import _model_info as autogen_model_info
@@ -256,6 +256,7 @@ class Settings:
     thinking: str | None = None
     reasoning_effort: str | None = None
     thinking_api: bool = True
+    agent_model_id: str = "autogen-agent"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -293,6 +294,7 @@ class Settings:
             thinking=thinking,
             reasoning_effort=effort,
             thinking_api=_thinking_api(base_url, thinking, effort),
+            agent_model_id=env.get("AGENT_MODEL_ID", "").strip() or cls.agent_model_id,
         )
 
 
@@ -310,6 +312,10 @@ def load_settings() -> Settings:
 ERRORS: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "The request body is not valid JSON."),
     "unauthorized": (401, "Send the server key as 'Authorization: Bearer <SERVER_API_KEY>'."),
+    "origin_not_allowed": (
+        403,
+        "A page of this origin may only send JSON (Content-Type: application/json); or list it in CORS_ORIGINS.",
+    ),
     "not_found": (404, "Not found."),
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
@@ -351,12 +357,15 @@ class ApiError(Exception):
             error["retry_after"] = self.retry_after
         return error
 
-    def response(self) -> JSONResponse:
+    def headers(self) -> dict[str, str]:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
         if self.code == "unauthorized":
             headers["WWW-Authenticate"] = "Bearer"
+        return headers
+
+    def response(self) -> JSONResponse:
         content = {"status": "error", "error": self.body()}
-        return JSONResponse(content, status_code=self.status_code, headers=headers)
+        return JSONResponse(content, status_code=self.status_code, headers=self.headers())
 
 
 class UpstreamIncomplete(Exception):
@@ -973,12 +982,12 @@ class ModelCalls:
     they meet in MODEL_CALLS, a context variable set in the turn's task."""
 
     finish_reasons: list[str] = field(default_factory=list)
-    open: set[openai.AsyncStream[Any]] = field(default_factory=set)
+    streams: set[openai.AsyncStream[Any]] = field(default_factory=set)
 
     async def close(self) -> None:
         """Close the model responses still open: AutoGen's nested generators, once left, are
         closed only by the garbage collector, and so would be the model request."""
-        for stream in list(self.open):
+        for stream in list(self.streams):
             await stream.close()
 
 
@@ -986,6 +995,10 @@ MODEL_CALLS: ContextVar[ModelCalls | None] = ContextVar("model_calls", default=N
 
 
 REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
+
+# Sampling fields of the running turn's request, sent with each of its model calls: AutoGen
+# 0.7.5's AssistantAgent has no per-run create args, and the client's are fixed at construction.
+SAMPLING: ContextVar[Mapping[str, Any] | None] = ContextVar("sampling", default=None)
 
 
 class ChatClient(OpenAIChatCompletionClient):
@@ -1044,7 +1057,7 @@ class ChatClient(OpenAIChatCompletionClient):
     async def _create_stream_chunks(
         self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
     ) -> AsyncIterator[ChatCompletionChunk]:
-        body = {**create_args, "messages": oai_messages, "stream": True}
+        body = {**create_args, **(SAMPLING.get() or {}), "messages": oai_messages, "stream": True}
         sink: list[str] = body.pop(REASONING_SINK, [])
         body.update(body.pop("extra_body", None) or {})  # as the SDK's create() would
         options = {"timeout": body.pop("timeout")} if "timeout" in body else {}
@@ -1063,7 +1076,7 @@ class ChatClient(OpenAIChatCompletionClient):
         if cancellation_token is not None:
             cancellation_token.link_future(request)
         stream, calls, reason = await request, MODEL_CALLS.get() or ModelCalls(), None
-        calls.open.add(stream)
+        calls.streams.add(stream)
         try:
             async for chunk in stream:
                 if chunk.choices:
@@ -1074,7 +1087,7 @@ class ChatClient(OpenAIChatCompletionClient):
                         sink.append(reasoning)
                 yield chunk
         finally:
-            calls.open.discard(stream)
+            calls.streams.discard(stream)
         if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
         calls.finish_reasons.append(reason)
@@ -1123,8 +1136,16 @@ def make_client(settings: Settings) -> ChatClient:
 
 
 def history_window(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
-    """The last `size` messages, widened back to a user message so no tool result is cut
-    from its call (the current turn stays whole even when it alone is longer)."""
+    """System messages at the start (a client's, on /v1), then the last `size` messages,
+    widened back to a user message so no tool result is cut from its call (the current turn
+    stays whole even when it alone is longer)."""
+    head = 0
+    while head < len(messages) and isinstance(messages[head], SystemMessage):
+        head += 1
+    return messages[:head] + _recent(messages[head:], size)
+
+
+def _recent(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
     start = max(0, len(messages) - size)
     for index in range(start, len(messages)):
         if isinstance(messages[index], UserMessage):
@@ -1220,6 +1241,7 @@ class AppContext:
     turns: set[Turn] = field(default_factory=set)
     releases: set[asyncio.Task[None]] = field(default_factory=set)
     shutting_down: bool = False
+    started: int = field(default_factory=lambda: int(time.time()))
 
 
 LAST_EVENTS = {"done", "error"}
@@ -1252,13 +1274,27 @@ async def keep_releasing(ctx: AppContext, conversation_id: str, lease: str) -> N
 
 class Turn:
     """One message run through the agent in its own task, its events queued for the
-    response. Holds the conversation's lease until close(); saves only if it completes."""
+    response. Holds the conversation's lease until close(); saves only if it completes.
 
-    def __init__(self, ctx: AppContext, conversation_id: str, message: str, lease: str):
+    Given a `history` instead of a lease, the turn is stateless (the /v1 face's default): it
+    starts from that history, takes no lease and saves nothing. `sampling` goes with each
+    model call (see SAMPLING)."""
+
+    def __init__(
+        self,
+        ctx: AppContext,
+        conversation_id: str,
+        message: str,
+        lease: str | None,
+        history: list[LLMMessage] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+    ):
         self.ctx = ctx
         self.conversation_id = conversation_id
         self.message = message
         self.lease = lease
+        self.history = history
+        self.sampling = sampling or {}
         self.events: asyncio.Queue[Event | None] = asyncio.Queue()
         self.token = CancellationToken()
         self.stop_reason: str | None = None
@@ -1306,7 +1342,7 @@ class Turn:
     def _start_release(self) -> asyncio.Future[None]:
         """Release the lease once, in a task of its own: cancelling the turn cannot stop it."""
         if self.releasing is None:
-            if self.saved:  # the save deleted it
+            if self.saved or self.lease is None:  # the save deleted it, or there is none
                 self.releasing = self.loop.create_future()
                 self.releasing.set_result(None)
             else:
@@ -1329,7 +1365,11 @@ class Turn:
         if now - self.last_event >= settings.ping_interval:
             self.events.put_nowait(PING)
             self.last_event = now
-        if now - self.renewed >= settings.lease_seconds / 3 and (self.renewal is None or self.renewal.done()):
+        if (
+            now - self.renewed >= settings.lease_seconds / 3
+            and self.lease is not None
+            and (self.renewal is None or self.renewal.done())
+        ):
             self.renewal = asyncio.create_task(self._renew())
             self.renewed = now
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
@@ -1345,6 +1385,7 @@ class Turn:
             self.stop("turn_superseded")
 
     async def _pump(self) -> None:
+        SAMPLING.set(self.sampling)  # this task's context only
         try:
             async for event in self._run():
                 if event[0] in LAST_EVENTS:
@@ -1374,10 +1415,11 @@ class Turn:
             finally:
                 await events.aclose()
                 await calls.close()
-            state = await agent.save_state()
-            self.saving = True
-            await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
-            self.saved = True
+            if self.lease is not None:
+                state = await agent.save_state()
+                self.saving = True
+                await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
+                self.saved = True
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise
@@ -1400,9 +1442,9 @@ class Turn:
             system_message=settings.system_message,
             model_client_stream=True,
             reflect_on_tool_use=bool(tools),
-            model_context=HistoryWindow(settings.max_history_messages),
+            model_context=HistoryWindow(settings.max_history_messages, initial_messages=self.history),
         )
-        state = await self.ctx.store.load_state(self.conversation_id)
+        state = None if self.history is not None else await self.ctx.store.load_state(self.conversation_id)
         if state is not None:
             await agent.load_state(state)
         return agent
@@ -1465,14 +1507,14 @@ class Turn:
         )
 
 
-async def stream_turn(turn: Turn) -> AsyncIterator[bytes]:
+async def stream_turn(turn: Turn, render: Callable[[Event], bytes] = sse_event) -> AsyncIterator[bytes]:
     """The turn's events as SSE; events that queued up while the last write was going out
     leave together in one write, so a busy server makes fewer, larger writes."""
     while True:
         batch = [await turn.events.get()]
         while batch[-1] is not None and not turn.events.empty():
             batch.append(turn.events.get_nowait())
-        body = b"".join(sse_event(event) for event in batch if event is not None)
+        body = b"".join(render(event) for event in batch if event is not None)
         if body:
             yield body
         if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
@@ -1504,8 +1546,11 @@ async def collect_turn(turn: Turn) -> dict[str, Any]:
 class TurnStream(StreamingResponse):
     """The SSE response of a turn; closes the turn however the response ends."""
 
-    def __init__(self, turn: Turn) -> None:
-        super().__init__(stream_turn(turn), media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(
+        self, turn: Turn, render: Callable[[Event], bytes] = sse_event, headers: Mapping[str, str] | None = None
+    ) -> None:
+        headers = {**SSE_HEADERS, **(headers or {})}
+        super().__init__(stream_turn(turn, render), media_type="text/event-stream", headers=headers)
         self.turn = turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1529,8 +1574,11 @@ JSON_CONTENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON; refused while reading once it passes `limit` bytes."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in JSON_CONTENT_TYPES and not content_type.endswith("+json"):
+    declared_json = content_type == "application/json" or content_type.endswith("+json")
+    if not declared_json and content_type not in JSON_CONTENT_TYPES:
         raise ApiError("unsupported_media_type")
+    if not declared_json and not origin_allowed(request):
+        raise ApiError("origin_not_allowed")
     too_large = ApiError("payload_too_large", f"The body is larger than MAX_BODY_BYTES ({limit} bytes).")
     declared = whole_number(request.headers.get("content-length", ""))
     if declared is not None and declared > limit:
@@ -1546,6 +1594,17 @@ async def read_json(request: Request, limit: int) -> Any:
         raise ApiError("invalid_json") from None
     except RecursionError:
         raise ApiError("invalid_json", "The request body is nested too deeply.") from None
+
+
+def origin_allowed(request: Request) -> bool:
+    """Whether the page that sent this may run it. A browser sends a form or text/plain
+    cross-site without asking CORS first, so for those bodies the server asks: any page of an
+    origin in CORS_ORIGINS ('*': all), of this server itself, or no page at all (curl)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    allowed = context(request).settings.cors_origins
+    return "*" in allowed or origin in allowed or urlsplit(origin).netloc == request.headers.get("host")
 
 
 CHAT_REQUEST_FIELDS = {"message", "conversation_id"}
@@ -1616,6 +1675,8 @@ async def index(request: Request) -> JSONResponse:
                 "conversations": "GET /api/conversations",
                 "conversation": "GET|DELETE /api/conversations/{conversation_id}",
                 "health": "GET /health",
+                "openai_chat": "POST /v1/chat/completions",
+                "openai_models": "GET /v1/models",
             },
             "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
         }
@@ -1643,18 +1704,31 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if database else 503)
 
 
-async def start_turn(request: Request) -> Turn:
+async def turn_body(request: Request) -> Any:
+    """The JSON body of a request for a turn, which needs the model configured and the
+    server not shutting down."""
     ctx = context(request)
     if ctx.client is None:
         raise ApiError("not_configured")
     data = await read_json(request, ctx.settings.max_body_bytes)
-    message, conversation_id = parse_chat_request(data, ctx.settings)
     if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
         raise ApiError("server_shutting_down")
+    return data
+
+
+async def stored_turn(
+    ctx: AppContext, conversation_id: str, message: str, sampling: Mapping[str, Any] | None = None
+) -> Turn:
+    """A turn on the stored conversation, holding its lease; 409 while another turn runs."""
     lease = uuid.uuid4().hex
     if not await take_lease(ctx, conversation_id, lease):
         raise ApiError("conversation_busy")
-    return Turn(ctx, conversation_id, message, lease)
+    return Turn(ctx, conversation_id, message, lease, sampling=sampling)
+
+
+async def start_turn(request: Request) -> Turn:
+    message, conversation_id = parse_chat_request(await turn_body(request), context(request).settings)
+    return await stored_turn(context(request), conversation_id, message)
 
 
 async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
@@ -1671,10 +1745,16 @@ async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
 
 
 async def chat(request: Request) -> Response:
-    """One turn as JSON. Starlette does not cancel a plain handler whose client went away, so
-    this one watches for that: the turn is cancelled, saves nothing and lets go of its lease."""
     turn = await start_turn(request)
-    reply = asyncio.ensure_future(collect_turn(turn))
+    return await json_reply(request, collect_turn(turn))
+
+
+async def json_reply(
+    request: Request, collect: Coroutine[Any, Any, dict[str, Any]], headers: Mapping[str, str] | None = None
+) -> Response:
+    """A turn's JSON reply. Starlette does not cancel a plain handler whose client went away, so
+    this watches for that: the turn is cancelled, saves nothing and lets go of its lease."""
+    reply = asyncio.ensure_future(collect)
     gone = asyncio.ensure_future(client_gone(request))
     try:
         await asyncio.wait([reply, gone], return_when=asyncio.FIRST_COMPLETED)
@@ -1686,7 +1766,7 @@ async def chat(request: Request) -> Response:
                 await asyncio.wait([reply])
     if reply.cancelled():
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    return JSONResponse(reply.result())
+    return JSONResponse(reply.result(), headers=headers)
 
 
 async def client_gone(request: Request) -> None:
@@ -1753,16 +1833,21 @@ def refuse(request: Request, error: ApiError) -> Response:
     """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
     if error.status_code < 500:
         logger.info("%s %s -> %s %s", request.method, request.url.path, error.status_code, error.code)
-    return error.response()
+    return error_response(request.scope, error)
 
 
 async def database_error(request: Request, exc: Exception) -> Response:
     logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
-    return ApiError("database_unavailable").response()
+    return error_response(request.scope, ApiError("database_unavailable"))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    return ApiError("internal_error").response()
+    return error_response(request.scope, ApiError("internal_error"))
+
+
+def error_response(scope: Scope, error: ApiError) -> Response:
+    """The error in the shape of the face the request came to."""
+    return v1_error_response(error) if on_v1(scope) else error.response()
 
 
 class RequireServerKey:
@@ -1923,6 +2008,286 @@ async def redoc(request: Request) -> HTMLResponse:
 
 
 # ---------------------------------------------------------------------------
+# OpenAI-compatible /v1 face
+# ---------------------------------------------------------------------------
+
+V1_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+V1_TEXT_PARTS = {"text", "input_text"}
+V1_IMAGE_PARTS = {"image_url", "input_image", "image"}
+# Sampling fields sent with each model call of the turn, with their bounds. Every other field
+# (n, logprobs, logit_bias, response_format, reasoning_effort, tools, tool_choice, user, ...)
+# is accepted and ignored.
+V1_NUMBERS = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
+V1_STATUS = {415: 400, 422: 400}  # OpenAI answers every malformed request with 400
+V1_DELTA_FIELDS = {"chunk": "content", "thought": "reasoning_content"}
+V1_DONE = b"data: [DONE]\n\n"
+MAX_TOOL_RESULT_SHOWN = 500
+# The face's tool lines in reasoning_content, found again when an app sends them back in content.
+FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).*(?:\n|$)", re.M)
+# Reasoning that apps fold into the content they send back: <think> (R1 style), Open WebUI's
+# <details type="reasoning">, NextChat's <!--THINKING--> quote.
+FOLDED_REASONING = re.compile(
+    r"<think>.*?</think>|<details type=\"reasoning\".*?</details>|<!--THINKING-->.*?<!--/THINKING-->", re.S
+)
+
+
+def on_v1(scope: Scope) -> bool:
+    path = scope["path"].removeprefix(scope.get("root_path", ""))
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def v1_error_body(code: str, message: str) -> dict[str, Any]:
+    status = ERRORS[code][0]
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def v1_error_response(error: ApiError) -> JSONResponse:
+    status = V1_STATUS.get(error.status_code, error.status_code)
+    return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
+
+
+@dataclass(frozen=True)
+class V1Request:
+    """What the agent uses of a chat completion request."""
+
+    message: str
+    history: list[LLMMessage]
+    conversation_id: str | None
+    stream: bool
+    include_usage: bool
+    sampling: dict[str, Any]
+    model: str
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError("validation_error", message)
+
+
+def parse_v1_request(data: Any, conversation_header: str | None, settings: Settings) -> V1Request:
+    """The request's last user message is the turn's; what precedes it is its history."""
+    if not isinstance(data, dict):
+        raise invalid("The body must be a JSON object with 'messages'.")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list.")
+    parsed = [v1_message(message, index) for index, message in enumerate(messages)]
+    last = max((index for index, (role, text) in enumerate(parsed) if role == "user" and text.strip()), default=None)
+    if last is None:
+        raise invalid("'messages' has no user message with text.")
+    message = parsed[last][1]
+    if len(message) > settings.max_message_chars:
+        raise invalid(f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).")
+    options = {} if data.get("stream_options") is None else data["stream_options"]
+    if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
+        raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
+    model = data.get("model")
+    if not _optional(str, model):
+        raise invalid("'model' must be a string.")
+    conversation_id = data.get("conversation_id") if conversation_header is None else conversation_header
+    return V1Request(
+        message=message,
+        history=v1_history(parsed, last),
+        conversation_id=None if conversation_id is None else check_conversation_id(conversation_id),
+        stream=data.get("stream") is True,
+        include_usage=options.get("include_usage") is True,
+        sampling=v1_sampling(data),
+        model=model or settings.agent_model_id,
+    )
+
+
+def _optional(kind: type, *values: Any) -> bool:
+    return all(value is None or isinstance(value, kind) for value in values)
+
+
+def v1_message(message: Any, index: int) -> tuple[str, str]:
+    """(role, text) of a message; developer counts as system, tool messages are not read."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in V1_ROLES:
+        raise invalid(f"messages[{index}].role must be one of {', '.join(V1_ROLES)}.")
+    content = message.get("content")
+    if role in {"tool", "function"} and (content is None or isinstance(content, str | list)):
+        return role, ""
+    return ("system" if role == "developer" else role), v1_text(content, index)
+
+
+def v1_text(content: Any, index: int) -> str:
+    """The string, or the text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise invalid(f"messages[{index}].content must be a string or a list of content parts.")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in V1_IMAGE_PARTS:
+            raise invalid(f"messages[{index}] holds an image; this model cannot read images (MODEL_VISION).")
+        else:
+            raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text parts are read.")
+    return "\n".join(texts)
+
+
+def v1_history(parsed: list[tuple[str, str]], last: int) -> list[LLMMessage]:
+    """The agent's starting context: the client's system messages, then the user and assistant
+    text before the last user message. Tool calls and tool messages are dropped: the agent
+    runs its own tools."""
+    history: list[LLMMessage] = [SystemMessage(content=text) for role, text in parsed if role == "system" and text]
+    for role, text in parsed[:last]:
+        if role == "user" and text.strip():
+            history.append(UserMessage(content=text, source="user"))
+        elif role == "assistant" and (answer := without_facade_marks(text)):
+            history.append(AssistantMessage(content=answer, source="assistant"))
+    return history
+
+
+def without_facade_marks(text: str) -> str:
+    """An earlier answer without what the face or the app added: folded reasoning, tool lines."""
+    return FACADE_TOOL_LINES.sub("", FOLDED_REASONING.sub("", text)).strip()
+
+
+def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
+    sampling: dict[str, Any] = {}
+    for name, (low, high) in V1_NUMBERS.items():
+        value = data.get(name)
+        if value is not None:
+            if not _is_number(value) or not low <= value <= high:
+                raise invalid(f"'{name}' must be a number from {low} to {high}.")
+            sampling[name] = value
+    # max_completion_tokens wins, sent as max_tokens: the name DeepSeek and local servers read.
+    for name, low in (("max_tokens", 1), ("max_completion_tokens", 1), ("seed", -(2**63))):
+        value = data.get(name)
+        if value is not None:
+            if not _is_number(value) or value != int(value) or value < low:
+                raise invalid(f"'{name}' must be a whole number of at least {low}.")
+            sampling["max_tokens" if name == "max_completion_tokens" else name] = int(value)
+    stop = data.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None:
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+            raise invalid("'stop' must be a string or a list of up to 4 strings.")
+        sampling["stop"] = stop
+    return sampling
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def v1_delta(event: Event) -> tuple[str, str] | None:
+    """The delta field and text an event adds to the answer or the reasoning: the model's
+    reasoning, and a readable line for each tool call and result."""
+    name, data = event
+    if name in V1_DELTA_FIELDS:
+        return V1_DELTA_FIELDS[name], data["content"]
+    if name == "tool_call":
+        return "reasoning_content", f"\n\n🔧 {data['name']}({data['arguments']})\n\n"
+    if name == "tool_result":
+        result = " ".join(data["content"].split())
+        if len(result) > MAX_TOOL_RESULT_SHOWN:
+            result = result[:MAX_TOOL_RESULT_SHOWN] + "…"
+        return "reasoning_content", f"🔧 {data['name']} → {'⚠️ ' if data['is_error'] else ''}{result}\n\n"
+    return None
+
+
+def v1_usage(usage: Mapping[str, int]) -> dict[str, int]:
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class V1Completion:
+    """One chat completion: the turn's events rendered as chat.completion.chunk frames, or
+    folded into a chat.completion; either way with one id, created and model. Frames are
+    `data:` lines only, no event names or comments: some clients' parsers break on both."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        head = dumps(self._object("chat.completion.chunk"))[:-1]
+        self.text_head = f'data: {head},"choices":[{{"index":0,"delta":{{'  # a text delta skips the encoder
+
+    def _object(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+    def render(self, event: Event) -> bytes:
+        name, data = event
+        delta = v1_delta(event)
+        if delta is not None:
+            return self._text(*delta)
+        if name == "ping":  # an empty delta: apps and proxies see a live stream
+            return self._text("content", "")
+        if name == "status" and data["status"] == "started":
+            return self._frame([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        if name == "done":
+            return self._finish(data)
+        if name == "error":
+            return f"data: {dumps(v1_error_body(data['code'], data['message']))}\n\n".encode() + V1_DONE
+        return b""
+
+    def _text(self, field_name: str, text: str) -> bytes:
+        return f'{self.text_head}"{field_name}":{encode_basestring(text)}}},"finish_reason":null}}]}}\n\n'.encode()
+
+    def _frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        chunk = self._object("chat.completion.chunk", choices=choices)
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {dumps(chunk)}\n\n".encode()
+
+    def _finish(self, done: dict[str, Any]) -> bytes:
+        # Usage also on the finish chunk: some apps close the message at the finish reason.
+        usage = v1_usage(done["usage"]) if self.include_usage else None
+        finish = [{"index": 0, "delta": {}, "finish_reason": done["finish_reason"]}]
+        frames = self._frame(finish, usage)
+        return frames + (self._frame([], usage) if usage else b"") + V1_DONE
+
+    async def collect(self, turn: Turn) -> dict[str, Any]:
+        """The turn folded into one chat.completion; its error raised as an ApiError."""
+        texts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
+        done: dict[str, Any] = {}
+        try:
+            while (event := await turn.events.get()) is not None:
+                name, data = event
+                if (delta := v1_delta(event)) is not None:
+                    texts[delta[0]].append(delta[1])
+                elif name == "done":
+                    done = data
+                elif name == "error":
+                    raise ApiError(data["code"], data["message"], data.get("retry_after"))
+        finally:
+            await turn.close()
+        reasoning = "".join(texts["reasoning_content"]).strip()
+        message = {"role": "assistant", "content": "".join(texts["content"]), "reasoning_content": reasoning or None}
+        choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
+        return self._object("chat.completion", choices=[choice], usage=v1_usage(done["usage"]))
+
+
+async def v1_models(request: Request) -> JSONResponse:
+    ctx = context(request)
+    model = {"id": ctx.settings.agent_model_id, "object": "model", "created": ctx.started, "owned_by": "autogen-chat"}
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+async def v1_chat_completions(request: Request) -> Response:
+    """Stateless by default; with X-Conversation-Id (or conversation_id) exactly /api/chat's turn."""
+    ctx = context(request)
+    chat = parse_v1_request(await turn_body(request), request.headers.get("x-conversation-id"), ctx.settings)
+    completion = V1Completion(chat.model, chat.include_usage)
+    headers: dict[str, str] = {}
+    if chat.conversation_id is None:
+        turn = Turn(ctx, completion.id, chat.message, None, history=chat.history, sampling=chat.sampling)
+    else:
+        turn = await stored_turn(ctx, chat.conversation_id, chat.message, chat.sampling)
+        headers["X-Conversation-Id"] = chat.conversation_id
+    if chat.stream:
+        return TurnStream(turn, completion.render, headers)
+    return await json_reply(request, completion.collect(turn), headers)
+
+
+# ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
 
@@ -2069,6 +2434,8 @@ routes = [
     Route("/api/chat/stream", chat_stream, methods=["POST"], middleware=SECURED),
     Route("/api/conversations", list_conversations, middleware=SECURED),
     Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"], middleware=SECURED),
+    Route("/v1/models", v1_models, middleware=SECURED),
+    Route("/v1/chat/completions", v1_chat_completions, methods=["POST"], middleware=SECURED),
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
@@ -2085,9 +2452,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
+            # Any request header: the openai JS SDK of browser apps sends x-stainless-* headers,
+            # and adds new ones between versions.
+            allow_headers=["*"],
             allow_credentials=not wildcard,  # never credentials together with '*'
-            expose_headers=["Retry-After"],
+            expose_headers=["Retry-After", "X-Conversation-Id"],
         ),
     ]
     handlers = {

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import psycopg
 import pytest
 import uvicorn
@@ -525,12 +526,14 @@ def sse_events(text: str) -> list[dict[str, str]]:
     return events
 
 
-def assert_event_documented(event: dict[str, str]) -> None:
-    """One parsed event against the stream's schema, its data against the contentSchema of its name."""
-    schema = OPENAPI["components"]["schemas"]["ChatEvent"]
+def assert_event_documented(event: dict[str, str], schema: dict[str, Any] | None = None) -> None:
+    """One parsed event against a stream's event schema (by default /api's), and its data against
+    the contentSchema of the branch it falls under (validators take contentSchema as a note)."""
+    schema = schema or OPENAPI["components"]["schemas"]["ChatEvent"]
     schema_validator(schema).validate(event)
-    branch = next(b for b in schema["oneOf"] if b["properties"]["event"]["const"] == event["event"])
-    schema_validator(branch["properties"]["data"]["contentSchema"]).validate(json.loads(event["data"]))
+    [branch] = [branch for branch in schema["oneOf"] if schema_validator(branch).is_valid(event)]
+    if "contentSchema" in branch["properties"]["data"]:
+        schema_validator(branch["properties"]["data"]["contentSchema"]).validate(json.loads(event["data"]))
 
 
 def assert_documented(response: httpx.Response) -> None:
@@ -548,10 +551,10 @@ def assert_documented(response: httpx.Response) -> None:
             schema_validator(header["schema"]).validate(response.headers[name])
     media_type = response.headers.get("content-type", "").split(";")[0]
     content = set(documented.get("content", {}))
-    assert content == ({media_type} if response.content else set()) or content == {"*/*"}, (content, media_type)
+    assert bool(content & {media_type, "*/*"}) if response.content else not content, (content, media_type)
     if media_type == "text/event-stream":
         for event in sse_events(response.text):
-            assert_event_documented(event)
+            assert_event_documented(event, resolve(documented["content"][media_type]["schema"]))
     elif media_type == "application/json":
         schema_validator(documented["content"][media_type]["schema"]).validate(response.json())
 
@@ -1207,11 +1210,14 @@ def test_the_documents_error_codes_are_the_servers_each_under_its_status() -> No
     schemas = OPENAPI["components"]["schemas"]
     assert schemas["ErrorDetail"]["properties"]["code"]["enum"] == list(server.ERRORS)
     listed = set(schemas["ErrorEventData"]["allOf"][1]["properties"]["code"]["enum"])
-    for item in OPENAPI["paths"].values():
+    for path, item in OPENAPI["paths"].items():
+        face_status = server.V1_STATUS if path.startswith("/v1/") else {}
         for operation in item.values():
             for status, response in operation["responses"].items():
                 codes = error_codes(response)
-                assert all(server.ERRORS[code][0] == int(status) for code in codes), (status, codes)
+                assert all(
+                    face_status.get(server.ERRORS[code][0], server.ERRORS[code][0]) == int(status) for code in codes
+                )
                 listed.update(codes)
     # Any unknown path is 404 not_found and any other method 405 method_not_allowed, as the info says.
     assert listed | {"not_found", "method_not_allowed"} == set(server.ERRORS)
@@ -1222,7 +1228,7 @@ def error_codes(response: dict[str, Any]) -> list[str]:
     schema = resolve(response).get("content", {}).get("application/json", {}).get("schema", {})
     if "allOf" not in schema:
         return []
-    assert schema["allOf"][0] == {"$ref": "#/components/schemas/Error"}
+    assert schema["allOf"][0]["$ref"] in {"#/components/schemas/Error", "#/components/schemas/V1Error"}
     return schema["allOf"][1]["properties"]["error"]["properties"]["code"]["enum"]
 
 
@@ -1272,30 +1278,36 @@ def test_every_streamed_event_and_ping_validates_against_the_documented_event_sc
 def test_every_response_the_document_lists_is_given_and_validates(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with ServerThread(server.create_app(settings_for())) as service, httpx.Client(base_url=service.url) as http:
+    app = server.create_app(settings_for(CORS_ORIGINS="https://app.example"))
+    with ServerThread(app) as service, httpx.Client(base_url=service.url) as http:
         given = [http.get(path) for path in ("/", "/health", "/openapi.json", "/docs", "/redoc", "/static/none")]
         example = OPENAPI["paths"]["/static/{path}"]["get"]["parameters"][0]["example"]
         given.append(http.get("/static/" + example))
         given.append(http.get(given[-1].url, headers={"If-None-Match": given[-1].headers["ETag"]}))
         upstream.reset(Reply(tool_calls=[("get_current_time", {"timezone": "UTC"})]), Reply(content="noon"))
-        given.append(http.post("/api/chat", json={"message": "time?", "conversation_id": "c"}))
-        given.append(http.post("/api/chat/stream", json={"message": "again", "conversation_id": "c"}))
+        given += turn_requests(http, "c")
+        given.append(http.post("/v1/chat/completions", json={"messages": ASK, "stream": True}))
         given += [http.get("/api/conversations"), http.get("/api/conversations/c"), http.get("/api/conversations/x")]
-        given.append(http.delete("/api/conversations/x"))
+        given += [http.delete("/api/conversations/x"), http.get("/v1/models")]
+        given += turn_requests(http, headers={"Content-Type": "text/plain", "Origin": "https://elsewhere.example"})
         upstream.reset(Reply(content="a b c d", fault="hang"))
         with held_stream(service.url, {"message": "wait", "conversation_id": "c"}, upstream):
-            given += [http.post(path, json={"message": "hi", "conversation_id": "c"}) for path in CHAT_PATHS]
-            given.append(http.delete("/api/conversations/c"))
+            given += turn_requests(http, "c") + [http.delete("/api/conversations/c")]
         assert wait_until(lambda: not service.app_ctx.turns)
         given.append(http.delete("/api/conversations/c"))
         monkeypatch.setattr(server.Turn, "_agent", a_bug)
-        given.append(http.post("/api/chat", json={"message": "hi"}))
+        given += turn_requests(http)
         service.app_ctx.shutting_down = True
-        given += [http.post(path, json={"message": "hi"}) for path in CHAT_PATHS]
+        given += turn_requests(http)
         # Every SQLite statement is interrupted from now on, as on a failing disk.
         service.app_ctx.store.db.set_progress_handler(lambda: 1, 1)
         given += [http.get("/health"), http.get("/api/conversations"), http.get("/api/conversations/c")]
         given.append(http.delete("/api/conversations/c"))
+    monkeypatch.undo()
+    upstream.reset(Reply(status=429), Reply(status=500), Reply(fault="stall"))
+    with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT="0.5"))) as service:
+        with httpx.Client(base_url=service.url) as http:
+            given += [http.post("/v1/chat/completions", json={"messages": ASK}) for _ in range(3)]
     with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
         given += [client.request(method.upper(), path.replace("{conversation_id}", "c")) for method, path in OPERATIONS]
     for response in given:
@@ -1303,6 +1315,7 @@ def test_every_response_the_document_lists_is_given_and_validates(
     seen = {(r.request.method, r.request.url.path, r.status_code) for r in given}
     seen |= {(method, path.split("?")[0], status) for _, method, path, _, status, _ in BAD_REQUESTS}
     seen |= {("POST", "/api/chat", status) for *_, status in FAULTS}
+    seen |= {("POST", "/v1/chat/completions", status) for *_, status, _ in V1_BAD_REQUESTS}
     given_by_operation = {(method, template_of(method, path), status) for method, path, status in seen}
     listed = {
         (method.upper(), path, int(status)) for method, path in OPERATIONS for status in responses_of(method, path)
@@ -1310,7 +1323,18 @@ def test_every_response_the_document_lists_is_given_and_validates(
     assert {given for given in given_by_operation if given[1] is not None} == listed
 
 
-CHAT_PATHS = ("/api/chat", "/api/chat/stream")
+def turn_requests(http: httpx.Client, conversation_id: str | None = None, **kwargs: Any) -> list[httpx.Response]:
+    """One request to each operation that runs a turn: JSON unless other headers are given."""
+    named = {} if conversation_id is None else {"conversation_id": conversation_id}
+    bodies = {
+        "/api/chat": {"message": "hi", **named},
+        "/api/chat/stream": {"message": "hi", **named},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], **named},
+    }
+    kwargs.setdefault("headers", {"Content-Type": "application/json"})
+    return [http.post(path, content=json.dumps(body), **kwargs) for path, body in bodies.items()]
+
+
 OPERATIONS = [(method, path) for path, item in OPENAPI["paths"].items() for method in item]
 
 
@@ -1968,6 +1992,41 @@ def test_cors_preflight_works_from_an_allowed_origin_and_fails_from_another(
     assert denied.status_code == 400 and "access-control-allow-origin" not in denied.headers
 
 
+EVIL, APP, FORM = "https://evil.example", "https://app.example", "application/x-www-form-urlencoded"
+ORIGIN_CASES = [
+    ("form-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": FORM}, 403),
+    ("text-from-another-site", "/api/chat/stream", APP, {"Origin": EVIL, "Content-Type": "text/plain"}, 403),
+    ("no-type-from-another-site", "/api/chat", APP, {"Origin": EVIL}, 403),
+    ("sandboxed-page", "/api/chat", APP, {"Origin": "null", "Content-Type": "text/plain"}, 403),
+    ("text-from-an-allowed-origin", "/api/chat", APP, {"Origin": APP, "Content-Type": "text/plain"}, 200),
+    ("text-from-this-server", "/api/chat", APP, {"Origin": "http://testserver", "Content-Type": "text/plain"}, 200),
+    ("json-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": "application/json"}, 200),
+    ("curl-sends-no-origin", "/api/chat", APP, {"Content-Type": FORM}, 200),
+    ("any-origin-allowed", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 200),
+]
+
+
+@pytest.mark.parametrize(
+    "path, allowed, headers, status", [c[1:] for c in ORIGIN_CASES], ids=[c[0] for c in ORIGIN_CASES]
+)
+def test_a_page_of_an_origin_cors_does_not_allow_cannot_post_a_form_or_text_turn(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    path: str,
+    allowed: str,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    with TestClient(server.create_app(settings_for(CORS_ORIGINS=allowed))) as client:
+        body = b'{"message": "spend the credit", "conversation_id": "victim"}'
+        response = client.post(path, content=body, headers=headers)
+        stored = client.get("/api/conversations/victim")
+    assert response.status_code == status
+    if status == 403:
+        assert response.json()["error"]["code"] == "origin_not_allowed"
+        assert upstream.requests == [] and stored.status_code == 404
+
+
 def test_cors_wildcard_never_allows_credentials(client: TestClient) -> None:
     response = client.get("/health", headers={"Origin": "https://any.example"})
     assert response.headers["access-control-allow-origin"] == "*"
@@ -2278,3 +2337,462 @@ def test_a_renewal_that_finds_the_lease_taken_stops_the_turn(
         assert service.call(store.get_conversation("renew")) is None
     events = parse_sse(seen)
     assert events[-1][0] == "error" and events[-1][1]["code"] == "turn_superseded"
+
+
+# ---------------------------------------------------------------------------
+# OpenAI-compatible /v1 face
+# ---------------------------------------------------------------------------
+
+SYSTEM = server.DEFAULT_SYSTEM_MESSAGE
+ASK = [{"role": "user", "content": "2+2?"}]
+
+
+@pytest.fixture
+def sdk(service: ServerThread) -> Iterator[openai.OpenAI]:
+    """The official SDK pointed at the service, as an app would be: any key, no retries."""
+    with openai.OpenAI(base_url=service.url + "/v1", api_key="any-key-an-app-sends", max_retries=0) as client:
+        yield client
+
+
+def v1_frames(text: str) -> list[Any]:
+    """The frames of a /v1 stream, each a `data:` line: parsed JSON, or '[DONE]'."""
+    frames = []
+    for block in text.split("\n\n"):
+        if block:
+            assert block.startswith("data: ") and "\n" not in block, block
+            frames.append(block[6:] if block == "data: [DONE]" else json.loads(block[6:]))
+    return frames
+
+
+def joined(chunks: list[Any], name: str) -> str:
+    return "".join(getattr(c.choices[0].delta, name, None) or "" for c in chunks if c.choices)
+
+
+def stored_total(url: str) -> int:
+    return httpx.get(url + "/api/conversations", timeout=10).json()["total"]
+
+
+def test_v1_models_lists_the_agent_as_one_model(sdk: openai.OpenAI) -> None:
+    [model] = sdk.models.list().data
+    assert model.id == "autogen-agent" and model.object == "model"
+    assert model.owned_by == "autogen-chat" and model.created > 0
+
+
+def test_v1_model_id_comes_from_its_setting(settings_for: Callable[..., server.Settings]) -> None:
+    with TestClient(server.create_app(settings_for(AGENT_MODEL_ID="my-agent"))) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["my-agent"]
+
+
+def test_v1_plain_completion_answers_a_chat_completion_and_stores_nothing(
+    sdk: openai.OpenAI, upstream: FakeModelAPI, service: ServerThread
+) -> None:
+    upstream.reset(Reply(content="Paris is the capital."))
+    reply = sdk.chat.completions.create(model="any-model", messages=[{"role": "user", "content": "Capital of France?"}])
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.model == "any-model"
+    [choice] = reply.choices
+    assert choice.message.role == "assistant" and choice.message.content == "Paris is the capital."
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (11, 7, 18)
+    sent = [(m["role"], m["content"]) for m in upstream.requests[0]["messages"]]
+    assert sent == [("system", SYSTEM), ("user", "Capital of France?")]
+    assert stored_total(service.url) == 0 and not service.app_ctx.turns
+
+
+def test_v1_stream_sends_role_first_then_content_one_finish_usage_and_done(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="你好 世界 from the model"))
+    chunks = list(
+        sdk.chat.completions.create(model="m", messages=ASK, stream=True, stream_options={"include_usage": True})
+    )
+    first = chunks[0].choices[0].delta
+    assert (first.role, first.content) == ("assistant", "")
+    assert joined(chunks, "content") == "你好 世界 from the model"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 18
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-2].usage == chunks[-1].usage
+    assert {(c.id, c.object, c.created, c.model) for c in chunks} == {
+        (chunks[0].id, "chat.completion.chunk", chunks[0].created, "m")
+    }
+    assert all(c.choices[0].delta.tool_calls is None for c in chunks if c.choices)
+
+
+def test_v1_stream_is_data_lines_only_and_ends_with_done(service: ServerThread, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="a b"))
+    body = {"model": "m", "messages": ASK, "stream": True}
+    response = httpx.post(service.url + "/v1/chat/completions", json=body, timeout=10)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    frames = v1_frames(response.text)
+    assert frames[-1] == "[DONE]" and "[DONE]" not in frames[:-1]
+    assert [f["choices"][0]["finish_reason"] for f in frames[:-1]] == [None, None, None, "stop"]
+    assert all("usage" not in f for f in frames[:-1])  # only when asked for
+
+
+def test_v1_tool_run_shows_its_call_and_result_in_reasoning_content_and_the_answer_in_content(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    call, answer = Reply(tool_calls=[("calculate", {"expression": "(2 + 3) * 4 ** 2"})]), Reply(content="It is 80.")
+    upstream.reset(call, answer, Reply(**call.__dict__), Reply(content="It is 80."))
+    chunks = list(sdk.chat.completions.create(model="m", messages=ASK, stream=True))
+    reasoning = joined(chunks, "reasoning_content")
+    assert '🔧 calculate({"expression": "(2 + 3) * 4 ** 2"})' in reasoning and "🔧 calculate → 80" in reasoning
+    assert joined(chunks, "content") == "It is 80."
+    assert all(c.choices[0].delta.tool_calls is None for c in chunks if c.choices)
+    message = sdk.chat.completions.create(model="m", messages=ASK).choices[0].message
+    assert message.content == "It is 80." and message.reasoning_content == reasoning.strip()  # type: ignore[attr-defined]
+    assert message.tool_calls is None
+    assert upstream.requests[1]["messages"][-1] == {"role": "tool", "tool_call_id": "call_0", "content": "80"}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(reasoning="Two and two make four.", content="It is 4."),
+        Reply(content="<think>Two and two make four.</think> It is 4."),
+    ],
+    ids=["reasoning-content", "think-tags"],
+)
+def test_v1_a_reasoning_models_thoughts_arrive_as_reasoning_content(
+    sdk: openai.OpenAI, upstream: FakeModelAPI, reply: Reply
+) -> None:
+    upstream.reset(reply)
+    chunks = list(sdk.chat.completions.create(model="m", messages=ASK, stream=True))
+    assert joined(chunks, "reasoning_content") == "Two and two make four."
+    assert joined(chunks, "content") == "It is 4."
+
+
+def test_v1_an_answer_the_model_cut_at_its_token_limit_finishes_with_length(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="the start of", finish_reason="length"), Reply(content="cut", finish_reason="length"))
+    chunks = list(sdk.chat.completions.create(model="m", messages=ASK, stream=True, max_tokens=3))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert sdk.chat.completions.create(model="m", messages=ASK, max_tokens=3).choices[0].finish_reason == "length"
+    assert [r["max_tokens"] for r in upstream.requests] == [3, 3]
+
+
+V1_FAULTS = [
+    ("429", Reply(status=429, headers={"Retry-After": "7"}), openai.RateLimitError, "upstream_rate_limited", 429),
+    ("401", Reply(status=401), openai.InternalServerError, "upstream_auth", 502),
+    ("500", Reply(status=500), openai.InternalServerError, "upstream_error", 502),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fault, error, code, status", [f[1:] for f in V1_FAULTS], ids=[f[0] for f in V1_FAULTS])
+def test_v1_an_upstream_fault_raises_the_sdks_error_in_openais_shape(
+    sdk: openai.OpenAI, upstream: FakeModelAPI, fault: Reply, error: type[Exception], code: str, status: int
+) -> None:
+    upstream.reset(fault, Reply(**fault.__dict__))
+    with pytest.raises(error) as answered:
+        sdk.chat.completions.create(model="m", messages=ASK)
+    with pytest.raises(openai.APIError) as streamed:
+        list(sdk.chat.completions.create(model="m", messages=ASK, stream=True))
+    assert answered.value.status_code == status  # type: ignore[attr-defined]
+    body = {"message": server.ERRORS[code][1], "type": answered.value.body["type"], "param": None, "code": code}  # type: ignore[attr-defined]
+    assert answered.value.body == body and streamed.value.body == body  # type: ignore[attr-defined]
+    assert "scripted failure" not in str(answered.value.body) + str(streamed.value.body)
+    if status == 429:
+        assert answered.value.response.headers["retry-after"] == "7"  # type: ignore[attr-defined]
+
+
+def test_v1_an_error_during_a_stream_is_one_error_frame_then_done(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="drop"))
+    body = {"messages": ASK, "stream": True}
+    frames = v1_frames(httpx.post(service.url + "/v1/chat/completions", json=body, timeout=10).text)
+    message = server.ERRORS["upstream_error"][1]
+    assert frames[-2] == {
+        "error": {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
+    }
+    assert frames[-1] == "[DONE]" and all(f["choices"][0]["finish_reason"] is None for f in frames[:-2])
+
+
+@BOTH_DATABASES
+def test_v1_stateful_mode_runs_on_a_stored_conversation_across_two_requests(
+    sdk: openai.OpenAI, upstream: FakeModelAPI, service: ServerThread
+) -> None:
+    upstream.reset(Reply(content="Nice to meet you, Ada."), Reply(content="You are Ada."))
+    first = sdk.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "I am Ada."}], extra_headers={"X-Conversation-Id": "v1-ada"}
+    )
+    assert first.headers["x-conversation-id"] == "v1-ada"
+    history = [{"role": "user", "content": "the app's copy"}, {"role": "assistant", "content": "is not used"}]
+    messages = [*history, {"role": "user", "content": "Who am I?"}]
+    second = sdk.chat.completions.create(
+        model="m", messages=messages, extra_body={"conversation_id": "v1-ada"}, stream=True
+    )
+    assert joined(list(second), "content") == "You are Ada."
+    sent = [(m["role"], m["content"]) for m in upstream.requests[1]["messages"][1:]]
+    assert sent == [("user", "I am Ada."), ("assistant", "Nice to meet you, Ada."), ("user", "Who am I?")]
+    [listed] = httpx.get(service.url + "/api/conversations", timeout=10).json()["conversations"]
+    assert listed["conversation_id"] == "v1-ada" and listed["message_count"] == 4
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_v1_stateful_mode_with_deepseek_thinking_completes_tool_turns_and_the_turns_after_them(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, stream: bool
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), *tool_turn("7*8", "56."), strict="deepseek")
+    answers = []
+    with ServerThread(server.create_app(settings_for(THINKING="enabled"))) as service:
+        with openai.OpenAI(base_url=service.url + "/v1", api_key="k", max_retries=0) as sdk:
+            for text in ("What is 6*7?", "Sure?", "And 7*8?"):
+                messages = [{"role": "user", "content": text}]
+                reply = sdk.chat.completions.create(
+                    model="m", messages=messages, extra_body={"conversation_id": "v1-think"}, stream=stream
+                )
+                answers.append(joined(list(reply), "content") if stream else reply.choices[0].message.content)
+    assert answers == ["42.", "Yes.", "56."]
+    sent = [m.get("reasoning_content") for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert sent == [DEFAULT_REASONING, DEFAULT_REASONING, None, DEFAULT_REASONING]
+
+
+def test_v1_stateful_mode_is_busy_while_a_turn_of_that_conversation_runs(
+    sdk: openai.OpenAI, upstream: FakeModelAPI, service: ServerThread
+) -> None:
+    upstream.reset(Reply(content="a b c d e", fault="hang"))
+    with held_stream(service.url, {"message": "x", "conversation_id": "busy"}, upstream):
+        with pytest.raises(openai.ConflictError) as busy:
+            sdk.chat.completions.create(model="m", messages=ASK, extra_headers={"X-Conversation-Id": "busy"})
+    assert busy.value.body["code"] == "conversation_busy"  # type: ignore[index]
+
+
+def test_v1_stream_sends_empty_deltas_while_the_model_is_quiet(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))  # hangs after "a b"
+    ping = '"delta":{"content":""},"finish_reason":null}]}\n\n'
+    with ServerThread(server.create_app(settings_for(PING_INTERVAL="0.05"))) as service:
+        body = {"messages": ASK, "stream": True}
+        with httpx.Client(timeout=10) as http:
+            with http.stream("POST", service.url + "/v1/chat/completions", json=body) as response:
+                seen = ""
+                for text in response.iter_text():
+                    seen += text
+                    if ping in seen.partition('"content":" b"')[2]:
+                        break
+    deltas = [f["choices"][0]["delta"] for f in v1_frames(seen[: seen.rindex("\n\n") + 2])]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert [d for d in deltas[1:] if d != {"content": ""}] == [{"content": "a"}, {"content": " b"}]
+    assert deltas[-1] == {"content": ""}
+
+
+def test_v1_client_disconnect_cancels_the_turn_and_closes_the_model_request(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d e", fault="hang"))
+    with httpx.Client(timeout=10) as http:
+        with http.stream(
+            "POST", service.url + "/v1/chat/completions", json={"messages": ASK, "stream": True}
+        ) as response:
+            for text in response.iter_text():
+                if '"content":"a"' in text:
+                    break
+    assert upstream.disconnected.wait(5), "the model request was not closed"
+    assert wait_until(lambda: not service.app_ctx.turns)
+
+
+def test_v1_sampling_fields_reach_every_model_call_and_other_fields_do_not(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(tool_calls=[("calculate", {"expression": "1+1"})]), Reply(content="2"))
+    sampling = {"temperature": 0.2, "top_p": 0.9, "presence_penalty": 0.1, "frequency_penalty": -0.5, "seed": 7}
+    ignored = {
+        "n": 1,
+        "logit_bias": {"50256": -100},
+        "response_format": {"type": "text"},
+        "user": "u-1",
+        "logprobs": False,
+    }
+    body = {"messages": ASK, **sampling, **ignored, "max_completion_tokens": 300, "stop": "END"}
+    assert httpx.post(service.url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+    for request in upstream.requests:
+        assert request | {**sampling, "max_tokens": 300, "stop": ["END"]} == request
+        assert not set(ignored) & set(request) and "max_completion_tokens" not in request
+
+
+def test_v1_regenerating_sends_the_same_history_to_the_model_again(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, *ASK]}
+    for _ in range(2):
+        assert httpx.post(service.url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+    assert upstream.requests[0]["messages"] == upstream.requests[1]["messages"]
+    assert len(upstream.requests[0]["messages"]) == 4
+
+
+def test_v1_client_system_messages_stay_when_the_history_window_cuts(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    earlier = [{"role": role, "content": f"{role} {i}"} for i in range(3) for role in ("user", "assistant")]
+    body = {"messages": [{"role": "system", "content": "Be brief."}, *earlier, *ASK]}
+    with TestClient(server.create_app(settings_for(MAX_HISTORY_MESSAGES="3"))) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    sent = [(m["role"], m["content"]) for m in upstream.requests[0]["messages"]]
+    assert sent == [
+        ("system", SYSTEM + "\nBe brief."),
+        ("user", "user 2"),
+        ("assistant", "assistant 2"),
+        ("user", "2+2?"),
+    ]
+
+
+EARLIER = [{"role": "user", "content": "1+1?"}]
+CLEAN = [("system", SYSTEM), ("user", "1+1?"), ("assistant", "It is 2."), ("user", "2+2?")]
+TOOL_LINES = '🔧 calculate({"expression": "1+1"})\n\n🔧 calculate → 2'
+APP_BODIES = [
+    ("open-webui", {
+        "model": "autogen-agent", "stream": True, "stream_options": {"include_usage": True},
+        "user": {"name": "Ada", "id": "u-1", "email": "ada@example.com", "role": "user"}, "chat_id": "c-1", "id": "m-1",
+        "messages": [*EARLIER, {"role": "assistant", "content": '<details type="reasoning" done="true" duration="1">\n'
+                     f"<summary>Thought for 1 seconds</summary>\n> {TOOL_LINES}\n</details>\nIt is 2."}, *ASK],
+    }, CLEAN),
+    ("lobechat", {
+        "model": "autogen-agent", "stream": True, "temperature": 0.6, "top_p": 1, "frequency_penalty": 0,
+        "presence_penalty": 0,
+        "messages": [{"role": "system", "content": "Answer briefly."},
+                     {"role": "user", "content": [{"type": "text", "text": "1+1?"}]},
+                     {"role": "assistant", "content": "It is 2."},
+                     {"role": "user", "content": [{"type": "text", "text": "2+2?"},
+                                                  {"type": "text", "text": "Thanks."}]}],
+    }, [("system", SYSTEM + "\nAnswer briefly."), *CLEAN[1:3], ("user", "2+2?\nThanks.")]),
+    ("nextchat", {
+        "model": "autogen-agent", "stream": True, "temperature": 0.5, "presence_penalty": 0, "frequency_penalty": 0,
+        "top_p": 1,
+        "messages": [{"role": "developer", "content": "Formatting re-enabled"}, *EARLIER,
+                     {"role": "assistant", "content": "<!--THINKING-->\n> "
+                      + TOOL_LINES.replace("\n\n", "\n\n> ") + "\n<!--/THINKING-->\n\nIt is 2."}, *ASK],
+    }, [("system", SYSTEM + "\nFormatting re-enabled"), *CLEAN[1:]]),
+    ("cherry-studio", {
+        "model": "autogen-agent", "stream": True, "stream_options": {"include_usage": True}, "tool_choice": "auto",
+        "tools": [{"type": "function", "function": {"name": "web_search", "parameters": {"type": "object"}}}],
+        "messages": [*EARLIER, {"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "t1", "type": "function", "function": {"name": "web_search", "arguments": "{}"}}]},
+                     {"role": "tool", "tool_call_id": "t1", "content": "search results"},
+                     {"role": "assistant", "content": "It is 2."}, *ASK],
+    }, CLEAN),
+    ("chatbox", {
+        "model": "autogen-agent", "stream": False, "max_tokens": 2048, "temperature": 0.7,
+        "messages": [{"role": "system", "content": [{"type": "text", "text": "Be kind."}]}, *EARLIER,
+                     {"role": "assistant", "content": "<think>mulling</think>It is 2.", "reasoning_content": "mulling"},
+                     {"role": "user", "content": [{"type": "text", "text": "2+2?"}]}],
+    }, [("system", SYSTEM + "\nBe kind."), *CLEAN[1:]]),
+    ("tool-lines-in-content", {
+        "messages": [*EARLIER, {"role": "assistant", "content": f"{TOOL_LINES}\n\nIt is 2."}, *ASK],
+        "user": "u-1", "n": 1,
+    }, CLEAN),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body, sent", [a[1:] for a in APP_BODIES], ids=[a[0] for a in APP_BODIES])
+def test_v1_app_shaped_requests_are_accepted_and_the_model_gets_clean_history(
+    service: ServerThread, upstream: FakeModelAPI, body: dict[str, Any], sent: list[tuple[str, str]]
+) -> None:
+    response = httpx.post(service.url + "/v1/chat/completions", json=body, timeout=10)
+    assert response.status_code == 200
+    request = upstream.requests[0]
+    assert [(m["role"], m["content"]) for m in request["messages"]] == sent
+    assert [t["function"]["name"] for t in request["tools"]] == ["get_current_time", "calculate"]
+    assert "tool_calls" not in response.text
+    assert stored_total(service.url) == 0
+
+
+V1_BAD_REQUESTS = [
+    ("body-not-json", {"content": b"{nope"}, 400, "invalid_json"),
+    ("json-not-object", {"json": ["hi"]}, 400, INVALID),
+    ("no-messages", {"json": {"model": "m"}}, 400, INVALID),
+    ("messages-empty", {"json": {"messages": []}}, 400, INVALID),
+    ("no-user-message", {"json": {"messages": [{"role": "system", "content": "hi"}]}}, 400, INVALID),
+    ("bad-role", {"json": {"messages": [{"role": "wizard", "content": "hi"}, *ASK]}}, 400, INVALID),
+    ("message-not-object", {"json": {"messages": ["hi"]}}, 400, INVALID),
+    ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID),
+    ("image-part", {"json": {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}}, 400, INVALID),
+    ("audio-part", {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}}, 400, INVALID),
+    ("last-user-message-empty", {"json": {"messages": [{"role": "user", "content": " "}]}}, 400, INVALID),
+    ("stream-not-bool", {"json": {"messages": ASK, "stream": "yes"}}, 400, INVALID),
+    ("include-usage-not-bool", {"json": {"messages": ASK, "stream_options": {"include_usage": 1}}}, 400, INVALID),
+    ("model-not-string", {"json": {"messages": ASK, "model": 5}}, 400, INVALID),
+    ("tool-content-not-text", {"json": {"messages": [{"role": "tool", "content": 5}, *ASK]}}, 400, INVALID),
+    ("temperature-out-of-range", {"json": {"messages": ASK, "temperature": 5}}, 400, INVALID),
+    ("max-tokens-not-whole", {"json": {"messages": ASK, "max_tokens": 1.5}}, 400, INVALID),
+    ("stop-not-strings", {"json": {"messages": ASK, "stop": [1]}}, 400, INVALID),
+    ("bad-conversation-id", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": "../x"}}, 400, INVALID),
+    ("message-too-long", {"json": {"messages": [{"role": "user", "content": "x" * 32001}]}}, 400, INVALID),
+    ("stream-options-not-object", {"json": {"messages": ASK, "stream_options": False}}, 400, INVALID),
+    ("max-tokens-bad-beside-max-completion-tokens",
+     {"json": {"messages": ASK, "max_completion_tokens": 5, "max_tokens": "x"}}, 400, INVALID),
+    ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}}, 400, INVALID),
+    ("body-too-large", {"content": b"x" * 300_000}, 413, "payload_too_large"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, status, code", [b[1:] for b in V1_BAD_REQUESTS], ids=[b[0] for b in V1_BAD_REQUESTS])
+def test_v1_bad_input_gets_openais_error_shape_and_changes_nothing(
+    client: TestClient, upstream: FakeModelAPI, kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    response = client.post("/v1/chat/completions", **kwargs)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert response.json() == {
+        "error": {"message": error["message"], "type": "invalid_request_error", "param": None, "code": code}
+    }
+    assert error["message"] and upstream.requests == []
+    assert client.get("/api/conversations").json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "method, path, status, code",
+    [("GET", "/v1/chat/completions", 405, "method_not_allowed"), ("GET", "/v1/nothing", 404, "not_found")],
+    ids=["wrong-method", "unknown-path"],
+)
+def test_v1_routing_errors_come_in_openais_shape(
+    client: TestClient, method: str, path: str, status: int, code: str
+) -> None:
+    response = client.request(method, path)
+    assert response.status_code == status and response.json()["error"]["code"] == code
+
+
+def test_server_key_guards_v1_and_the_sdk_raises_its_authentication_error(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with ServerThread(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as service:
+        for key in ("wrong", SERVICE_KEY):
+            with openai.OpenAI(base_url=service.url + "/v1", api_key=key, max_retries=0) as wrong:
+                with pytest.raises(openai.AuthenticationError) as refused:
+                    wrong.chat.completions.create(model="m", messages=ASK)
+                message = server.ERRORS["unauthorized"][1]
+                error = {"message": message, "type": "authentication_error", "param": None, "code": "unauthorized"}
+                assert refused.value.body == error
+                with pytest.raises(openai.AuthenticationError):
+                    wrong.models.list()
+        with openai.OpenAI(base_url=service.url + "/v1", api_key=SERVER_KEY, max_retries=0) as right:
+            assert right.chat.completions.create(model="m", messages=ASK).choices[0].message.content == "echo: 2+2?"
+            assert right.models.list().data[0].id == "autogen-agent"
+    assert len(upstream.requests) == 1
+
+
+def test_cors_preflight_of_a_browser_app_using_the_openai_sdk_passes(
+    settings_for: Callable[..., server.Settings],
+) -> None:
+    requested = (
+        "authorization,content-type,x-conversation-id,x-stainless-arch,x-stainless-lang,x-stainless-os,"
+        "x-stainless-package-version,x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout"
+    )
+    headers = {
+        "Origin": "https://chat.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": requested,
+    }
+    settings = settings_for(CORS_ORIGINS="https://chat.example", SERVER_API_KEY=SERVER_KEY)
+    with TestClient(server.create_app(settings)) as client:
+        for path in ("/v1/chat/completions", "/v1/models"):
+            response = client.options(path, headers=headers)
+            assert response.status_code == 200
+            assert response.headers["access-control-allow-origin"] == "https://chat.example"
+            allowed = response.headers["access-control-allow-headers"].lower()
+            assert set(requested.split(",")) <= {name.strip() for name in allowed.split(",")}
+        exposed = client.get("/health", headers={"Origin": "https://chat.example"}).headers
+    assert "x-conversation-id" in exposed["access-control-expose-headers"].lower()
