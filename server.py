@@ -2085,11 +2085,12 @@ def parse_v1_request(data: Any, conversation_header: str | None, settings: Setti
     model = data.get("model")
     if not _optional(str, model):
         raise invalid("'model' must be a string.")
-    conversation_id = data.get("conversation_id") if conversation_header is None else conversation_header
+    # The header wins; a body's conversation_id must be valid all the same.
+    named = [check_conversation_id(v) for v in (conversation_header, data.get("conversation_id")) if v is not None]
     return V1Request(
         message=message,
         history=v1_history(parsed, last),
-        conversation_id=None if conversation_id is None else check_conversation_id(conversation_id),
+        conversation_id=named[0] if named else None,
         stream=data.get("stream") is True,
         include_usage=options.get("include_usage") is True,
         sampling=v1_sampling(data),

@@ -2725,6 +2725,8 @@ V1_BAD_REQUESTS = [
     ("max-tokens-bad-beside-max-completion-tokens",
      {"json": {"messages": ASK, "max_completion_tokens": 5, "max_tokens": "x"}}, 400, INVALID),
     ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}}, 400, INVALID),
+    ("bad-body-conversation-id-under-a-header",
+     {"json": {"messages": ASK, "conversation_id": ""}, "headers": {"X-Conversation-Id": "ok"}}, 400, INVALID),
     ("body-too-large", {"content": b"x" * 300_000}, 413, "payload_too_large"),
 ]  # fmt: skip
 
