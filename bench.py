@@ -1,12 +1,15 @@
 """Benchmark: what the service adds on top of the model API it relays.
 
 Starts, each as its own process on loopback, a mock OpenAI-compatible API (streams a role
-chunk, N deltas at a fixed pace, a usage chunk and [DONE]), the service (`uvicorn server:app`)
-and a bare Starlette + httpx relay with no AutoGen, then drives the three paths interleaved
-with a lean raw-socket client and prints one table (and writes bench-results.json).
+chunk, N deltas at a fixed pace, a usage chunk and [DONE]), the service as the README runs it
+(`python server.py`) and a bare Starlette + httpx relay with no AutoGen (`uvicorn`, the same
+number of workers), then drives the paths side by side with a lean raw-socket client: the
+model API directly, the relay, the service's /api/chat/stream and, where the service has it,
+its /v1/chat/completions. Prints the goal table and the sweep (and writes bench-results.json).
 
-    python bench.py            # full run, a few minutes
-    python bench.py --quick    # smoke run, under 30 s
+    python bench.py              # full run, about 8 minutes
+    python bench.py --quick      # smoke run, under 30 s
+    python bench.py --workers 2  # WORKERS for the service, --workers for the relay
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import socket
 import sqlite3
 import statistics
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,7 @@ class Path_:
     target: str
     token: bytes
     end: tuple[bytes, ...]
+    error: bytes
     body: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,10 +155,15 @@ class Result:
     error: str | None = None
 
 
-async def run_stream(path: Path_, body: dict[str, Any] | None = None, started: list[None] | None = None) -> Result:
+async def run_stream(
+    path: Path_, body: dict[str, Any] | None = None, started: list[None] | None = None, delay: float = 0.0
+) -> Result:
+    """One stream, opened after `delay` seconds; times count from the moment it is opened."""
     payload = json.dumps(body or path.body).encode()
     request = (f"POST {path.target} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
                f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload  # fmt: skip
+    if delay:
+        await asyncio.sleep(delay)  # the stagger of a sweep: when this client arrives
     result, times = Result(), []
     start = time.perf_counter()
     try:
@@ -174,7 +182,7 @@ async def run_stream(path: Path_, body: dict[str, Any] | None = None, started: l
                 started.append(None)
             times += [now] * fresh
             if any(marker in window for marker in path.end):
-                if b"event: error" in window:
+                if path.error in window:
                     result.error = "error event"
                 break
             tail = window[-64:]
@@ -191,6 +199,11 @@ async def run_stream(path: Path_, body: dict[str, Any] | None = None, started: l
     return result
 
 
+async def staggered(path: Path_, streams: int, ramp: float) -> list[Result]:
+    """`streams` streams whose start-up is spread evenly over `ramp` seconds."""
+    return await asyncio.gather(*(run_stream(path, delay=index * ramp / streams) for index in range(streams)))
+
+
 # ---------------------------------------------------------------------------
 # Processes and probes
 # ---------------------------------------------------------------------------
@@ -202,7 +215,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -230,40 +243,39 @@ def started(command: list[str], port: int, env: dict[str, str], cwd: Path) -> It
 
 
 def process_tree(pid: int) -> list[int]:
-    """The process and its children (the workers of `uvicorn --workers N`)."""
-    children = []
+    """The process and its descendants (the workers of WORKERS=N)."""
+    parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(stat.parent.name))
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError):
             continue
-    return [pid, *children]
+    tree = [pid]
+    for member in tree:
+        tree += [child for child, parent in parents.items() if parent == member]
+    return tree
 
 
 def cpu_seconds(pid: int) -> float:
     total = 0.0
     for member in process_tree(pid):
-        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        with suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return total
 
 
 def rss_kib(pid: int) -> int:
     total = 0
     for member in process_tree(pid):
-        for line in Path(f"/proc/{member}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
+        with suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
     return total
 
 
-def client_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-async def http_json(port: int, path: str, body: dict[str, Any] | None = None) -> Any:
+async def http_json(port: int, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body or {}).encode()
     method = "POST" if body is not None else "GET"
@@ -274,7 +286,11 @@ async def http_json(port: int, path: str, body: dict[str, Any] | None = None) ->
     )
     data = await reader.readexactly(length)
     writer.close()
-    return json.loads(data)
+    return int(head.split(b" ")[1]), json.loads(data)
+
+
+async def configure(mock_port: int, deltas: int, pace_ms: float) -> None:
+    await http_json(mock_port, "/config", {"deltas": deltas, "pace_ms": pace_ms})
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -285,7 +301,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def ms(value: float) -> float:
-    return round(value * 1000, 3)
+    return round(value * 1000, 2)
 
 
 # ---------------------------------------------------------------------------
@@ -295,14 +311,16 @@ def ms(value: float) -> float:
 
 async def latency(paths: dict[str, Path_], mock_port: int, rounds: int, deltas: int) -> dict[str, Any]:
     """Concurrency 1 at the 20 ms pace, the paths interleaved round by round."""
-    await http_json(mock_port, "/config", {"deltas": deltas, "pace_ms": 20})
+    await configure(mock_port, deltas, 20)
     results: dict[str, list[Result]] = {name: [] for name in paths}
+    names = list(paths)
     for index in range(rounds):
-        order = list(paths)[index % 3 :] + list(paths)[: index % 3]
-        for name in order:
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
             results[name].append(await run_stream(paths[name]))
-    summary: dict[str, Any] = {}
     direct = results["direct"]
+    direct_gaps = [g for r in direct for g in r.gaps]
+    summary: dict[str, Any] = {}
     for name, runs in results.items():
         ttfts, gaps = [r.ttft for r in runs], [g for r in runs for g in r.gaps]
         summary[name] = {
@@ -313,78 +331,77 @@ async def latency(paths: dict[str, Path_], mock_port: int, rounds: int, deltas: 
         }  # fmt: skip
         if name != "direct":
             added = [r.ttft - d.ttft for r, d in zip(runs, direct, strict=True)]
-            summary[name]["added_ttft_p50_ms"] = ms(percentile(added, 50))
-            summary[name]["added_ttft_p99_ms"] = ms(percentile(added, 99))
-            summary[name]["added_gap_p50_ms"] = ms(
-                percentile(gaps, 50) - percentile([g for r in direct for g in r.gaps], 50)
-            )
-            summary[name]["added_gap_p99_ms"] = ms(
-                percentile(gaps, 99) - percentile([g for r in direct for g in r.gaps], 99)
-            )
-            summary[name]["stream_ratio"] = round(summary[name]["stream_s"] / summary["direct"]["stream_s"], 4)
+            summary[name] |= {
+                "added_ttft_p50_ms": ms(percentile(added, 50)), "added_ttft_p99_ms": ms(percentile(added, 99)),
+                "added_gap_p50_ms": ms(percentile(gaps, 50) - percentile(direct_gaps, 50)),
+                "added_gap_p99_ms": ms(percentile(gaps, 99) - percentile(direct_gaps, 99)),
+                "stream_ratio": round(summary[name]["stream_s"] / summary["direct"]["stream_s"], 4),
+            }  # fmt: skip
     return summary
 
 
 async def cpu_per_token(path: Path_, pid: int, mock_port: int, streams: int, deltas: int) -> float:
     """Process CPU microseconds per relayed token at a 0 ms pace, 10 streams at a time."""
-    await http_json(mock_port, "/config", {"deltas": deltas, "pace_ms": 0})
+    await configure(mock_port, deltas, 0)
     before, tokens = cpu_seconds(pid), 0
     for _ in range(streams // 10):
         results = await asyncio.gather(*(run_stream(path) for _ in range(10)))
         tokens += sum(r.tokens for r in results)
-    return round((cpu_seconds(pid) - before) / max(tokens, 1) * 1e6, 2)
+    return round((cpu_seconds(pid) - before) / max(tokens, 1) * 1e6, 1)
+
+
+async def sweep_level(path: Path_, pid: int, streams: int, ramp: float, direct_ttft: float) -> dict[str, Any]:
+    """One path at one level: errors, gaps, first-token time added to the direct median, CPU, RSS."""
+    rss_peak = 0
+
+    async def sample() -> None:
+        nonlocal rss_peak
+        while True:
+            rss_peak = max(rss_peak, rss_kib(pid))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample())
+    cpu_before = cpu_seconds(pid)
+    results = await staggered(path, streams, ramp)
+    cpu = cpu_seconds(pid) - cpu_before
+    sampler.cancel()
+    ok = [r for r in results if not r.error]
+    gaps, added = [g for r in ok for g in r.gaps], [r.ttft - direct_ttft for r in ok]
+    return {
+        "errors": len(results) - len(ok),
+        "gap_p99_ms": ms(percentile(gaps, 99)), "gap_max_ms": ms(max(gaps, default=float("nan"))),
+        "added_ttft_p50_ms": ms(percentile(added, 50)), "added_ttft_p99_ms": ms(percentile(added, 99)),
+        "cpu_us_per_token": round(cpu / max(sum(r.tokens for r in ok), 1) * 1e6, 1),
+        "rss_peak_kib": rss_peak,
+    }  # fmt: skip
 
 
 async def sweep(
-    paths: dict[str, Path_], service_pid: int, mock_port: int, levels: list[int], deltas: int
+    paths: dict[str, Path_], pids: dict[str, int], mock_port: int, levels: list[int], deltas: int, ramp: float
 ) -> list[dict[str, Any]]:
-    """Concurrent streams at the 20 ms pace: errors, gaps, added first-token time, RSS."""
-    await http_json(mock_port, "/config", {"deltas": deltas, "pace_ms": 20})
+    """Concurrent streams at the 20 ms pace, every path at every level, start-up staggered alike."""
+    await configure(mock_port, deltas, 20)
     rows = []
     for level in levels:
-        direct = await asyncio.gather(*(run_stream(paths["direct"]) for _ in range(level)))
-        rss_peak = 0
-
-        async def sample() -> None:
-            nonlocal rss_peak
-            while True:
-                rss_peak = max(rss_peak, rss_kib(service_pid))
-                await asyncio.sleep(0.05)
-
-        sampler = asyncio.create_task(sample())
-        cpu_before = client_cpu_seconds()
-        results = await asyncio.gather(*(run_stream(paths["service"]) for _ in range(level)))
-        client_cpu = client_cpu_seconds() - cpu_before
-        sampler.cancel()
-        gaps = [g for r in results for g in r.gaps]
-        direct_ttft = (
-            statistics.median(r.ttft for r in direct if not r.error) if any(not r.error for r in direct) else 0
-        )
-        ok = [r for r in results if not r.error]
-        rows.append({
-            "streams": level,
-            "errors": len(results) - len(ok),
-            "gap_p99_ms": ms(percentile(gaps, 99)),
-            "gap_max_ms": ms(max(gaps, default=float("nan"))),
-            "added_ttft_p99_ms": ms(percentile([r.ttft - direct_ttft for r in ok], 99)),
-            "rss_peak_kib": rss_peak,
-            "client_cpu_s": round(client_cpu, 2),
-        })  # fmt: skip
-        print(f"  sweep {level:>5} streams: {rows[-1]}", flush=True)
+        ramp_here = ramp if level > 1 else 0.0
+        direct = [r for r in await staggered(paths["direct"], level, ramp_here) if not r.error]
+        direct_ttft = statistics.median(r.ttft for r in direct) if direct else 0.0
+        row: dict[str, Any] = {"streams": level, "direct_ttft_ms": ms(direct_ttft)}
+        for name in paths:
+            if name != "direct":
+                row[name] = await sweep_level(paths[name], pids[name], level, ramp_here, direct_ttft)
+        rows.append(row)
+        print(f"  sweep {level:>5} streams: {row}", flush=True)
     return rows
 
 
-async def conversation_length(
-    paths: dict[str, Path_], mock_port: int, turns: int, direct_ttft: float
-) -> list[dict[str, Any]]:
+async def conversation_length(path: Path_, mock_port: int, turns: int, direct_ttft: float) -> list[dict[str, Any]]:
     """Turns 1..N of one conversation: request bytes sent upstream and added first-token time."""
-    await http_json(mock_port, "/config", {"deltas": 8, "pace_ms": 0})
+    await configure(mock_port, 8, 0)
     rows = []
     for turn in range(1, turns + 1):
-        result = await run_stream(
-            paths["service"], {"message": f"turn {turn}: tell me more", "conversation_id": "long"}
-        )
-        sent = await http_json(mock_port, "/stats")
+        result = await run_stream(path, {"message": f"turn {turn}: tell me more", "conversation_id": "long"})
+        _, sent = await http_json(mock_port, "/stats")
         rows.append({"turn": turn, "request_bytes": sent[-1], "added_ttft_ms": ms(result.ttft - direct_ttft),
                      "error": result.error})  # fmt: skip
     return rows
@@ -392,7 +409,7 @@ async def conversation_length(
 
 async def memory_per_stream(path: Path_, pid: int, mock_port: int, levels: list[int], hold_ms: int) -> list[dict]:
     """RSS with N streams open, each waiting on a slow model after its first token."""
-    await http_json(mock_port, "/config", {"deltas": 2, "pace_ms": hold_ms})
+    await configure(mock_port, 2, hold_ms)
     rows = []
     for level in levels:
         started: list[None] = []
@@ -414,43 +431,62 @@ def slope(points: list[tuple[float, float]]) -> float:
 # The run
 # ---------------------------------------------------------------------------
 
+CHAT = {"message": "Say something long."}
+COMPLETION = {"model": "mock", "stream": True, "messages": [{"role": "user", "content": "Say something long."}]}
+SSE_TOKEN = b'"delta":{"content":'
+
+
+async def bench_paths(ports: dict[str, int]) -> dict[str, Path_]:
+    """The model API, the relay and the service's streaming paths; /v1 where the service has it."""
+    paths = {
+        "direct": Path_("direct", ports["mock"], "/v1/chat/completions", SSE_TOKEN, (b"[DONE]",), b"\0", COMPLETION),
+        "relay": Path_("relay", ports["relay"], "/relay", SSE_TOKEN, (b"[DONE]",), b"\0", COMPLETION),
+        "service": Path_("service", ports["service"], "/api/chat/stream", b"event: chunk\n",
+                         (b"event: done", b"event: error"), b"event: error", CHAT),
+    }  # fmt: skip
+    status, _ = await http_json(ports["service"], "/v1/models")
+    if status == 200:
+        paths["v1"] = Path_("v1", ports["service"], "/v1/chat/completions", SSE_TOKEN, (b"[DONE]",),
+                            b'data: {"error"', COMPLETION)  # fmt: skip
+    return paths
+
 
 async def measure(
     args: argparse.Namespace, ports: dict[str, int], pids: dict[str, int], database: Path
 ) -> dict[str, Any]:
-    chat = {"message": "Say something long."}
-    paths = {
-        "direct": Path_("direct", ports["mock"], "/v1/chat/completions", b'"delta":{"content":', (b"[DONE]",),
-                        {"model": "mock", "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
-        "relay": Path_("relay", ports["relay"], "/relay", b'"delta":{"content":', (b"[DONE]",),
-                       {"model": "mock", "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
-        "service": Path_("service", ports["service"], "/api/chat/stream", b"event: chunk\n",
-                         (b"event: done", b"event: error"), chat),
-    }  # fmt: skip
+    paths = await bench_paths(ports)
+    services = [name for name in paths if name not in ("direct", "relay")]
+    pids |= {name: pids["service"] for name in services}
     for name in paths:  # warm up each path
         await run_stream(paths[name])
     idle_rss = rss_kib(pids["service"])
-    report: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
-                              "uvicorn_options": args.uvicorn, "quick": args.quick}  # fmt: skip
+    report: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "workers": args.workers, "quick": args.quick, "ramp_s": args.ramp, "paths": list(paths),
+    }  # fmt: skip
     print("latency at concurrency 1 ...", flush=True)
-    report["latency"] = await latency(paths, ports["mock"], args.rounds, args.deltas)
+    report["latency"] = await latency(paths, ports["mock"], args.rounds, args.latency_deltas)
     print("CPU per token ...", flush=True)
     report["cpu_us_per_token"] = {
         name: await cpu_per_token(paths[name], pids[name], ports["mock"], args.cpu_streams, args.deltas)
-        for name in ("relay", "service")
+        for name in ("relay", *services)
     }
     print("memory per open stream ...", flush=True)
-    held = await memory_per_stream(paths["service"], pids["service"], ports["mock"], *args.memory)
-    points = [(row["streams"], row["rss_kib"]) for row in held]
-    report["memory"] = {"rss_idle_kib": idle_rss, "held_streams": held, "rss_kib_per_stream": round(slope(points), 1)}
+    report["memory"] = {"rss_idle_kib": idle_rss}
+    for name in services:
+        held = await memory_per_stream(paths[name], pids[name], ports["mock"], *args.memory)
+        points = [(row["streams"], row["rss_kib"]) for row in held]
+        report["memory"][name] = {"held_streams": held, "rss_kib_per_stream": round(slope(points), 1)}
     print("conversation length ...", flush=True)
     direct_ttft = report["latency"]["direct"]["ttft_p50_ms"] / 1000
-    report["conversation"] = await conversation_length(paths, ports["mock"], args.turns, direct_ttft)
+    report["conversation"] = await conversation_length(paths["service"], ports["mock"], args.turns, direct_ttft)
     # Last: a thousand streams leave the process with a high RSS mark and a full connection pool.
-    print("concurrency sweep ...", flush=True)
-    report["sweep"] = await sweep(paths, pids["service"], ports["mock"], args.levels, args.deltas)
-    sustained = [row["streams"] for row in report["sweep"] if row["errors"] == 0 and row["gap_max_ms"] <= 40]
-    report["sustained_streams"] = max(sustained, default=0)
+    print(f"concurrency sweep (start-up spread over {args.ramp} s) ...", flush=True)
+    report["sweep"] = await sweep(paths, pids, ports["mock"], args.levels, args.deltas, args.ramp)
+    report["sustained_streams"] = {
+        name: max((row["streams"] for row in report["sweep"] if sustained(row[name])), default=0)
+        for name in ("relay", *services)
+    }
     with sqlite3.connect(database) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         turns = db.execute('SELECT count(*) FROM messages WHERE body LIKE \'{"role":"user"%\'').fetchone()[0]
@@ -458,73 +494,122 @@ async def measure(
     return report
 
 
-def _pair(row: dict[str, Any], first: str, second: str) -> str:
-    return f"{row[first]} / {row[second]}"
+def sustained(figures: dict[str, Any]) -> bool:
+    """The issue's rule: no errors and the gap p99 within twice the 20 ms pace."""
+    return figures["errors"] == 0 and figures["gap_p99_ms"] <= 40
 
 
-def _pair_of(first: dict[str, Any], last: dict[str, Any], key: str) -> str:
-    return f"{first[key]} / {last[key]}"
+# ---------------------------------------------------------------------------
+# The tables
+# ---------------------------------------------------------------------------
+
+
+def goal_rows(report: dict[str, Any], name: str) -> list[tuple[str, Any, str, bool | None]]:
+    """(figure, now, goal, met) for one service path."""
+    at_one, cpu = report["latency"][name], report["cpu_us_per_token"]
+    at_100 = next((row[name] for row in report["sweep"] if row["streams"] == 100), None)
+    ratio = cpu[name] / cpu["relay"]
+    per_stream = report["memory"][name]["rss_kib_per_stream"]
+    p50, p99 = at_one["added_ttft_p50_ms"], at_one["added_ttft_p99_ms"]
+    return [
+        ("added first-token p99 at 100 concurrent streams (ms)", at_100 and at_100["added_ttft_p99_ms"], "<= 300",
+         at_100 and at_100["errors"] == 0 and at_100["added_ttft_p99_ms"] <= 300),
+        ("streams sustained at the 20 ms pace (0 errors, gap p99 <= 40 ms)", report["sustained_streams"][name],
+         ">= 100", report["sustained_streams"][name] >= 100),
+        ("CPU per token vs the bare relay", f"{ratio:.2f}x ({cpu[name]} vs {cpu['relay']} us)", "<= 1.5x",
+         ratio <= 1.5),
+        ("RSS per open stream (KiB)", per_stream, "<= 50", per_stream <= 50),
+        ("added first-token p50 / p99 at concurrency 1 (ms)", f"{p50} / {p99}", "<= 2 / 5", p50 <= 2 and p99 <= 5),
+    ]  # fmt: skip
+
+
+def met(value: bool | None) -> str:
+    return "n/a" if value is None else "yes" if value else "no"
 
 
 def print_table(report: dict[str, Any]) -> None:
-    relay, service = report["latency"]["relay"], report["latency"]["service"]
-    cpu, conversation, memory = report["cpu_us_per_token"], report["conversation"], report["memory"]
-    first, last = conversation[0], conversation[-1]
-    rows = [
-        ("added first-token time p50 / p99 (ms)", _pair(relay, "added_ttft_p50_ms", "added_ttft_p99_ms"),
-         _pair(service, "added_ttft_p50_ms", "added_ttft_p99_ms"), "<= 2 / 5"),
-        ("added inter-chunk gap p50 / p99 (ms)", _pair(relay, "added_gap_p50_ms", "added_gap_p99_ms"),
-         _pair(service, "added_gap_p50_ms", "added_gap_p99_ms"), "<= 0.1 / 1"),
-        ("whole-stream time / direct", relay["stream_ratio"], service["stream_ratio"], "<= 1.02"),
-        ("CPU per token (us)", cpu["relay"], cpu["service"], f"<= 2x relay: {cpu['service'] / cpu['relay']:.2f}x"),
-        ("streams sustained at the 20 ms pace", "", report["sustained_streams"], ">= 500"),
-        ("RSS idle (MiB)", "", round(memory["rss_idle_kib"] / 1024, 1), ""),
-        ("RSS per open stream (KiB)", "", memory["rss_kib_per_stream"], "<= 50"),
-        ("database bytes per turn", "", memory["db_bytes_per_turn"], ""),
-        ("request bytes upstream, turn 1 / last", "", _pair_of(first, last, "request_bytes"), "levels off"),
-        ("added first-token time, turn 1 / last (ms)", "", _pair_of(first, last, "added_ttft_ms"), "last <= 2x first"),
-    ]  # fmt: skip
-    print("\n| measure | bare relay | service | goal |\n|---|---|---|---|")
-    for name, relay_value, service_value, goal in rows:
-        print(f"| {name} | {relay_value} | {service_value} | {goal} |")
-    columns = ("streams", "errors", "gap_p99_ms", "gap_max_ms", "added_ttft_p99_ms", "rss_peak_kib", "client_cpu_s")
-    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    services = [name for name in report["paths"] if name not in ("direct", "relay")]
+    per_path = {name: goal_rows(report, name) for name in services}
+    header = " | ".join(f"{TITLES[name]} | met" for name in services)
+    print(f"\n| figure | goal | {header} |\n|---|---|" + "---|---|" * len(services))
+    for index, (figure, _, goal, _) in enumerate(per_path["service"]):
+        cells = " | ".join(f"{per_path[name][index][1]} | {met(per_path[name][index][3])}" for name in services)
+        print(f"| {figure} | {goal} | {cells} |")
+    relay, service, memory = report["latency"]["relay"], report["latency"]["service"], report["memory"]
+    conversation = report["conversation"]
+    print("\n| other measures | bare relay | service |\n|---|---|---|")
+    for figure, relay_value, service_value in [
+        ("added first-token p50 / p99 at concurrency 1 (ms)", f"{relay['added_ttft_p50_ms']} / "
+         f"{relay['added_ttft_p99_ms']}", f"{service['added_ttft_p50_ms']} / {service['added_ttft_p99_ms']}"),
+        ("added gap p50 / p99 at concurrency 1 (ms)", f"{relay['added_gap_p50_ms']} / {relay['added_gap_p99_ms']}",
+         f"{service['added_gap_p50_ms']} / {service['added_gap_p99_ms']}"),
+        ("whole-stream time / direct", relay["stream_ratio"], service["stream_ratio"]),
+        ("streams sustained at the 20 ms pace", report["sustained_streams"]["relay"], ""),
+        ("RSS idle (MiB), all processes", "", round(memory["rss_idle_kib"] / 1024, 1)),
+        ("database bytes per turn", "", memory["db_bytes_per_turn"]),
+        ("request bytes upstream, turn 1 / last", "",
+         f"{conversation[0]['request_bytes']} / {conversation[-1]['request_bytes']}"),
+        ("added first-token time, turn 1 / last (ms)", "",
+         f"{conversation[0]['added_ttft_ms']} / {conversation[-1]['added_ttft_ms']}"),
+    ]:  # fmt: skip
+        print(f"| {figure} | {relay_value} | {service_value} |")
+    print_sweep(report, ["relay", *services])
+
+
+def print_sweep(report: dict[str, Any], names: list[str]) -> None:
+    """One row per level: each path's errors, gap p99, added first-token p50/p99, CPU per token."""
+    columns = " | ".join(f"{TITLES[name]}: errors, gap p99, added TTFT p50 / p99, CPU/token" for name in names)
+    print(f"\n| streams | {columns} | RSS peak (MiB) |\n|---|" + "---|" * (len(names) + 1))
     for row in report["sweep"]:
-        print("| " + " | ".join(str(row[column]) for column in columns) + " |")
+        cells = []
+        for name in names:
+            f = row[name]
+            ratio = "" if name == "relay" else f" ({f['cpu_us_per_token'] / row['relay']['cpu_us_per_token']:.2f}x)"
+            cells.append(f"{f['errors']}, {f['gap_p99_ms']}, {f['added_ttft_p50_ms']} / {f['added_ttft_p99_ms']}, "
+                         f"{f['cpu_us_per_token']} us{ratio}")  # fmt: skip
+        print(f"| {row['streams']} | {' | '.join(cells)} | {round(row['service']['rss_peak_kib'] / 1024, 1)} |")
+
+
+TITLES = {"relay": "bare relay", "service": "/api/chat/stream", "v1": "/v1/chat/completions"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run in under 30 s")
-    parser.add_argument("--role", choices=["mock", "relay"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["mock"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench-results.json")
-    parser.add_argument("--uvicorn", default="--loop asyncio --http h11", help="uvicorn options for both servers")
+    parser.add_argument("--workers", type=int, help="WORKERS for the service and the relay (default: the server's)")
+    parser.add_argument("--ramp", type=float, default=1.0, help="seconds over which a sweep level's streams start")
     args = parser.parse_args()
     if args.role == "mock":
         asyncio.run(serve_mock(args.port))
         return
-    args.rounds, args.deltas, args.cpu_streams = (10, 16, 20) if args.quick else (50, 64, 300)
-    args.levels = [1, 10] if args.quick else [1, 10, 50, 100, 200, 500, 1000]
+    args.rounds, args.latency_deltas, args.deltas, args.cpu_streams = (
+        (10, 8, 16, 20) if args.quick else (100, 16, 64, 300)
+    )
+    args.levels = [1, 10] if args.quick else [1, 10, 50, 100, 200, 500]
     args.turns = 5 if args.quick else 100
     args.memory = ([10, 20], 500) if args.quick else ([100, 200, 400], 4000)
     ports = {name: free_port() for name in ("mock", "relay", "service")}
-    uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", *args.uvicorn.split(), *QUIET]
+    workers = {"WORKERS": str(args.workers)} if args.workers else {}
+    relay_workers = ["--workers", str(args.workers)] if args.workers and args.workers > 1 else []
     with tempfile.TemporaryDirectory() as scratch:
         database = Path(scratch) / "bench.db"
         service_env = {
             "API_KEY": "bench", "BASE_URL": f"http://127.0.0.1:{ports['mock']}/v1", "MODEL_NAME": "mock",
             "DATABASE_PATH": str(database), "LOG_LEVEL": "WARNING", "MAX_RETRIES": "0", "HOST": "127.0.0.1",
+            "PORT": str(ports["service"]), **workers,
         }  # fmt: skip
         relay_env = {"RELAY_UPSTREAM": f"http://127.0.0.1:{ports['mock']}/v1/chat/completions"}
         mock_command = [sys.executable, str(HERE / "bench.py"), "--role", "mock", "--port", str(ports["mock"])]
+        relay_command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(ports["relay"]), *QUIET,
+                         *relay_workers, "--factory", "bench:relay_app", "--app-dir", str(HERE)]  # fmt: skip
         with (
             started(mock_command, ports["mock"], {}, Path(scratch)),
-            started([*uvicorn, "--port", str(ports["relay"]), "--factory", "bench:relay_app", "--app-dir", str(HERE)],
-                    ports["relay"], relay_env, Path(scratch)) as relay,
-            started([*uvicorn, "--port", str(ports["service"]), "server:app", "--app-dir", str(HERE)],
-                    ports["service"], service_env, Path(scratch)) as service,
-        ):  # fmt: skip
+            started(relay_command, ports["relay"], relay_env, Path(scratch)) as relay,
+            started([sys.executable, str(HERE / "server.py")], ports["service"], service_env, Path(scratch)) as service,
+        ):
             pids = {"relay": relay.pid, "service": service.pid}
             report = asyncio.run(measure(args, ports, pids, database))
     print_table(report)

@@ -3,6 +3,7 @@
 One AutoGen ``AssistantAgent`` talks to any OpenAI-compatible chat API (DeepSeek by
 default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Conversations are
 kept in SQLite by ``conversation_id``. Settings come from the environment and ``.env``.
+The same agent also answers as an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs).
 
 Run:
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import copy
 import functools
 import gzip
 import hashlib
@@ -46,6 +48,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import aiohttp
 import anyio
 import httpx
 import openai
@@ -56,12 +59,13 @@ import uvicorn
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import (
     ModelClientStreamingChunkEvent,
+    MultiModalMessage,
     TextMessage,
     ToolCallExecutionEvent,
     ToolCallRequestEvent,
     ToolCallSummaryMessage,
 )
-from autogen_core import CancellationToken
+from autogen_core import CancellationToken, Image
 from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
 from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, SystemMessage, UserMessage
 from autogen_core.tools import FunctionTool, ToolSchema
@@ -236,6 +240,7 @@ class Settings:
     base_url: str = "https://api.deepseek.com"
     host: str = "0.0.0.0"
     port: int = 8000
+    workers: int = 1
     system_message: str = DEFAULT_SYSTEM_MESSAGE
     database_path: str = "conversations.db"
     database_url: str | None = field(default=None, repr=False)  # may hold a password
@@ -274,6 +279,7 @@ class Settings:
             base_url=base_url,
             host=env.get("HOST", "").strip() or cls.host,
             port=_env_number(env, "PORT", cls.port, 1),
+            workers=_env_number(env, "WORKERS", cls.workers, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
             database_path=env.get("DATABASE_PATH", "").strip() or cls.database_path,
             database_url=_env_database_url(env),
@@ -390,7 +396,7 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
         model = settings.model_name
         message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
         return ApiError("model_not_found", message.strip())
-    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException) and not _cannot_connect(exc):
         return ApiError("upstream_timeout")
     if isinstance(exc, openai.APIConnectionError | httpx.ConnectError):
         return ApiError("upstream_unreachable")
@@ -403,6 +409,16 @@ def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
     if isinstance(exc, openai.APIError | httpx.HTTPError | json.JSONDecodeError):
         return ApiError("upstream_error")
     return ApiError("internal_error")
+
+
+def _cannot_connect(exc: BaseException | None) -> bool:
+    # httpx-aiohttp passes every failure to connect on as httpx.ConnectTimeout, which the SDK
+    # reports as a timeout: a refused connection or an unknown host is found among its causes.
+    while exc is not None:
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _is_unknown_model(exc: BaseException) -> bool:
@@ -957,17 +973,55 @@ class PostgresStore:
 # ---------------------------------------------------------------------------
 
 
-class Chunk(ChatCompletionChunk):
-    """A streamed chunk parsed by pydantic's validator (about 4 us) instead of the SDK's
-    pure-Python constructor (about 100 us, once the largest cost per token), which stays
-    for chunks of unusual APIs that do not validate (say, an unknown finish reason)."""
+class ChunkStream(openai.AsyncStream[ChatCompletionChunk]):
+    """The model's SSE stream read here rather than by the SDK's decoder: each chunk is
+    validated by pydantic straight from its JSON bytes (no json.loads, no dict walk), a
+    quarter less CPU per token. As the SDK does, an event with an "error" raises APIError;
+    chunks of unusual APIs that do not validate (say, an unknown finish reason) are built
+    unvalidated."""
 
-    @classmethod
-    def build(cls, *, response: httpx.Response, data: Any) -> ChatCompletionChunk:
-        try:
-            return ChatCompletionChunk.model_validate(data)
-        except pydantic.ValidationError:
-            return ChatCompletionChunk.construct(**data)
+    async def __stream__(self) -> AsyncIterator[ChatCompletionChunk]:  # type: ignore[override]
+        done = False
+        async for data in sse_data(self.response.aiter_bytes()):
+            if done or data.startswith(b"[DONE]"):
+                done = True  # read on to the end: the connection goes back to the pool
+                continue
+            if b'"error"' not in data:
+                with suppress(pydantic.ValidationError):
+                    yield ChatCompletionChunk.model_validate_json(data)
+                    continue
+            yield self._slow_chunk(json.loads(data))
+
+    def _slow_chunk(self, data: Any) -> ChatCompletionChunk:
+        if isinstance(data, dict) and data.get("error"):
+            error = data["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            if not isinstance(message, str) or not message:
+                message = "An error occurred during streaming"
+            raise openai.APIError(message=message, request=self.response.request, body=error)
+        return ChatCompletionChunk.construct(**data)
+
+
+async def sse_data(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The data of each server-sent event (its data lines joined by newlines); comments,
+    event names and ids are dropped. Lines may end in CRLF, LF or CR."""
+    buffer, data = b"", []
+    async for received in stream:
+        *lines, buffer = (buffer + received).splitlines(keepends=True) or [b""]
+        if buffer.endswith(b"\n"):  # a CR alone waits: it may be half of a CRLF
+            lines.append(buffer)
+            buffer = b""
+        for line in lines:
+            line = line.rstrip(b"\r\n")
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+            elif not line and data:
+                yield b"\n".join(data)
+                data = []
+    if buffer.startswith(b"data:"):
+        data.append(buffer.rstrip(b"\r").removeprefix(b"data:").removeprefix(b" "))
+    if data:
+        yield b"\n".join(data)
 
 
 # Reasons a model ends a complete answer. "length": cut at the token limit, kept and reported as
@@ -1070,7 +1124,7 @@ class ChatClient(OpenAIChatCompletionClient):
                 options=options,
                 cast_to=ChatCompletion,
                 stream=True,
-                stream_cls=openai.AsyncStream[Chunk],
+                stream_cls=ChunkStream,
             )
         )
         if cancellation_token is not None:
@@ -1087,6 +1141,7 @@ class ChatClient(OpenAIChatCompletionClient):
                         sink.append(reasoning)
                 yield chunk
         finally:
+            await stream.close()  # aiohttp keeps a connection whose read was cancelled until it is released
             calls.streams.discard(stream)
         if reason not in FINISH_REASONS:
             raise UpstreamIncomplete
@@ -1126,6 +1181,9 @@ def make_client(settings: Settings) -> ChatClient:
         # Real APIs send the usage chunk only when asked.
         stream_options={"include_usage": True},
         pass_reasoning=settings.thinking_api and settings.thinking != "disabled",
+        # aiohttp parses HTTP in C: a turn and each streamed token cost about 40% less CPU than
+        # over httpx's pure-Python HTTP/1.1 and anyio (bench.py; the README's performance section).
+        http_client=openai.DefaultAioHttpClient(),
         **extra,
     )
 
@@ -1284,7 +1342,7 @@ class Turn:
         self,
         ctx: AppContext,
         conversation_id: str,
-        message: str,
+        message: str | list[str | Image],
         lease: str | None,
         history: list[LLMMessage] | None = None,
         sampling: Mapping[str, Any] | None = None,
@@ -1406,7 +1464,7 @@ class Turn:
         MODEL_CALLS.set(calls := ModelCalls())
         try:
             agent = await self._agent()
-            task = TextMessage(content=self.message, source="user")
+            task = self._task()
             events = agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
             try:
                 async for event in events:
@@ -1432,6 +1490,11 @@ class Turn:
             return
         finish_reason = "length" if "length" in calls.finish_reasons else "stop"
         yield "done", {"conversation_id": self.conversation_id, "usage": self.usage, "finish_reason": finish_reason}
+
+    def _task(self) -> TextMessage | MultiModalMessage:
+        if isinstance(self.message, str):
+            return TextMessage(content=self.message, source="user")
+        return MultiModalMessage(content=self.message, source="user")
 
     async def _agent(self) -> AssistantAgent:
         settings, tools = self.ctx.settings, self.ctx.tools
@@ -1598,13 +1661,13 @@ async def read_json(request: Request, limit: int) -> Any:
 
 def origin_allowed(request: Request) -> bool:
     """Whether the page that sent this may run it. A browser sends a form or text/plain
-    cross-site without asking CORS first, so for those bodies the server asks: any page of an
-    origin in CORS_ORIGINS ('*': all), of this server itself, or no page at all (curl)."""
+    cross-site without asking CORS first, so for those bodies the server asks: a page of an
+    origin CORS_ORIGINS names, of this server itself, or no page at all (curl). '*' does not
+    count here: it opens JSON to every page (the browser asks CORS first), not hidden forms."""
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    allowed = context(request).settings.cors_origins
-    return "*" in allowed or origin in allowed or urlsplit(origin).netloc == request.headers.get("host")
+    return origin in context(request).settings.cors_origins or urlsplit(origin).netloc == request.headers.get("host")
 
 
 CHAT_REQUEST_FIELDS = {"message", "conversation_id"}
@@ -2013,7 +2076,8 @@ async def redoc(request: Request) -> HTMLResponse:
 
 V1_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 V1_TEXT_PARTS = {"text", "input_text"}
-V1_IMAGE_PARTS = {"image_url", "input_image", "image"}
+V1_IMAGE_PARTS = {"image_url"}
+NO_VISION = "this model cannot read images (MODEL_VISION)"
 # Sampling fields sent with each model call of the turn, with their bounds. Every other field
 # (n, logprobs, logit_bias, response_format, reasoning_effort, tools, tool_choice, user, ...)
 # is accepted and ignored.
@@ -2048,11 +2112,14 @@ def v1_error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
 
 
+Content = str | list[str | Image]  # a user message's images come with its text, in order
+
+
 @dataclass(frozen=True)
 class V1Request:
     """What the agent uses of a chat completion request."""
 
-    message: str
+    message: Content
     history: list[LLMMessage]
     conversation_id: str | None
     stream: bool
@@ -2072,13 +2139,12 @@ def parse_v1_request(data: Any, conversation_header: str | None, settings: Setti
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list.")
-    parsed = [v1_message(message, index) for index, message in enumerate(messages)]
-    last = max((index for index, (role, text) in enumerate(parsed) if role == "user" and text.strip()), default=None)
+    vision = bool(settings.model_info["vision"])
+    parsed = [v1_message(message, index, vision) for index, message in enumerate(messages)]
+    last = max((i for i, (role, content) in enumerate(parsed) if role == "user" and has_content(content)), default=None)
     if last is None:
-        raise invalid("'messages' has no user message with text.")
-    message = parsed[last][1]
-    if len(message) > settings.max_message_chars:
-        raise invalid(f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).")
+        raise invalid("'messages' has no user message with text or an image.")
+    message = v1_turn_message(parsed[last][1], settings)
     options = {} if data.get("stream_options") is None else data["stream_options"]
     if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
         raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
@@ -2087,6 +2153,8 @@ def parse_v1_request(data: Any, conversation_header: str | None, settings: Setti
         raise invalid("'model' must be a string.")
     # The header wins; a body's conversation_id must be valid all the same.
     named = [check_conversation_id(v) for v in (conversation_header, data.get("conversation_id")) if v is not None]
+    if named and not isinstance(message, str):
+        raise invalid("Images are read only without a conversation id: a stored conversation keeps text.")
     return V1Request(
         message=message,
         history=v1_history(parsed, last),
@@ -2102,44 +2170,73 @@ def _optional(kind: type, *values: Any) -> bool:
     return all(value is None or isinstance(value, kind) for value in values)
 
 
-def v1_message(message: Any, index: int) -> tuple[str, str]:
-    """(role, text) of a message; developer counts as system, tool messages are not read."""
+def v1_message(message: Any, index: int, vision: bool) -> tuple[str, Content]:
+    """(role, content) of a message; developer counts as system, tool messages are not read."""
     role = message.get("role") if isinstance(message, dict) else None
     if role not in V1_ROLES:
         raise invalid(f"messages[{index}].role must be one of {', '.join(V1_ROLES)}.")
     content = message.get("content")
     if role in {"tool", "function"} and (content is None or isinstance(content, str | list)):
         return role, ""
-    return ("system" if role == "developer" else role), v1_text(content, index)
+    no_images = None if role == "user" and vision else "only user messages hold images" if vision else NO_VISION
+    return ("system" if role == "developer" else role), v1_content(content, index, no_images)
 
 
-def v1_text(content: Any, index: int) -> str:
-    """The string, or the text parts joined."""
+def v1_content(content: Any, index: int, no_images: str | None) -> Content:
+    """The string; or the text parts joined, or with images (unless `no_images` says why not)
+    the parts in order."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise invalid(f"messages[{index}].content must be a string or a list of content parts.")
-    texts = []
+    parts: list[str | Image] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append(part["text"])
+        elif kind in V1_IMAGE_PARTS and no_images is None:
+            parts.append(v1_image(part, index))
         elif kind in V1_IMAGE_PARTS:
-            raise invalid(f"messages[{index}] holds an image; this model cannot read images (MODEL_VISION).")
+            raise invalid(f"messages[{index}] holds an image: {no_images}.")
         else:
-            raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text parts are read.")
-    return "\n".join(texts)
+            raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text and image parts are read.")
+    texts = [part for part in parts if isinstance(part, str)]
+    return "\n".join(texts) if len(texts) == len(parts) else parts
 
 
-def v1_history(parsed: list[tuple[str, str]], last: int) -> list[LLMMessage]:
+def v1_image(part: dict[str, Any], index: int) -> Image:
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    head, _, data = url.partition(",") if isinstance(url, str) else ("", "", "")
+    if not re.fullmatch(r"data:image/[\w.+-]+;base64", head):
+        raise invalid(f"messages[{index}] has an image that is not a base64 data: URI (the server fetches no URL).")
+    try:
+        return Image.from_base64(data)
+    except Exception:  # PIL fails on a broken file with many kinds of error
+        raise invalid(f"messages[{index}] has an image that cannot be read.") from None
+
+
+def has_content(content: Content) -> bool:
+    """Text that is not only white space, or an image."""
+    return not isinstance(content, str) or bool(content.strip())
+
+
+def v1_turn_message(content: Content, settings: Settings) -> Content:
+    text = content if isinstance(content, str) else "\n".join(p for p in content if isinstance(p, str))
+    if len(text) > settings.max_message_chars:
+        raise invalid(f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).")
+    return content
+
+
+def v1_history(parsed: list[tuple[str, Content]], last: int) -> list[LLMMessage]:
     """The agent's starting context: the client's system messages, then the user and assistant
-    text before the last user message. Tool calls and tool messages are dropped: the agent
-    runs its own tools."""
+    messages before the last user message. Tool calls and tool messages are dropped: the agent
+    runs its own tools. Only user messages hold images."""
     history: list[LLMMessage] = [SystemMessage(content=text) for role, text in parsed if role == "system" and text]
-    for role, text in parsed[:last]:
-        if role == "user" and text.strip():
-            history.append(UserMessage(content=text, source="user"))
-        elif role == "assistant" and (answer := without_facade_marks(text)):
+    for role, content in parsed[:last]:
+        if role == "user" and has_content(content):
+            history.append(UserMessage(content=content, source="user"))
+        elif role == "assistant" and (answer := without_facade_marks(str(content))):
             history.append(AssistantMessage(content=answer, source="assistant"))
     return history
 
@@ -2298,11 +2395,13 @@ SECURED_PREFIXES = ("/api/", "/v1/")  # where the routes have middleware=SECURED
 
 
 def openapi_document(settings: Settings) -> bytes:
-    """openapi.json as served: the message limit of the settings and, with SERVER_API_KEY set, the
-    bearer key on the /api and /v1 operations."""
+    """openapi.json as served: the message limit of the settings, image parts only with MODEL_VISION
+    and, with SERVER_API_KEY set, the bearer key on the /api and /v1 operations."""
     document = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
-    message = document["components"]["schemas"]["ChatRequest"]["properties"]["message"]
-    message["maxLength"] = settings.max_message_chars
+    schemas = document["components"]["schemas"]
+    schemas["ChatRequest"]["properties"]["message"]["maxLength"] = settings.max_message_chars
+    if not settings.model_info["vision"]:
+        schemas["V1UserPart"] = {"$ref": "#/components/schemas/V1TextPart"}
     if settings.server_api_key:
         for path, item in document["paths"].items():
             if path.startswith(SECURED_PREFIXES):
@@ -2355,6 +2454,15 @@ def watch_for_shutdown(ctx: AppContext) -> Callable[[], None]:
     except ValueError:  # not the main thread (an embedding app, a test client)
         return lambda: None
     return restore
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging plus the app's lines on stderr; uvicorn applies it in every worker."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["app"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["handlers"]["app"] = {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"}
+    config["root"] = {"handlers": ["app"], "level": level}
+    return config
 
 
 def is_loopback(host: str) -> bool:
@@ -2483,5 +2591,14 @@ if __name__ == "__main__":
         asyncio.run(check_store(settings))  # one clear line before uvicorn, not a traceback
     except SettingsError as exc:
         raise SystemExit(f"Configuration error: {exc}") from None
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    # Worker processes import the app themselves, so uvicorn needs its import string; the
+    # busy rule holds across them through the database's leases.
+    uvicorn.run(
+        "server:app" if settings.workers > 1 else app,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        app_dir=str(Path(__file__).parent),
+        log_config=log_config(settings.log_level),
+        log_level=settings.log_level.lower(),
+    )

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     error_body: dict[str, Any] | None = None
-    fault: str | None = None  # drop, truncate, bad_json, hang, stall
+    fault: str | None = None  # drop, truncate, bad_json, error_event, hang, stall
     finish_reason: str | None = None  # None: "tool_calls" or "stop"
     usage: tuple[int, int] = (11, 7)
     call_ids: tuple[str, ...] = ()  # default: call_0, call_1, ...
@@ -159,7 +159,7 @@ class FakeModelAPI:
         for piece in _pieces(reply.reasoning):
             yield chunk({"reasoning_content": piece, "content": None})
         for index, piece in enumerate(_pieces(reply.content if not reply.tool_calls else "")):
-            if index == 2 and reply.fault in {"drop", "truncate", "bad_json", "hang"}:
+            if index == 2 and reply.fault in {"drop", "truncate", "bad_json", "error_event", "hang"}:
                 async for part in self._fault(reply.fault):
                     yield part
                 return
@@ -198,6 +198,10 @@ class FakeModelAPI:
             raise ConnectionResetError("scripted drop mid-stream")
         if fault == "bad_json":
             yield b"data: {this is not json\n\n"
+        if fault == "error_event":  # as OpenRouter reports a failure mid-stream: a chunk with an error
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}  # fmt: skip
+            yield f"data: {json.dumps({**chunk, 'error': {'message': 'overloaded', 'code': 502}})}\n\n".encode()
         if fault == "hang":
             await self._hang()
 
@@ -1239,14 +1243,16 @@ def test_the_documented_message_pattern_refuses_exactly_the_characters_the_serve
         assert bool(pattern.search(character)) == bool(character.strip()), hex(code)
 
 
-def test_the_served_document_states_the_message_limit_of_the_settings(
-    settings_for: Callable[..., server.Settings],
+@pytest.mark.parametrize("vision", ["true", "false"])
+def test_the_served_document_states_the_message_limit_and_image_parts_of_the_settings(
+    settings_for: Callable[..., server.Settings], vision: str
 ) -> None:
-    with TestClient(server.create_app(settings_for(MAX_MESSAGE_CHARS="100"))) as client:
-        document = client.get("/openapi.json").json()
+    with TestClient(server.create_app(settings_for(MAX_MESSAGE_CHARS="100", MODEL_VISION=vision))) as client:
+        schemas = client.get("/openapi.json").json()["components"]["schemas"]
         refused = client.post("/api/chat", json={"message": "x" * 101})
-    assert document["components"]["schemas"]["ChatRequest"]["properties"]["message"]["maxLength"] == 100
+    assert schemas["ChatRequest"]["properties"]["message"]["maxLength"] == 100
     assert refused.status_code == 422 and "MAX_MESSAGE_CHARS (100)" in refused.json()["error"]["message"]
+    assert ("V1ImagePart" in json.dumps(schemas["V1UserPart"])) == (vision == "true")
 
 
 def test_a_null_conversation_id_starts_a_new_conversation(client: TestClient, upstream: FakeModelAPI) -> None:
@@ -1493,6 +1499,7 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     [
         ("PORT", "eighty"),
         ("PORT", "0"),
+        ("WORKERS", "0"),
         ("REQUEST_TIMEOUT", "-1"),
         ("MAX_HISTORY_MESSAGES", "0"),
         ("BASE_URL", "api.deepseek.com"),
@@ -1507,6 +1514,7 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     ids=[
         "port-text",
         "port-zero",
+        "workers-zero",
         "timeout-negative",
         "history-zero",
         "url-no-scheme",
@@ -1636,10 +1644,29 @@ FAULTS = [
     ("content-filter", Reply(content="a b c d", finish_reason="content_filter"), "upstream_incomplete", 502),
     ("unknown-reason", Reply(content="a b c d", finish_reason="gave_up"), "upstream_incomplete", 502),
     ("bad-json-chunk", Reply(content="a b c d", fault="bad_json"), "upstream_error", 502),
+    ("error-event", Reply(content="a b c d", fault="error_event"), "upstream_error", 502),
     ("no-first-byte", Reply(fault="stall"), "upstream_timeout", 504),
     ("no-next-chunk", Reply(content="a b c d", fault="hang"), "upstream_timeout", 504),
     ("model-404", Reply(status=404), "model_not_found", 502),
 ]
+
+
+SSE_EVENTS = b'data: {"a": 1}\n\n: a comment\n\nevent: x\ndata: [\ndata: 2]\nid: 7\n\ndata:{"\xe4\xb8\xad"}\n\n'
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_the_model_stream_is_read_the_same_whatever_its_line_ends_and_wherever_a_read_ends(line_end: bytes) -> None:
+    raw = SSE_EVENTS.replace(b"\n", line_end)
+
+    async def read(parts: list[bytes]) -> list[bytes]:
+        async def stream() -> AsyncIterator[bytes]:
+            for part in parts:
+                yield part
+
+        return [data async for data in server.sse_data(stream())]
+
+    for cut in range(len(raw) + 1):
+        assert asyncio.run(read([raw[:cut], raw[cut:]])) == [b'{"a": 1}', b"[\n2]", '{"中"}'.encode()], cut
 
 
 def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, Any]:
@@ -2002,7 +2029,8 @@ ORIGIN_CASES = [
     ("text-from-this-server", "/api/chat", APP, {"Origin": "http://testserver", "Content-Type": "text/plain"}, 200),
     ("json-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": "application/json"}, 200),
     ("curl-sends-no-origin", "/api/chat", APP, {"Content-Type": FORM}, 200),
-    ("any-origin-allowed", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 200),
+    ("wildcard-opens-json-not-forms", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 403),
+    ("wildcard-opens-json", "/api/chat", "*", {"Origin": EVIL, "Content-Type": "application/json"}, 200),
 ]
 
 
@@ -2094,44 +2122,81 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def service_process(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`uvicorn server:app` in its own process(es) on a free loopback port."""
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(HERE),
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]  # fmt: skip
-    # Its own session, so the workers of --workers go down with it.
-    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """`uvicorn server:app` in its own process(es) on a free loopback port; `python server.py`
+    when `args` is just that."""
+    with service_processes(1, env, cwd, *args) as [started]:
+        yield started
 
-    def ready() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
+@contextlib.contextmanager
+def service_processes(
+    count: int, env: dict[str, str], cwd: Path, *args: str, output: Any = None
+) -> Iterator[list[tuple[subprocess.Popen, str]]]:
+    """`count` instances of `uvicorn server:app` (or `python server.py`), all started at once,
+    each on its own port."""
+    started = []
     try:
-        assert wait_until(ready, timeout=30), "service process did not start"
-        yield process, url
+        for _ in range(count):
+            port = free_port()
+            command = [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(HERE),
+                       "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]  # fmt: skip
+            own_env = {**os.environ, **env}
+            if args == ("server.py",):
+                command, own_env = (
+                    [sys.executable, str(HERE / "server.py")],
+                    {**own_env, "HOST": "127.0.0.1", "PORT": str(port)},
+                )
+            # Its own session, so the workers of --workers go down with it.
+            process = subprocess.Popen(
+                command, cwd=cwd, env=own_env, start_new_session=True, stdout=output, stderr=output
+            )
+            started.append((process, f"http://127.0.0.1:{port}"))
+        for _, url in started:
+            assert wait_until(lambda url=url: health_status(url) == 200, timeout=30), "service process did not start"
+        yield started
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        finally:
+        for process, _ in started:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGTERM)
+        for process, _ in started:
+            try:
+                process.wait(10)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def health_status(url: str) -> int:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
 
 
 def process_env(settings_for: Callable[..., server.Settings], **overrides: str) -> dict[str, str]:
     settings = settings_for()
     return {"API_KEY": SERVICE_KEY, "BASE_URL": settings.base_url, "DATABASE_PATH": settings.database_path,
-            "MAX_RETRIES": "0", **overrides}  # fmt: skip
+            "DATABASE_URL": settings.database_url or "", "MAX_RETRIES": "0", **overrides}  # fmt: skip
 
 
-def test_busy_rule_holds_across_two_worker_processes(
+def child_processes(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if (
+                int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
+                and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+            ):
+                children.append(int(stat.parent.name))
+    return children
+
+
+def test_python_server_py_runs_workers_processes_and_the_busy_rule_holds_across_them(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
 ) -> None:
     upstream.reset(Reply(content="a b c d", fault="hang"))
-    with service_process(process_env(settings_for), tmp_path, "--workers", "2") as (_, url):
+    with service_process(process_env(settings_for, WORKERS="2"), tmp_path, "server.py") as (process, url):
+        assert len(child_processes(process.pid)) == 2
         body = {"message": "x", "conversation_id": "shared"}
         with held_stream(url, body, upstream):
             statuses = {httpx.post(url + "/api/chat", json=body, timeout=10).status_code for _ in range(10)}
@@ -2340,6 +2405,134 @@ def test_a_renewal_that_finds_the_lease_taken_stops_the_turn(
 
 
 # ---------------------------------------------------------------------------
+# Several instances on one database
+# ---------------------------------------------------------------------------
+
+ON_POSTGRESQL = pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+
+
+@ON_POSTGRESQL
+def test_two_instances_share_conversations_and_run_one_turn_at_a_time(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    with service_processes(2, process_env(settings_for), tmp_path) as [(_, a), (_, b)]:
+        upstream.reset(Reply(content="Hi Ada."), Reply(content="You are Ada."))
+        httpx.post(a + "/api/chat", json={"message": "I am Ada.", "conversation_id": "ab"}, timeout=10)
+        on_b = httpx.post(b + "/api/chat", json={"message": "Who am I?", "conversation_id": "ab"}, timeout=10)
+        sent = [(m["role"], m["content"]) for m in upstream.requests[1]["messages"][1:]]
+        upstream.reset(Reply(content="a b c d", fault="hang"))
+        with held_stream(a, {"message": "long", "conversation_id": "ab"}, upstream):
+            busy = httpx.post(b + "/api/chat", json={"message": "now?", "conversation_id": "ab"}, timeout=10)
+            deleted = httpx.delete(b + "/api/conversations/ab", timeout=10)
+    assert on_b.json()["message"] == "You are Ada."
+    assert sent == [("user", "I am Ada."), ("assistant", "Hi Ada."), ("user", "Who am I?")]
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "conversation_busy"
+    assert deleted.status_code == 409
+
+
+@ON_POSTGRESQL
+def test_a_turn_killed_with_its_instance_saves_nothing_and_another_instance_continues(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    env = process_env(settings_for, LEASE_SECONDS="1")
+    with service_processes(2, env, tmp_path) as [(killed, a), (_, b)]:
+        upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="hang"))
+        httpx.post(a + "/api/chat", json={"message": "first", "conversation_id": "kill"}, timeout=10)
+        with held_stream(a, {"message": "killed", "conversation_id": "kill"}, upstream):
+            os.killpg(killed.pid, signal.SIGKILL)
+            killed.wait(10)
+        upstream.reset()
+        body = {"message": "retry", "conversation_id": "kill"}
+        assert wait_until(lambda: httpx.post(b + "/api/chat", json=body, timeout=10).status_code == 200)
+        stored = httpx.get(b + "/api/conversations/kill", timeout=10).json()["messages"]
+    assert [m["content"] for m in stored] == ["first", "kept", "retry", "echo: retry"]
+
+
+@ON_POSTGRESQL
+def test_four_instances_started_at_once_on_an_empty_database_all_come_up(
+    settings_for: Callable[..., server.Settings], tmp_path: Path, database: dict[str, str]
+) -> None:
+    with service_processes(4, process_env(settings_for), tmp_path) as started:
+        statuses = [health_status(url) for _, url in started]
+    with psycopg.connect(database["DATABASE_URL"]) as connection:
+        versions = connection.execute("SELECT version FROM schema_version").fetchall()
+    assert statuses == [200] * 4
+    assert versions == [(server.POSTGRES_SCHEMA_VERSION,)]
+
+
+@BOTH_DATABASES
+def test_a_paused_instance_whose_turn_was_taken_over_saves_nothing(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    env = process_env(settings_for, LEASE_SECONDS="1")
+    with service_processes(2, env, tmp_path) as [(paused, a), (_, b)]:
+        upstream.reset(Reply(content="a b c d", fault="stall"))
+        with held_stream(a, {"message": "paused", "conversation_id": "p"}, upstream) as (seen, rest):
+            os.killpg(paused.pid, signal.SIGSTOP)
+            try:
+                body = {"message": "meanwhile", "conversation_id": "p"}
+                assert wait_until(lambda: httpx.post(b + "/api/chat", json=body, timeout=10).status_code == 200)
+            finally:
+                os.killpg(paused.pid, signal.SIGCONT)
+            upstream.end_hang()
+            seen += "".join(rest)
+        stored = httpx.get(b + "/api/conversations/p", timeout=10).json()["messages"]
+    events = parse_sse(seen)
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "turn_superseded"
+    assert [m["content"] for m in stored] == ["meanwhile", "echo: meanwhile"]
+
+
+def test_postgresql_stopped_and_started_under_a_running_server(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    cluster, log = PostgresCluster(), tmp_path / "server.log"  # a cluster of its own, to stop and start
+    try:
+        env = process_env(settings_for, DATABASE_URL=cluster.url)
+        with log.open("w") as output, service_processes(1, env, tmp_path, output=output) as [(_, url)]:
+            http = httpx.Client(base_url=url, timeout=30)
+            upstream.reset(Reply(content="kept"), Reply(content="a b c d", fault="stall"))
+            http.post("/api/chat", json={"message": "first", "conversation_id": "pg"})
+            with held_stream(url, {"message": "lost", "conversation_id": "pg"}, upstream) as (seen, rest):
+                cluster.stop()
+                health = http.get("/health")
+                refused = http.post("/api/chat", json={"message": "hi"})
+                upstream.end_hang()
+                seen += "".join(rest)  # the answer streams, then its save fails
+            index = http.get("/")
+            cluster.start()
+            assert wait_until(lambda: health_status(url) == 200, timeout=60), "no recovery after the restart"
+            upstream.reset()
+            body = {"message": "again", "conversation_id": "pg"}
+            assert wait_until(lambda: http.post("/api/chat", json=body).status_code == 200, timeout=30)
+            stored = http.get("/api/conversations/pg").json()["messages"]
+    finally:
+        cluster.remove()
+    assert health.status_code == 503 and health.json()["status"] == "degraded" and health.json()["database"] is False
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "database_unavailable"
+    events = parse_sse(seen)
+    assert "message" in names(events) and names(events).count("error") == 1
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "database_unavailable"
+    assert [m["content"] for m in stored] == ["first", "kept", "again", "echo: again"]
+    for text in (index.text, health.text, refused.text, seen, log.read_text()):
+        assert POSTGRES_PASSWORD not in text
+
+
+@ON_POSTGRESQL
+def test_stores_opening_together_on_an_empty_database_create_the_schema_once(database: dict[str, str]) -> None:
+    async def open_together() -> None:
+        stores = [server.PostgresStore(database["DATABASE_URL"], 1) for _ in range(8)]
+        try:
+            await asyncio.gather(*(store.open() for store in stores))
+        finally:
+            await asyncio.gather(*(store.close() for store in stores))
+
+    asyncio.run(open_together())
+    with psycopg.connect(database["DATABASE_URL"]) as connection:
+        versions = connection.execute("SELECT version FROM schema_version").fetchall()
+    assert versions == [(server.POSTGRES_SCHEMA_VERSION,)]
+
+
+# ---------------------------------------------------------------------------
 # OpenAI-compatible /v1 face
 # ---------------------------------------------------------------------------
 
@@ -2442,6 +2635,19 @@ def test_v1_tool_run_shows_its_call_and_result_in_reasoning_content_and_the_answ
     assert message.content == "It is 80." and message.reasoning_content == reasoning.strip()  # type: ignore[attr-defined]
     assert message.tool_calls is None
     assert upstream.requests[1]["messages"][-1] == {"role": "tool", "tool_call_id": "call_0", "content": "80"}
+
+
+def test_v1_stateless_mode_answers_while_the_database_cannot_be_written(
+    monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    monkeypatch.setattr(server, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    settings = settings_for()
+    with ServerThread(server.create_app(settings)) as service, httpx.Client(base_url=service.url, timeout=10) as http:
+        with sqlite_write_lock(settings.database_path):
+            stored = http.post("/api/chat", json={"message": "hi"})
+            answered = http.post("/v1/chat/completions", json={"messages": ASK})
+    assert stored.status_code == 503 and stored.json()["error"]["code"] == "database_unavailable"
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] == "echo: 2+2?"
 
 
 @pytest.mark.parametrize(
@@ -2638,6 +2844,24 @@ def test_v1_client_system_messages_stay_when_the_history_window_cuts(
     ]
 
 
+def test_v1_with_deepseek_thinking_the_stateless_history_carries_no_invented_reasoning(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(*tool_turn("6*7", "42."), *tool_turn("7*8", "56."), strict="deepseek")
+    with ServerThread(server.create_app(settings_for(THINKING="enabled"))) as service:
+        with openai.OpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0) as sdk:
+            first = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is 6*7?"}])
+            earlier = first.choices[0].message.model_dump(
+                exclude_none=True
+            )  # with the reasoning_content an app may keep
+            messages = [{"role": "user", "content": "What is 6*7?"}, earlier, {"role": "user", "content": "And 7*8?"}]
+            second = sdk.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+    assert second.choices[0].message.content == "56."
+    sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert sent[0] == {"role": "assistant", "content": "42."}  # the app's copy, without reasoning
+    assert [m.get("reasoning_content") for m in sent[1:]] == [DEFAULT_REASONING]  # this turn's tool call
+
+
 EARLIER = [{"role": "user", "content": "1+1?"}]
 CLEAN = [("system", SYSTEM), ("user", "1+1?"), ("assistant", "It is 2."), ("user", "2+2?")]
 TOOL_LINES = '🔧 calculate({"expression": "1+1"})\n\n🔧 calculate → 2'
@@ -2698,6 +2922,43 @@ def test_v1_app_shaped_requests_are_accepted_and_the_model_gets_clean_history(
     assert stored_total(service.url) == 0
 
 
+PIXEL = (  # a 1x1 PNG
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+def image_message(url: str) -> dict[str, Any]:
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}],
+    }
+
+
+def test_v1_a_user_image_reaches_a_vision_model_with_its_text(service: ServerThread, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="A pixel."), Reply(content="Still a pixel."))
+    body = {"messages": [image_message(PIXEL), {"role": "assistant", "content": "A pixel."}, image_message(PIXEL)]}
+    for stream in (False, True):
+        assert (
+            httpx.post(service.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=10).status_code
+            == 200
+        )
+    for request in upstream.requests:
+        images = [m["content"] for m in request["messages"] if m["role"] == "user"]
+        assert len(images) == 2
+        for content in images:
+            assert [part["type"] for part in content] == ["text", "image_url"] and content[0]["text"] == "What is this?"
+            assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_v1_an_image_for_a_model_without_vision_is_refused_naming_the_setting(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with TestClient(server.create_app(settings_for(MODEL_VISION="false"))) as client:
+        response = client.post("/v1/chat/completions", json={"messages": [image_message(PIXEL)]})
+    assert response.status_code == 400 and "MODEL_VISION" in response.json()["error"]["message"]
+    assert upstream.requests == []
+
+
 V1_BAD_REQUESTS = [
     ("body-not-json", {"content": b"{nope"}, 400, "invalid_json"),
     ("json-not-object", {"json": ["hi"]}, 400, INVALID),
@@ -2707,9 +2968,14 @@ V1_BAD_REQUESTS = [
     ("bad-role", {"json": {"messages": [{"role": "wizard", "content": "hi"}, *ASK]}}, 400, INVALID),
     ("message-not-object", {"json": {"messages": ["hi"]}}, 400, INVALID),
     ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID),
-    ("image-part", {"json": {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}}, 400, INVALID),
+    ("image-not-readable", {"json": {"messages": [image_message("data:image/png;base64,AA==")]}}, 400, INVALID),
+    ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}}, 400, INVALID),
+    ("image-url-not-text", {"json": {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": 5}}]}]}}, 400, INVALID),
+    ("image-in-assistant-message", {"json": {"messages": [
+        {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID),
+    ("image-with-conversation-id", {"json": {"messages": [image_message(PIXEL)], "conversation_id": "c"}},
+     400, INVALID),
     ("audio-part", {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}}, 400, INVALID),
     ("last-user-message-empty", {"json": {"messages": [{"role": "user", "content": " "}]}}, 400, INVALID),
     ("stream-not-bool", {"json": {"messages": ASK, "stream": "yes"}}, 400, INVALID),
