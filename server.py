@@ -2192,6 +2192,7 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
     parts: list[str | Image] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind if isinstance(kind, str) else None  # a list or an object names no kind (and is unhashable)
         if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
             parts.append(part["text"])
         elif kind in V1_IMAGE_PARTS and no_images is None:

@@ -2972,6 +2972,8 @@ V1_BAD_REQUESTS = [
     ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}}, 400, INVALID),
     ("image-url-not-text", {"json": {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": 5}}]}]}}, 400, INVALID),
+    ("part-type-an-object", {"json": {"messages": [{"role": "user", "content": [{"type": {}, "text": "hi"}]}]}}, 400,
+     INVALID),
     ("image-in-assistant-message", {"json": {"messages": [
         {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID),
     ("image-with-conversation-id", {"json": {"messages": [image_message(PIXEL)], "conversation_id": "c"}},
