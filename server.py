@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import copy
 import functools
 import gzip
@@ -1742,6 +1743,7 @@ async def index(request: Request) -> JSONResponse:
                 "openai_models": "GET /v1/models",
             },
             "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
+            "chat_page": "/chat",
         }
     )
 
@@ -2071,7 +2073,7 @@ async def redoc(request: Request) -> HTMLResponse:
 
 
 # ---------------------------------------------------------------------------
-# OpenAI-compatible /v1 face
+# OpenAI-compatible /v1 face: reading a request
 # ---------------------------------------------------------------------------
 
 V1_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -2082,10 +2084,6 @@ NO_VISION = "this model cannot read images (MODEL_VISION)"
 # (n, logprobs, logit_bias, response_format, reasoning_effort, tools, tool_choice, user, ...)
 # is accepted and ignored.
 V1_NUMBERS = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
-V1_STATUS = {415: 400, 422: 400}  # OpenAI answers every malformed request with 400
-V1_DELTA_FIELDS = {"chunk": "content", "thought": "reasoning_content"}
-V1_DONE = b"data: [DONE]\n\n"
-MAX_TOOL_RESULT_SHOWN = 500
 # The face's tool lines in reasoning_content, found again when an app sends them back in content.
 FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).*(?:\n|$)", re.M)
 # Reasoning that apps fold into the content they send back: <think> (R1 style), Open WebUI's
@@ -2093,23 +2091,6 @@ FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).
 FOLDED_REASONING = re.compile(
     r"<think>.*?</think>|<details type=\"reasoning\".*?</details>|<!--THINKING-->.*?<!--/THINKING-->", re.S
 )
-
-
-def on_v1(scope: Scope) -> bool:
-    path = scope["path"].removeprefix(scope.get("root_path", ""))
-    return path == "/v1" or path.startswith("/v1/")
-
-
-def v1_error_body(code: str, message: str) -> dict[str, Any]:
-    status = ERRORS[code][0]
-    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def v1_error_response(error: ApiError) -> JSONResponse:
-    status = V1_STATUS.get(error.status_code, error.status_code)
-    return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
 
 
 Content = str | list[str | Image]  # a user message's images come with its text, in order
@@ -2133,10 +2114,31 @@ def invalid(message: str) -> ApiError:
 
 
 def parse_v1_request(data: Any, conversation_header: str | None, settings: Settings) -> V1Request:
-    """The request's last user message is the turn's; what precedes it is its history."""
     if not isinstance(data, dict):
         raise invalid("The body must be a JSON object with 'messages'.")
-    messages = data.get("messages")
+    message, history = v1_conversation(data.get("messages"), settings)
+    # The header wins; a body's conversation_id must be valid all the same.
+    named = [check_conversation_id(v) for v in (conversation_header, data.get("conversation_id")) if v is not None]
+    if named and not isinstance(message, str):
+        raise invalid("Images are read only without a conversation id: a stored conversation keeps text.")
+    options = {} if data.get("stream_options") is None else data["stream_options"]
+    if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
+        raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
+    if not _optional(str, data.get("model")):
+        raise invalid("'model' must be a string.")
+    return V1Request(
+        message=message,
+        history=history,
+        conversation_id=named[0] if named else None,
+        stream=data.get("stream") is True,
+        include_usage=options.get("include_usage") is True,
+        sampling=v1_sampling(data),
+        model=data.get("model") or settings.agent_model_id,
+    )
+
+
+def v1_conversation(messages: Any, settings: Settings) -> tuple[Content, list[LLMMessage]]:
+    """The last user message, the turn's, and the history before it."""
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list.")
     vision = bool(settings.model_info["vision"])
@@ -2144,26 +2146,7 @@ def parse_v1_request(data: Any, conversation_header: str | None, settings: Setti
     last = max((i for i, (role, content) in enumerate(parsed) if role == "user" and has_content(content)), default=None)
     if last is None:
         raise invalid("'messages' has no user message with text or an image.")
-    message = v1_turn_message(parsed[last][1], settings)
-    options = {} if data.get("stream_options") is None else data["stream_options"]
-    if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
-        raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
-    model = data.get("model")
-    if not _optional(str, model):
-        raise invalid("'model' must be a string.")
-    # The header wins; a body's conversation_id must be valid all the same.
-    named = [check_conversation_id(v) for v in (conversation_header, data.get("conversation_id")) if v is not None]
-    if named and not isinstance(message, str):
-        raise invalid("Images are read only without a conversation id: a stored conversation keeps text.")
-    return V1Request(
-        message=message,
-        history=v1_history(parsed, last),
-        conversation_id=named[0] if named else None,
-        stream=data.get("stream") is True,
-        include_usage=options.get("include_usage") is True,
-        sampling=v1_sampling(data),
-        model=model or settings.agent_model_id,
-    )
+    return v1_turn_message(parsed[last][1], settings), v1_history(parsed, last)
 
 
 def _optional(kind: type, *values: Any) -> bool:
@@ -2275,6 +2258,33 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# ---------------------------------------------------------------------------
+# OpenAI-compatible /v1 face: replies and routes
+# ---------------------------------------------------------------------------
+
+V1_STATUS = {415: 400, 422: 400}  # OpenAI answers every malformed request with 400
+V1_DELTA_FIELDS = {"chunk": "content", "thought": "reasoning_content"}
+V1_DONE = b"data: [DONE]\n\n"
+MAX_TOOL_RESULT_SHOWN = 500
+
+
+def on_v1(scope: Scope) -> bool:
+    path = scope["path"].removeprefix(scope.get("root_path", ""))
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def v1_error_body(code: str, message: str) -> dict[str, Any]:
+    status = ERRORS[code][0]
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def v1_error_response(error: ApiError) -> JSONResponse:
+    status = V1_STATUS.get(error.status_code, error.status_code)
+    return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
+
+
 def v1_delta(event: Event) -> tuple[str, str] | None:
     """The delta field and text an event adds to the answer or the reasoning: the model's
     reasoning, and a readable line for each tool call and result."""
@@ -2384,6 +2394,35 @@ async def v1_chat_completions(request: Request) -> Response:
     if chat.stream:
         return TurnStream(turn, completion.render, headers)
     return await json_reply(request, completion.collect(turn), headers)
+
+
+# ---------------------------------------------------------------------------
+# The chat page
+# ---------------------------------------------------------------------------
+
+INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=4)
+def page_policy(html: bytes) -> str:
+    """A Content-Security-Policy that runs only the page's own inline script and talks only
+    to this server: should model text ever reach the DOM as HTML, it still cannot run."""
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in INLINE_SCRIPT.findall(html)
+    )
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+async def chat_page(request: Request) -> Response:
+    response = await static_response(request, "chat.html")
+    asset = find_asset("chat.html")
+    if asset is not None:
+        response.headers["Content-Security-Policy"] = page_policy(asset.body)
+    return response
 
 
 # ---------------------------------------------------------------------------
@@ -2549,6 +2588,7 @@ routes = [
     Route("/openapi.json", openapi_json),
     Route("/docs", swagger_ui),
     Route("/redoc", redoc),
+    Route("/chat", chat_page),
     Route("/static/{path:path}", static_file),
 ]
 

@@ -38,7 +38,7 @@ import pytest
 import uvicorn
 from jsonschema import Draft202012Validator  # openapi-spec-validator's own dependency
 from openapi_spec_validator import OpenAPIV31SpecValidator
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page, Playwright, expect, sync_playwright
 from playwright.sync_api import Route as BrowserRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -72,7 +72,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     error_body: dict[str, Any] | None = None
-    fault: str | None = None  # drop, truncate, bad_json, error_event, hang, stall
+    fault: str | None = None  # drop, truncate, bad_json, error_event, hang, stall, hold
     finish_reason: str | None = None  # None: "tool_calls" or "stop"
     usage: tuple[int, int] = (11, 7)
     call_ids: tuple[str, ...] = ()  # default: call_0, call_1, ...
@@ -163,6 +163,8 @@ class FakeModelAPI:
                 async for part in self._fault(reply.fault):
                     yield part
                 return
+            if index == 2 and reply.fault == "hold":  # hold the stream open, then finish it
+                await self._hang()
             # DeepSeek marks the end of the reasoning with a null reasoning_content.
             yield chunk({"content": piece, **({"reasoning_content": None} if self.strict == "deepseek" else {})})
         for index, (name, arguments) in enumerate(reply.tool_calls):
@@ -572,6 +574,84 @@ def held_stream(url: str, body: dict[str, Any], upstream: FakeModelAPI) -> Itera
             first = next(received)
             assert wait_until(lambda: upstream.hanging == 1)
             yield first, received
+
+
+# ---------------------------------------------------------------------------
+# A real browser
+# ---------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# A name that is not loopback: Swagger UI, for one, behaves differently on localhost.
+PAGE_HOST = "autogen-chat.test"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--host-resolver-rules=MAP {PAGE_HOST} 127.0.0.1"]  # fmt: skip
+expect.set_options(timeout=10_000)  # the machine may be busy with other tests
+
+
+@dataclass
+class Tab:
+    page: Page
+    url: str  # the service, as the browser reaches it
+    elsewhere: list[str] = field(default_factory=list)  # requests for other hosts, all blocked
+    errors: list[str] = field(default_factory=list)  # uncaught script errors
+
+
+class Chromium:
+    """Debian's chromium: each tab a browser of its own with a new empty profile, so tabs share
+    no storage and each has its own language and window size."""
+
+    def __init__(self, playwright: Playwright, profiles: Path) -> None:
+        self.playwright, self.profiles = playwright, profiles
+        self.tabs: list[Tab] = []
+
+    def open(self, service_url: str, **options: Any) -> Tab:
+        """A tab on the service that can reach no other host."""
+        options = {"locale": "en-US", "viewport": {"width": 1100, "height": 760}, **options}
+        context = self.playwright.chromium.launch_persistent_context(
+            self.profiles / f"profile-{len(self.tabs)}", executable_path=CHROMIUM, args=CHROMIUM_ARGS, **options
+        )
+        tab = Tab(context.pages[0], service_url.replace("127.0.0.1", PAGE_HOST))
+
+        def only_the_service(route: BrowserRoute) -> None:
+            if route.request.url.startswith(tab.url + "/"):
+                route.continue_()
+            else:
+                tab.elsewhere.append(route.request.url)
+                route.abort()
+
+        tab.page.route("**/*", only_the_service)
+        tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
+        self.tabs.append(tab)
+        return tab
+
+
+@pytest.fixture
+def chromium(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Chromium]:
+    """Tabs for one test; a failed test leaves a screenshot of each in its tmp_path, and an
+    uncaught script error fails the test."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
+    failures = request.session.testsfailed
+    # Per test, not per session: sync_playwright() marks an event loop running on this thread
+    # for as long as it is open, which breaks asyncio.run() in the tests after it.
+    with sync_playwright() as playwright:
+        chromium = Chromium(playwright, tmp_path)
+        try:
+            yield chromium
+            if request.session.testsfailed > failures:  # the failed call has been reported by now
+                for index, tab in enumerate(chromium.tabs):
+                    tab.page.screenshot(path=tmp_path / f"failure-{index}.png", full_page=True)
+                    print(f"screenshot of the failed test's page: {tmp_path / f'failure-{index}.png'}")
+        finally:
+            for tab in chromium.tabs:
+                tab.page.context.close()
+    assert [error for tab in chromium.tabs for error in tab.errors] == []
+
+
+@pytest.fixture
+def tab(chromium: Chromium, service: ServerThread) -> Tab:
+    return chromium.open(service.url)
 
 
 # ---------------------------------------------------------------------------
@@ -1287,6 +1367,8 @@ def test_every_response_the_document_lists_is_given_and_validates(
     app = server.create_app(settings_for(CORS_ORIGINS="https://app.example"))
     with ServerThread(app) as service, httpx.Client(base_url=service.url) as http:
         given = [http.get(path) for path in ("/", "/health", "/openapi.json", "/docs", "/redoc", "/static/none")]
+        given.append(http.get("/chat"))
+        given.append(http.get("/chat", headers={"If-None-Match": given[-1].headers["ETag"]}))
         example = OPENAPI["paths"]["/static/{path}"]["get"]["parameters"][0]["example"]
         given.append(http.get("/static/" + example))
         given.append(http.get(given[-1].url, headers={"If-None-Match": given[-1].headers["ETag"]}))
@@ -1409,50 +1491,6 @@ def test_an_unversioned_static_file_is_revalidated_and_served_anew_when_it_chang
     assert first.headers["cache-control"] == "no-cache" and first.text == "<p>one</p>"
     assert first.headers["content-type"] == "text/html; charset=utf-8"
     assert second.status_code == 200 and second.text == "<p>two, longer</p>"
-
-
-CHROMIUM = "/usr/bin/chromium"
-# A name that is not loopback: Swagger UI, for one, behaves differently on localhost.
-PAGE_HOST = "autogen-chat.test"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--host-resolver-rules=MAP {PAGE_HOST} 127.0.0.1"]  # fmt: skip
-
-
-@dataclass
-class Tab:
-    page: Page
-    url: str  # the service, as the browser reaches it
-    elsewhere: list[str] = field(default_factory=list)  # requests for other hosts, all blocked
-    errors: list[str] = field(default_factory=list)  # uncaught script errors
-
-
-@pytest.fixture
-def tab(service: ServerThread, tmp_path: Path) -> Iterator[Tab]:
-    """A page in a fresh Chromium on the service that can reach no other host."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    # Per test, not per session: sync_playwright() marks an event loop running on this thread
-    # for as long as it is open, which breaks asyncio.run() in the tests after it.
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            tmp_path / "chromium-profile", executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        tab = Tab(browser.new_page(), service.url.replace("127.0.0.1", PAGE_HOST))
-
-        def only_the_service(route: BrowserRoute) -> None:
-            if route.request.url.startswith(tab.url + "/"):
-                route.continue_()
-            else:
-                tab.elsewhere.append(route.request.url)
-                route.abort()
-
-        tab.page.route("**/*", only_the_service)
-        tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
-        try:
-            yield tab
-        finally:
-            browser.close()
 
 
 def documented_operations(service: ServerThread) -> set[tuple[str, str]]:
@@ -1951,7 +1989,7 @@ def test_server_key_guards_every_api_route_and_leaves_the_rest_open(
                 assert response.status_code == 401, (method, path, headers)
                 assert response.headers["www-authenticate"] == "Bearer"
                 assert response.json()["error"]["code"] == "unauthorized"
-        for path in ("/", "/health", "/openapi.json", "/docs", "/redoc"):
+        for path in ("/", "/health", "/openapi.json", "/docs", "/redoc", "/chat"):
             assert client.get(path).status_code == 200
         authorized = client.post("/api/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {SERVER_KEY}"})
         document = client.get("/openapi.json").json()
@@ -3066,3 +3104,421 @@ def test_cors_preflight_of_a_browser_app_using_the_openai_sdk_passes(
             assert set(requested.split(",")) <= {name.strip() for name in allowed.split(",")}
         exposed = client.get("/health", headers={"Origin": "https://chat.example"}).headers
     assert "x-conversation-id" in exposed["access-control-expose-headers"].lower()
+
+
+# ---------------------------------------------------------------------------
+# The chat page, in a real browser
+# ---------------------------------------------------------------------------
+
+
+def textbox(page: Page) -> Any:
+    return page.get_by_role("textbox", name="Message")
+
+
+def send_message(page: Page, text: str) -> None:
+    textbox(page).fill(text)
+    textbox(page).press("Enter")
+
+
+def chat_via_api(url: str, message: str, conversation_id: str) -> None:
+    response = httpx.post(url + "/api/chat", json={"message": message, "conversation_id": conversation_id}, timeout=10)
+    assert response.status_code == 200
+
+
+def stored_messages(url: str, conversation_id: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/api/conversations/{conversation_id}", timeout=10).json()["messages"]
+
+
+def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client: TestClient) -> None:
+    response = client.get("/chat")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert response.headers["cache-control"] == "no-cache"
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("style-src")[0]
+    assert client.get("/").json()["chat_page"] == "/chat"
+
+
+def test_page_shows_the_answer_while_the_model_is_still_streaming(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    page = tab.page
+    upstream.reset(Reply(content="first second third fourth", fault="hold"))
+    page.goto(tab.url + "/chat")
+    send_message(page, "hi")
+    assert wait_until(lambda: upstream.hanging == 1)
+    answer = page.locator(".answer")
+    expect(answer).to_have_text("first second")  # while the model holds its stream open
+    expect(page.get_by_role("status")).to_have_text("Writing…")
+    expect(textbox(page)).to_be_disabled()
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    upstream.end_hang()
+    expect(answer).to_have_text("first second third fourth")
+    expect(textbox(page)).to_be_enabled()
+    expect(textbox(page)).to_be_focused()
+
+
+def test_page_shows_thinking_tool_cards_and_markdown(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    page = tab.page
+    chat_via_api(service.url, "Plan a weekend in Hangzhou", "older")
+    chat_via_api(service.url, "What time is it in Tokyo?", "old")
+    upstream.reset(
+        Reply(
+            reasoning="The user wants a product and the time on Mars.",
+            tool_calls=[("calculate", {"expression": "6 * 7"}), ("get_current_time", {"timezone": "Mars/Base"})],
+        ),
+        Reply(content="6 × 7 is **42**; Mars has *no* time zone.\n\n- `calculate` worked\n- the clock did not"),
+    )
+    page.goto(tab.url + "/chat")
+    send_message(page, "What is 6 × 7, and what time is it on Mars?")
+    answer = page.locator(".answer")
+    expect(answer.locator("strong")).to_have_text("42")
+    thought = page.locator("details.thought")
+    expect(thought).to_contain_text("The user wants a product and the time on Mars.")
+    expect(thought.locator(".thought-text")).to_be_hidden()  # folded once the answer began
+    thought.locator("summary").click()
+    expect(thought.locator(".thought-text")).to_be_visible()
+    calculator, clock = page.locator(".tool").all()
+    expect(calculator.locator(".tool-name")).to_have_text("calculate")
+    expect(calculator.locator(".arguments")).to_contain_text('"expression": "6 * 7"')
+    expect(calculator.locator(".result")).to_have_text("Result: 42")
+    expect(calculator).not_to_have_class(re.compile("error"))
+    expect(clock.locator(".tool-name")).to_have_text("get_current_time")
+    expect(clock).to_have_class(re.compile("error"))
+    expect(clock.locator(".tool-state")).to_have_text("error")
+    expect(clock.locator(".result")).to_contain_text("Mars/Base")
+    expect(answer.locator("em")).to_have_text("no")
+    expect(answer.locator("li code")).to_have_text("calculate")
+    expect(page.locator("#conversations li a")).to_have_text(
+        ["What is 6 × 7, and what time is it on Mars?", "What time is it in Tokyo?", "Plan a weekend in Hangzhou"]
+    )
+    # README_SCREENSHOT=static/screenshot.png pytest -k thinking_tool_cards renews the README's picture.
+    target = os.environ.get("README_SCREENSHOT")
+    page.screenshot(path=HERE / target if target else tmp_path / "chat.png")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '<img src=x onerror="window.pwned=1">',
+        "<script>window.pwned=1</script>",
+        "[click](javascript:window.pwned=1)",
+        '**<b onmouseover="window.pwned=1">bold</b>**',
+    ],
+    ids=["img-onerror", "script", "javascript-link", "html-inside-markdown"],
+)
+def test_html_in_an_answer_shows_as_text_live_and_from_history(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI, content: str
+) -> None:
+    page = tab.page
+    upstream.reset(Reply(content=content))
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+    page.goto(tab.url + "/chat")
+    send_message(page, "say it")
+    answer = page.locator(".answer")
+    for _ in range(2):  # as it streams in, then as stored history after a reload
+        expect(answer).to_contain_text(content.replace("**", ""))
+        assert answer.locator("img, script, a, b").count() == 0
+        assert page.evaluate("window.pwned") is None
+        page.reload()
+    assert dialogs == []
+
+
+def test_a_reload_or_the_shared_link_reopens_the_conversation_with_its_history(
+    tab: Tab, chromium: Chromium, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    page = tab.page
+    upstream.reset(
+        Reply(reasoning="Add them.", tool_calls=[("calculate", {"expression": "2 + 3"})]),
+        Reply(content="It is `5`."),
+        Reply(content="Then 6."),
+    )
+    page.goto(tab.url + "/chat")
+    send_message(page, "What is 2 + 3?")
+    expect(page.locator(".answer")).to_have_text("It is 5.")
+    send_message(page, "And one more?")
+    expect(page.locator(".answer").nth(1)).to_have_text("Then 6.")
+    expect(page).to_have_url(re.compile(r"/chat\?c=[0-9a-f-]{36}$"))
+    shared = chromium.open(service.url).page  # another browser: no storage in common
+    for opened in (page, shared):
+        opened.reload() if opened is page else opened.goto(page.url)
+        expect(opened.locator(".user .bubble")).to_have_text(["What is 2 + 3?", "And one more?"])
+        expect(opened.locator("details.thought")).to_contain_text("Add them.")
+        expect(opened.locator(".tool .result")).to_have_text("Result: 5")
+        expect(opened.locator(".answer")).to_have_text(["It is 5.", "Then 6."])
+        expect(opened.locator(".answer code")).to_have_text("5")
+        expect(opened.locator("#conversations li.current")).to_have_text("What is 2 + 3?×")
+
+
+def test_delete_asks_first_and_removes_the_conversation_from_the_list(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    page = tab.page
+    chat_via_api(service.url, "keep me", "keep")
+    chat_via_api(service.url, "drop me", "drop")
+    page.goto(tab.url + "/chat?c=drop")
+    items = page.locator("#conversations li a")
+    expect(items).to_have_text(["drop me", "keep me"])  # newest first
+    delete = page.get_by_role("button", name="Delete “drop me”")
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    delete.click()
+    expect(items).to_have_text(["drop me", "keep me"])
+    page.once("dialog", lambda dialog: dialog.accept())
+    delete.click()
+    expect(items).to_have_text(["keep me"])
+    assert httpx.get(service.url + "/api/conversations/drop").status_code == 404
+    expect(page).to_have_url(tab.url + "/chat")  # the open conversation was the deleted one
+    page.reload()
+    expect(items).to_have_text(["keep me"])
+
+
+def test_stop_aborts_the_turn_and_leaves_the_stored_conversation_unchanged(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    page = tab.page
+    upstream.reset(Reply(content="saved"), Reply(content="never finished at all", fault="hold"))
+    chat_via_api(service.url, "first", "s")
+    before = stored_messages(service.url, "s")
+    page.goto(tab.url + "/chat?c=s")
+    expect(page.locator(".answer")).to_have_text("saved")
+    send_message(page, "second")
+    expect(page.locator(".answer").nth(1)).to_have_text("never finished")
+    assert wait_until(lambda: upstream.hanging == 1)
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator(".notice")).to_have_text("Stopped. Nothing of this turn was saved.")
+    assert upstream.disconnected.wait(5), "the model request was not closed"
+    assert wait_until(lambda: not service.app_ctx.turns)
+    assert stored_messages(service.url, "s") == before
+    expect(textbox(page)).to_be_enabled()
+    expect(textbox(page)).to_have_value("second")  # kept, to send again
+
+
+def test_the_page_asks_once_for_the_server_key_and_sends_it_as_a_bearer(
+    chromium: Chromium, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with ServerThread(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as service:
+        tab = chromium.open(service.url)
+        page = tab.page
+        page.goto(tab.url + "/chat")
+        key = page.get_by_role("textbox", name="This server needs its key (SERVER_API_KEY):")
+        expect(key).to_be_visible()
+        key.fill(SERVER_KEY)
+        key.press("Enter")
+        expect(page.locator("#list-end")).to_have_text("No conversations yet.")
+        send_message(page, "hi")
+        expect(page.locator(".answer")).to_have_text("echo: hi")
+        assert page.evaluate("localStorage.getItem('autogen-chat.server-key')") == SERVER_KEY
+        page.reload()
+        expect(page.locator("#conversations li a")).to_have_text(["hi"])
+        expect(page.locator(".answer")).to_have_text("echo: hi")
+        expect(key).to_be_hidden()
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "locale, message",
+    [
+        ("en-US", "The model is not configured: set API_KEY in .env and restart the server."),
+        ("zh-CN", "模型未配置：请在 .env 中设置 API_KEY 并重启服务。"),
+    ],
+    ids=["english", "chinese"],
+)
+def test_without_api_key_the_page_says_to_set_it_in_the_browsers_language(
+    chromium: Chromium, settings_for: Callable[..., server.Settings], locale: str, message: str
+) -> None:
+    with ServerThread(server.create_app(settings_for(API_KEY=""))) as service:
+        tab = chromium.open(service.url, locale=locale)
+        tab.page.goto(tab.url + "/chat")
+        tab.page.locator("#input").fill("hi")
+        tab.page.locator("#input").press("Enter")
+        expect(tab.page.locator(".notice.error")).to_have_text(message)
+        expect(tab.page.locator("#input")).to_have_value("hi")
+
+
+class ScriptedStream:
+    """POST /api/chat/stream answered with the bytes a test writes, each part in a write of its own."""
+
+    def __init__(self) -> None:
+        self.parts: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def endpoint(self, request: Request) -> StreamingResponse:
+        async def body() -> Any:
+            while (part := await self.parts.get()) is not None:
+                yield part
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def sse_bytes(*events: tuple[str, dict[str, Any]]) -> bytes:
+    return b"".join(
+        f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode() for name, data in events
+    )
+
+
+# No message event: the answer must come whole from the chunks alone.
+SCRIPTED_TURN = sse_bytes(
+    ("status", {"status": "started", "conversation_id": "scripted"}),
+    ("chunk", {"content": "Hello 世界"}),
+    ("chunk", {"content": ", and **more**"}),
+    ("done", {"conversation_id": "scripted", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}),
+)
+FIRST_EVENT_END = SCRIPTED_TURN.index(b"\n\n") + 2
+CRLF_TURN = SCRIPTED_TURN.replace(b"\n", b"\r\n")  # what the SSE spec allows, though this server never sends it
+
+
+@pytest.mark.parametrize(
+    "stream, cut",
+    [
+        (SCRIPTED_TURN, None),
+        (SCRIPTED_TURN, SCRIPTED_TURN.index("世".encode()) + 1),
+        (SCRIPTED_TURN, SCRIPTED_TURN.index(b"\n\n", FIRST_EVENT_END) + 1),
+        (SCRIPTED_TURN, SCRIPTED_TURN.index(b"data:", FIRST_EVENT_END) + 2),
+        (CRLF_TURN, CRLF_TURN.rindex(b"event: chunk\r") + len(b"event: chunk\r")),
+    ],
+    ids=[
+        "all-events-in-one-read",
+        "split-inside-a-character",
+        "split-between-the-two-newlines",
+        "split-in-a-field",
+        "crlf-split-between-cr-and-lf",
+    ],
+)
+def test_the_page_reads_events_however_the_stream_is_cut_into_reads(
+    chromium: Chromium, settings_for: Callable[..., server.Settings], stream: bytes, cut: int | None
+) -> None:
+    scripted = ScriptedStream()
+    app = server.create_app(settings_for())
+    app.router.routes.insert(0, Route("/api/chat/stream", scripted.endpoint, methods=["POST"]))
+    with ServerThread(app) as service:
+        tab = chromium.open(service.url)
+        page = tab.page
+        page.goto(tab.url + "/chat")
+        send_message(page, "hi")
+        if cut is not None:
+            service.call(scripted.parts.put(stream[:cut]))
+            # The first event has been read: the rest can only come in a later read.
+            expect(page).to_have_url(re.compile(r"\?c=scripted$"))
+        service.call(scripted.parts.put(stream[cut:]))
+        service.call(scripted.parts.put(None))
+        expect(page.locator(".answer")).to_have_text("Hello 世界, and more")
+        expect(page.locator(".answer strong")).to_have_text("more")
+        expect(textbox(page)).to_be_enabled()
+        expect(page.locator(".notice")).to_have_count(0)
+
+
+def test_enter_sends_and_shift_enter_starts_a_new_line(tab: Tab, service: ServerThread, upstream: FakeModelAPI) -> None:
+    page = tab.page
+    page.goto(tab.url + "/chat")
+    textbox(page).type("line one")
+    textbox(page).press("Shift+Enter")
+    textbox(page).type("line two")
+    expect(page.locator(".user")).to_have_count(0)
+    textbox(page).press("Enter")
+    expect(page.locator(".user .bubble")).to_have_text("line one\nline two")
+    expect(page.locator(".answer br")).to_have_count(1)
+    assert page.locator(".answer").inner_html() == "<p>echo: line one<br>line two</p>"
+
+
+def test_a_busy_conversation_and_a_too_long_message_get_clear_messages(
+    chromium: Chromium, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="hang"))
+    with ServerThread(server.create_app(settings_for(MAX_MESSAGE_CHARS="20"))) as service:
+        tab = chromium.open(service.url)
+        page = tab.page
+        with held_stream(service.url, {"message": "x", "conversation_id": "b"}, upstream):
+            page.goto(tab.url + "/chat?c=b")
+            send_message(page, "again")
+            expect(page.locator(".notice.error")).to_have_text(
+                "This conversation is still answering another message; try again in a moment."
+            )
+        send_message(page, "a message longer than twenty characters")
+        expect(page.locator(".notice.error").nth(1)).to_have_text(
+            "The request was not accepted: 'message' is longer than MAX_MESSAGE_CHARS (20)."
+        )
+
+
+def test_a_malformed_conversation_link_gets_a_clear_message(tab: Tab, service: ServerThread) -> None:
+    page = tab.page
+    page.goto(tab.url + "/chat?c=not%20an%20id")
+    expect(page.locator(".notice.error")).to_have_text(
+        "The request was not accepted: 'conversation_id' must match ^[A-Za-z0-9_.:-]{1,128}$."
+    )
+
+
+def test_the_conversation_list_pages_in_more_as_it_is_scrolled(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    page = tab.page
+    for index in range(25):
+        chat_via_api(service.url, f"conversation {index}", f"c{index}")
+    page.goto(tab.url + "/chat")
+    items = page.locator("#conversations li a")
+    expect(items).to_have_count(20)
+    expect(items.first).to_have_text("conversation 24")
+    page.locator("#list-end").scroll_into_view_if_needed()
+    expect(items).to_have_count(25)
+    expect(items.last).to_have_text("conversation 0")
+
+
+def test_at_phone_width_the_list_opens_from_a_menu_and_nothing_scrolls_sideways(
+    chromium: Chromium, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    chat_via_api(service.url, "on the phone", "phone")
+    tab = chromium.open(service.url, viewport={"width": 375, "height": 700}, is_mobile=True)
+    page = tab.page
+    page.goto(tab.url + "/chat")
+    conversation = page.get_by_role("link", name="on the phone")
+    expect(conversation).not_to_be_in_viewport()
+    expect(textbox(page)).to_be_in_viewport()
+    menu = page.get_by_role("button", name="Conversations")
+    menu.click()
+    expect(menu).to_have_attribute("aria-expanded", "true")
+    expect(conversation).to_be_in_viewport()
+    conversation.click()
+    expect(page.locator(".answer")).to_have_text("echo: on the phone")
+    expect(conversation).not_to_be_in_viewport()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+MARKDOWN = [
+    ("plain <b>text</b> & more", "<p>plain &lt;b&gt;text&lt;/b&gt; &amp; more</p>"),
+    ("line one\nline two\n\nnext", "<p>line one<br>line two</p><p>next</p>"),
+    ("**bold**, *it*, _it_, snake_case_name, ~~gone~~",
+     "<p><strong>bold</strong>, <em>it</em>, <em>it</em>, snake_case_name, <del>gone</del></p>"),
+    ("a `<i>code</i>` b", "<p>a <code>&lt;i&gt;code&lt;/i&gt;</code> b</p>"),
+    ("```html\n<script>x()</script>\n\n**not bold**\n```",
+     '<pre><code class="language-html">&lt;script&gt;x()&lt;/script&gt;\n\n**not bold**</code></pre>'),
+    ("```\nstill streaming", "<pre><code>still streaming</code></pre>"),
+    ("- one\n- **two**\n  - nested", "<ul><li>one</li><li><strong>two</strong><ul><li>nested</li></ul></li></ul>"),
+    ("3. three\n4. four", '<ol start="3"><li>three</li><li>four</li></ol>'),
+    ("[docs](https://example.com/a?b=1&c=2)",
+     '<p><a href="https://example.com/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer nofollow">docs</a></p>'),
+    ("see https://example.com/x.",
+     '<p>see <a href="https://example.com/x" target="_blank" rel="noopener noreferrer nofollow">'
+     "https://example.com/x</a>.</p>"),
+    ("[see https://a.example](https://b.example)",
+     '<p><a href="https://b.example/" target="_blank" rel="noopener noreferrer nofollow">see https://a.example</a></p>'),
+    ("[x](javascript:alert(1)) [y](data:text/html,hi) [z](ftp://h/)",
+     "<p>[x](javascript:alert(1)) [y](data:text/html,hi) [z](ftp://h/)</p>"),
+    ("## Title\n> quoted", "<h4>Title</h4><blockquote><p>quoted</p></blockquote>"),
+    ("| a | b |\n|---|---|\n| 1 | `2` |",
+     "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td><code>2</code></td></tr></tbody></table>"),
+    ("\\*not italic\\*", "<p>*not italic*</p>"),
+]  # fmt: skip
+
+
+def test_markdown_renders_the_common_forms_and_never_html(tab: Tab, service: ServerThread) -> None:
+    page = tab.page
+    page.goto(tab.url + "/chat")
+    rendered = [
+        page.evaluate(
+            "text => { const box = document.createElement('div'); box.append(renderMarkdown(text)); "
+            "return box.innerHTML; }",
+            text,
+        )  # fmt: skip
+        for text, _ in MARKDOWN
+    ]
+    assert rendered == [html for _, html in MARKDOWN]
