@@ -3144,7 +3144,10 @@ def sse_bytes(*events: tuple[str, dict[str, Any]]) -> bytes:
 SCRIPTED_TURN = sse_bytes(
     ("status", {"status": "started", "conversation_id": "scripted"}),
     ("chunk", {"content": "Hello 世界"}),
-    ("chunk", {"content": ", and **more**"}),
+    ("tool_call", {"id": "c1", "name": "calculate", "arguments": '{"expression": "1 + 1"}'}),
+    ("tool_result", {"call_id": "c1", "name": "calculate", "content": "2", "is_error": False}),
+    ("chunk", {"content": "Then"}),
+    ("chunk", {"content": " **more**"}),
     ("done", {"conversation_id": "scripted", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}),
 )
 FIRST_EVENT_END = SCRIPTED_TURN.index(b"\n\n") + 2
@@ -3158,7 +3161,7 @@ CRLF_TURN = SCRIPTED_TURN.replace(b"\n", b"\r\n")  # what the SSE spec allows, t
         (SCRIPTED_TURN, SCRIPTED_TURN.index("世".encode()) + 1),
         (SCRIPTED_TURN, SCRIPTED_TURN.index(b"\n\n", FIRST_EVENT_END) + 1),
         (SCRIPTED_TURN, SCRIPTED_TURN.index(b"data:", FIRST_EVENT_END) + 2),
-        (CRLF_TURN, CRLF_TURN.rindex(b"event: chunk\r") + len(b"event: chunk\r")),
+        (CRLF_TURN, CRLF_TURN.index(b"event: tool_call\r") + len(b"event: tool_call\r")),
     ],
     ids=[
         "all-events-in-one-read",
@@ -3185,8 +3188,9 @@ def test_the_page_reads_events_however_the_stream_is_cut_into_reads(
             expect(page).to_have_url(re.compile(r"\?c=scripted$"))
         service.call(scripted.parts.put(stream[cut:]))
         service.call(scripted.parts.put(None))
-        expect(page.locator(".answer")).to_have_text("Hello 世界, and more")
+        expect(page.locator(".answer")).to_have_text(["Hello 世界", "Then more"])
         expect(page.locator(".answer strong")).to_have_text("more")
+        expect(page.locator(".tool .result")).to_have_text("Result: 2")
         expect(textbox(page)).to_be_enabled()
         expect(page.locator(".notice")).to_have_count(0)
 
@@ -3305,3 +3309,24 @@ def test_markdown_renders_the_common_forms_and_never_html(tab: Tab, service: Ser
         for text, _ in MARKDOWN
     ]
     assert rendered == [html for _, html in MARKDOWN]
+
+
+@pytest.mark.parametrize(
+    "reply, notice, saved",
+    [
+        (Reply(content="a b c d", fault="error_event"), "The model API failed to answer.", False),
+        (Reply(content="a b c d", finish_reason="length"), "The answer was cut off at the model's length limit.", True),
+    ],
+    ids=["error-event", "cut-at-the-length-limit"],
+)
+def test_an_error_event_or_a_cut_answer_is_explained_in_the_conversation(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI, reply: Reply, notice: str, saved: bool
+) -> None:
+    page = tab.page
+    upstream.reset(reply)
+    page.goto(tab.url + "/chat")
+    send_message(page, "hi")
+    expect(page.locator(".notice")).to_have_text(notice)
+    expect(page.locator(".answer")).to_contain_text("a b")
+    expect(textbox(page)).to_have_value("" if saved else "hi")  # unsaved: kept to send again
+    expect(page.locator("#conversations li")).to_have_count(1 if saved else 0)
