@@ -2918,6 +2918,8 @@ def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client:
     assert response.headers["cache-control"] == "no-cache"
     policy = response.headers["content-security-policy"]
     assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("style-src")[0]
+    again = client.get("/chat", headers={"If-None-Match": response.headers["etag"]})
+    assert again.status_code == 304 and again.headers["content-security-policy"] == policy
     assert client.get("/").json()["chat_page"] == "/chat"
 
 
@@ -2940,9 +2942,7 @@ def test_page_shows_the_answer_while_the_model_is_still_streaming(
     expect(textbox(page)).to_be_focused()
 
 
-def test_page_shows_thinking_tool_cards_and_markdown(
-    tab: Tab, service: ServerThread, upstream: FakeModelAPI, tmp_path: Path
-) -> None:
+def test_page_shows_thinking_tool_cards_and_markdown(tab: Tab, service: ServerThread, upstream: FakeModelAPI) -> None:
     page = tab.page
     chat_via_api(service.url, "Plan a weekend in Hangzhou", "older")
     chat_via_api(service.url, "What time is it in Tokyo?", "old")
@@ -2976,7 +2976,36 @@ def test_page_shows_thinking_tool_cards_and_markdown(
     expect(page.locator("#conversations li a")).to_have_text(
         ["What is 6 × 7, and what time is it on Mars?", "What time is it in Tokyo?", "Plan a weekend in Hangzhou"]
     )
-    # README_SCREENSHOT=static/screenshot.png pytest -k thinking_tool_cards renews the README's picture.
+
+
+def test_the_page_speaks_chinese_to_a_chinese_browser(
+    chromium: Chromium, service: ServerThread, upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    chat_via_api(service.url, "周末去杭州怎么安排？", "older")
+    chat_via_api(service.url, "东京现在几点？", "old")
+    upstream.reset(
+        Reply(
+            reasoning="用户想知道 6 × 7，还想知道火星上的时间。",
+            tool_calls=[("calculate", {"expression": "6 * 7"}), ("get_current_time", {"timezone": "Mars/Base"})],
+        ),
+        Reply(content="6 × 7 = **42**。\n\n- `calculate` 算出了结果\n- 火星没有 *IANA 时区*，查不到时间"),
+    )
+    tab = chromium.open(service.url, locale="zh-CN")
+    page = tab.page
+    page.goto(tab.url + "/chat")
+    expect(page.locator("html")).to_have_attribute("lang", "zh-CN")
+    message = page.get_by_role("textbox", name="消息")
+    expect(message).to_have_attribute("placeholder", "给智能体发消息（Enter 发送，Shift+Enter 换行）")
+    message.fill("6 × 7 是多少？火星上现在几点？")
+    message.press("Enter")
+    expect(page.locator(".answer strong")).to_have_text("42")
+    expect(page.locator("details.thought summary")).to_have_text("思考过程")
+    expect(page.locator(".tool .result").first).to_have_text("结果：42")
+    expect(page.locator(".tool.error .tool-state")).to_have_text("出错")
+    expect(page.get_by_role("button", name="新对话")).to_be_visible()
+    expect(page.get_by_role("button", name="删除“东京现在几点？”")).to_be_attached()
+    page.locator("details.thought summary").click()
+    # README_SCREENSHOT=static/screenshot.png pytest -k chinese_browser renews the README's picture.
     target = os.environ.get("README_SCREENSHOT")
     page.screenshot(path=HERE / target if target else tmp_path / "chat.png")
 
