@@ -7,7 +7,7 @@ number of workers), then drives the paths side by side with a lean raw-socket cl
 model API directly, the relay, the service's /api/chat/stream and, where the service has it,
 its /v1/chat/completions. Prints the goal table and the sweep (and writes bench-results.json).
 
-    python bench.py              # full run, about 8 minutes
+    python bench.py              # full run, about 10 minutes
     python bench.py --quick      # smoke run, under 30 s
     python bench.py --workers 2  # WORKERS for the service, --workers for the relay
 """
@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -26,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,7 +231,7 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> 
     raise SystemExit(f"nothing listens on port {port}")
 
 
-@contextmanager
+@contextlib.contextmanager
 def started(command: list[str], port: int, env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen]:
     process = subprocess.Popen(command, env={**os.environ, **env}, cwd=cwd)
     try:
@@ -436,8 +439,35 @@ COMPLETION = {"model": "mock", "stream": True, "messages": [{"role": "user", "co
 SSE_TOKEN = b'"delta":{"content":'
 
 
-async def bench_paths(ports: dict[str, int]) -> dict[str, Path_]:
-    """The model API, the relay and the service's streaming paths; /v1 where the service has it."""
+@dataclass
+class Run:
+    """What a run starts: the ports, the service's settings, a place for scratch files."""
+
+    args: argparse.Namespace
+    scratch: Path
+    ports: dict[str, int]
+    database_url: str | None
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def service_env(self, port: int, database_url: str | None = None) -> dict[str, str]:
+        workers = {"WORKERS": str(self.args.workers)} if self.args.workers else {}
+        database = {"DATABASE_URL": database_url} if database_url else {}
+        return {
+            "API_KEY": "bench", "BASE_URL": f"http://127.0.0.1:{self.ports['mock']}/v1", "MODEL_NAME": "mock",
+            "DATABASE_PATH": str(self.scratch / f"bench-{port}.db"), "LOG_LEVEL": "WARNING", "MAX_RETRIES": "0",
+            "HOST": "127.0.0.1", "PORT": str(port), **workers, **database,
+        }  # fmt: skip
+
+    def service(self, port: int, database_url: str | None = None) -> contextlib.AbstractContextManager:
+        """The service as the README runs it: `python server.py`."""
+        command = [sys.executable, str(HERE / "server.py")]
+        return started(command, port, self.service_env(port, database_url), self.scratch)
+
+
+async def bench_paths(run: Run) -> dict[str, Path_]:
+    """The model API, the relay and the service's streaming paths: /v1 where the service has
+    it, and /api/chat/stream on PostgreSQL where a cluster could be had."""
+    ports = run.ports
     paths = {
         "direct": Path_("direct", ports["mock"], "/v1/chat/completions", SSE_TOKEN, (b"[DONE]",), b"\0", COMPLETION),
         "relay": Path_("relay", ports["relay"], "/relay", SSE_TOKEN, (b"[DONE]",), b"\0", COMPLETION),
@@ -448,21 +478,22 @@ async def bench_paths(ports: dict[str, int]) -> dict[str, Path_]:
     if status == 200:
         paths["v1"] = Path_("v1", ports["service"], "/v1/chat/completions", SSE_TOKEN, (b"[DONE]",),
                             b'data: {"error"', COMPLETION)  # fmt: skip
+    if "postgres" in ports:
+        paths["postgres"] = dataclasses.replace(paths["service"], name="postgres", port=ports["postgres"])
     return paths
 
 
-async def measure(
-    args: argparse.Namespace, ports: dict[str, int], pids: dict[str, int], database: Path
-) -> dict[str, Any]:
-    paths = await bench_paths(ports)
+async def measure(run: Run) -> dict[str, Any]:
+    args, ports, pids = run.args, run.ports, run.pids
+    paths = await bench_paths(run)
     services = [name for name in paths if name not in ("direct", "relay")]
-    pids |= {name: pids["service"] for name in services}
+    pids |= {name: pids["service"] for name in services if name not in pids}
     for name in paths:  # warm up each path
         await run_stream(paths[name])
-    idle_rss = rss_kib(pids["service"])
     report: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
         "workers": args.workers, "quick": args.quick, "ramp_s": args.ramp, "paths": list(paths),
+        "memory": {"rss_idle_kib": rss_kib(pids["service"])},
     }  # fmt: skip
     print("latency at concurrency 1 ...", flush=True)
     report["latency"] = await latency(paths, ports["mock"], args.rounds, args.latency_deltas)
@@ -471,27 +502,38 @@ async def measure(
         name: await cpu_per_token(paths[name], pids[name], ports["mock"], args.cpu_streams, args.deltas)
         for name in ("relay", *services)
     }
-    print("memory per open stream ...", flush=True)
-    report["memory"] = {"rss_idle_kib": idle_rss}
+    print("memory per open stream, each path in a fresh process ...", flush=True)
     for name in services:
-        held = await memory_per_stream(paths[name], pids[name], ports["mock"], *args.memory)
-        points = [(row["streams"], row["rss_kib"]) for row in held]
-        report["memory"][name] = {"held_streams": held, "rss_kib_per_stream": round(slope(points), 1)}
+        report["memory"][name] = await fresh_memory(run, paths[name])
     print("conversation length ...", flush=True)
     direct_ttft = report["latency"]["direct"]["ttft_p50_ms"] / 1000
     report["conversation"] = await conversation_length(paths["service"], ports["mock"], args.turns, direct_ttft)
-    # Last: a thousand streams leave the process with a high RSS mark and a full connection pool.
+    # Last: hundreds of streams leave the processes with a high RSS mark and full connection pools.
     print(f"concurrency sweep (start-up spread over {args.ramp} s) ...", flush=True)
     report["sweep"] = await sweep(paths, pids, ports["mock"], args.levels, args.deltas, args.ramp)
     report["sustained_streams"] = {
         name: max((row["streams"] for row in report["sweep"] if sustained(row[name])), default=0)
         for name in ("relay", *services)
     }
+    database = run.scratch / f"bench-{ports['service']}.db"
     with sqlite3.connect(database) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         turns = db.execute('SELECT count(*) FROM messages WHERE body LIKE \'{"role":"user"%\'').fetchone()[0]
     report["memory"]["db_bytes_per_turn"] = round(database.stat().st_size / max(turns, 1))
     return report
+
+
+async def fresh_memory(run: Run, path: Path_) -> dict[str, Any]:
+    """RSS per held-open stream in a process of its own: memory a process once held and freed
+    would hide the growth of the path measured after it."""
+    port = free_port()
+    with run.service(port, run.database_url if path.name == "postgres" else None) as process:
+        fresh = dataclasses.replace(path, port=port)
+        await configure(run.ports["mock"], 2, 0)
+        await run_stream(fresh)
+        held = await memory_per_stream(fresh, process.pid, run.ports["mock"], *run.args.memory)
+    points = [(row["streams"], row["rss_kib"]) for row in held]
+    return {"held_streams": held, "rss_kib_per_stream": round(slope(points), 1)}
 
 
 def sustained(figures: dict[str, Any]) -> bool:
@@ -570,7 +612,38 @@ def print_sweep(report: dict[str, Any], names: list[str]) -> None:
         print(f"| {row['streams']} | {' | '.join(cells)} | {round(row['service']['rss_peak_kib'] / 1024, 1)} |")
 
 
-TITLES = {"relay": "bare relay", "service": "/api/chat/stream", "v1": "/v1/chat/completions"}
+TITLES = {
+    "relay": "bare relay", "service": "/api/chat/stream", "v1": "/v1/chat/completions",
+    "postgres": "/api/chat/stream on PostgreSQL",
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str | None]:
+    """A throwaway PostgreSQL cluster of Debian's binaries, run as the postgres user (initdb
+    refuses root), with fsync off; None, and a note, where PostgreSQL is not installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not found:
+        print("PostgreSQL is not installed (apt-get install postgresql): its path is not measured", flush=True)
+        yield None
+        return
+    directory, port = Path(tempfile.mkdtemp(prefix="bench-pg-")), free_port()  # not under scratch: mode 700
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(directory, "postgres", "postgres")
+
+    def pg(program: str, *options: str) -> None:
+        command = [*as_postgres, str(found[-1].parent / program), *options]
+        subprocess.run(command, cwd=directory, check=True, capture_output=True, timeout=60)
+
+    pg("initdb", "-D", "data", "-U", "postgres", "--auth=trust", "--no-sync")
+    settings = f"-c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c unix_socket_directories={directory}"
+    pg("pg_ctl", "-D", "data", "-l", "log", "-w", "-o", settings, "start")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        pg("pg_ctl", "-D", "data", "-w", "-m", "immediate", "stop")
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main() -> None:
@@ -581,37 +654,33 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results.json")
     parser.add_argument("--workers", type=int, help="WORKERS for the service and the relay (default: the server's)")
     parser.add_argument("--ramp", type=float, default=1.0, help="seconds over which a sweep level's streams start")
+    parser.add_argument("--levels", help="the sweep's levels, comma-separated (default: 1,10 quick, else to 500)")
     args = parser.parse_args()
     if args.role == "mock":
         asyncio.run(serve_mock(args.port))
         return
     args.rounds, args.latency_deltas, args.deltas, args.cpu_streams = (
-        (10, 8, 16, 20) if args.quick else (100, 16, 64, 300)
+        (6, 8, 16, 20) if args.quick else (100, 16, 64, 300)
     )
-    args.levels = [1, 10] if args.quick else [1, 10, 50, 100, 200, 500]
-    args.turns = 5 if args.quick else 100
-    args.memory = ([10, 20], 500) if args.quick else ([100, 200, 400], 4000)
-    ports = {name: free_port() for name in ("mock", "relay", "service")}
-    workers = {"WORKERS": str(args.workers)} if args.workers else {}
-    relay_workers = ["--workers", str(args.workers)] if args.workers and args.workers > 1 else []
-    with tempfile.TemporaryDirectory() as scratch:
-        database = Path(scratch) / "bench.db"
-        service_env = {
-            "API_KEY": "bench", "BASE_URL": f"http://127.0.0.1:{ports['mock']}/v1", "MODEL_NAME": "mock",
-            "DATABASE_PATH": str(database), "LOG_LEVEL": "WARNING", "MAX_RETRIES": "0", "HOST": "127.0.0.1",
-            "PORT": str(ports["service"]), **workers,
-        }  # fmt: skip
-        relay_env = {"RELAY_UPSTREAM": f"http://127.0.0.1:{ports['mock']}/v1/chat/completions"}
-        mock_command = [sys.executable, str(HERE / "bench.py"), "--role", "mock", "--port", str(ports["mock"])]
-        relay_command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(ports["relay"]), *QUIET,
-                         *relay_workers, "--factory", "bench:relay_app", "--app-dir", str(HERE)]  # fmt: skip
-        with (
-            started(mock_command, ports["mock"], {}, Path(scratch)),
-            started(relay_command, ports["relay"], relay_env, Path(scratch)) as relay,
-            started([sys.executable, str(HERE / "server.py")], ports["service"], service_env, Path(scratch)) as service,
-        ):
-            pids = {"relay": relay.pid, "service": service.pid}
-            report = asyncio.run(measure(args, ports, pids, database))
+    default_levels = [1, 10] if args.quick else [1, 10, 50, 100, 200, 500]
+    args.levels = [int(n) for n in args.levels.split(",")] if args.levels else default_levels
+    args.turns = 3 if args.quick else 100
+    args.memory = ([10, 20], 300) if args.quick else ([100, 200, 400], 4000)
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
+        database_url = stack.enter_context(postgres_cluster())
+        names = ["mock", "relay", "service", *(["postgres"] if database_url else [])]
+        run = Run(args, Path(scratch), {name: free_port() for name in names}, database_url)
+        relay_workers = ["--workers", str(args.workers)] if args.workers and args.workers > 1 else []
+        relay_env = {"RELAY_UPSTREAM": f"http://127.0.0.1:{run.ports['mock']}/v1/chat/completions"}
+        mock_command = [sys.executable, str(HERE / "bench.py"), "--role", "mock", "--port", str(run.ports["mock"])]
+        relay_command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(run.ports["relay"]),
+                         *QUIET, *relay_workers, "--factory", "bench:relay_app", "--app-dir", str(HERE)]  # fmt: skip
+        stack.enter_context(started(mock_command, run.ports["mock"], {}, run.scratch))
+        run.pids["relay"] = stack.enter_context(started(relay_command, run.ports["relay"], relay_env, run.scratch)).pid
+        run.pids["service"] = stack.enter_context(run.service(run.ports["service"])).pid
+        if database_url:
+            run.pids["postgres"] = stack.enter_context(run.service(run.ports["postgres"], database_url)).pid
+        report = asyncio.run(measure(run))
     print_table(report)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.out}")

@@ -2008,6 +2008,7 @@ def test_python_server_py_runs_workers_processes_and_the_busy_rule_holds_across_
     upstream.reset(Reply(content="a b c d", fault="hang"))
     with service_process(process_env(settings_for, WORKERS="2"), tmp_path, "server.py") as (process, url):
         assert len(child_processes(process.pid)) == 2
+        assert "pydantic_core" not in Path(f"/proc/{process.pid}/maps").read_text()  # nor the app: 85 MiB less
         body = {"message": "x", "conversation_id": "shared"}
         with held_stream(url, body, upstream):
             statuses = {httpx.post(url + "/api/chat", json=body, timeout=10).status_code for _ in range(10)}
