@@ -3308,6 +3308,8 @@ MARKDOWN = [
     ("| a | b |\n|---|---|\n| 1 | `2` |",
      "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td><code>2</code></td></tr></tbody></table>"),
     ("\\*not italic\\*", "<p>*not italic*</p>"),
+    ("a *b *c and **d", "<p>a *b *c and **d</p>"),
+    ("text\n---\nmore", "<p>text</p><hr><p>more</p>"),
 ]  # fmt: skip
 
 
