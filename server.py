@@ -37,6 +37,7 @@ import sqlite3
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -2205,7 +2206,9 @@ def v1_image(part: dict[str, Any], index: int) -> Image:
     if not re.fullmatch(r"data:image/[\w.+-]+;base64", head):
         raise invalid(f"messages[{index}] has an image that is not a base64 data: URI (the server fetches no URL).")
     try:
-        return Image.from_base64(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # PIL only warns of a decompression bomb up to 178M pixels
+            return Image.from_base64(data)
     except Exception:  # PIL fails on a broken file with many kinds of error
         raise invalid(f"messages[{index}] has an image that cannot be read.") from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -19,12 +20,14 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -2772,6 +2775,24 @@ def test_v1_an_image_for_a_model_without_vision_is_refused_naming_the_setting(
     with TestClient(server.create_app(settings_for(MODEL_VISION="false"))) as client:
         response = client.post("/v1/chat/completions", json={"messages": [image_message(PIXEL)]})
     assert response.status_code == 400 and "MODEL_VISION" in response.json()["error"]["message"]
+    assert upstream.requests == []
+
+
+def png(width: int, height: int, rows: bytes) -> str:
+    """A 1-bit greyscale PNG as a data: URI."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    body = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return "data:image/png;base64," + base64.b64encode(body).decode()
+
+
+def test_v1_a_decompression_bomb_is_refused_before_it_is_decoded(client: TestClient, upstream: FakeModelAPI) -> None:
+    bomb = png(10_000, 10_000, bytes(10_000 * 1_251))  # 100M pixels in about 12 KB: 300 MB once decoded to RGB
+    response = client.post("/v1/chat/completions", json={"messages": [image_message(bomb)]})
+    assert response.status_code == 400 and "cannot be read" in response.json()["error"]["message"]
     assert upstream.requests == []
 
 
