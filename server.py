@@ -636,69 +636,87 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-def in_thread(method: Callable[Concatenate[SQLiteStore, P], T]) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
-    """Run a SQLiteStore method on the store's own thread: a locked file waits busy_timeout
-    inside sqlite3, which must not stall the event loop."""
+def off_the_loop_if_locked(
+    method: Callable[Concatenate[SQLiteStore, sqlite3.Connection, P], T],
+) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
+    """Run a SQLiteStore method at once on a connection that never waits, or, when that
+    finds the file locked, on the store's own thread, whose connection waits busy_timeout
+    there: a lock held by another process must not stall the event loop. A call that
+    failed changed nothing (one statement, or a rolled-back transaction): it can run again."""
 
     @functools.wraps(method)
     async def call(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
-        work = functools.partial(method, self, *args, **kwargs)
+        if not self.queued:  # else after the queued calls, in order
+            with suppress(sqlite3.OperationalError):
+                return method(self, self._connection(self.quick), *args, **kwargs)
+        self.queued += 1
         try:
+            work = functools.partial(method, self, self._connection(self.db), *args, **kwargs)
             return await asyncio.get_running_loop().run_in_executor(self.thread, work)
         except sqlite3.OperationalError as exc:
             raise DatabaseUnavailable(f"SQLite: {exc}") from None
+        finally:
+            self.queued -= 1
 
     return call
 
 
 class SQLiteStore:
-    """Conversations in one SQLite file (WAL, synchronous=NORMAL). One thread owns the
-    connection and runs every call in turn, so calls never overlap and never block the loop."""
+    """Conversations in one SQLite file (WAL, synchronous=NORMAL). A call runs at once on the
+    event loop (a few microseconds, cheaper than any hop to a thread) unless the file is
+    locked: then it waits on the store's one thread, which runs such calls in turn."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-        self.db: sqlite3.Connection | None = None
+        self.queued = 0
+        self.db: sqlite3.Connection | None = None  # the thread's
+        self.quick: sqlite3.Connection | None = None  # the loop's, busy_timeout=0
 
     async def open(self) -> None:
         try:
-            await self._connect()
-        except (sqlite3.Error, DatabaseUnavailable) as exc:
-            self.thread.shutdown()
+            self.db = self._connect(SQLITE_BUSY_TIMEOUT_MS)
+            self.db.executescript(SQLITE_SCHEMA)
+            self.quick = self._connect(0)
+        except sqlite3.Error as exc:
+            await self.close()
             raise SettingsError(f"DATABASE_PATH={self.path!r} cannot be opened or written: {exc}") from None
 
-    @in_thread
-    def _connect(self) -> None:
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        self.db.executescript(SQLITE_SCHEMA)
+    def _connect(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
 
     async def close(self) -> None:
-        if self.db is not None:
-            await asyncio.get_running_loop().run_in_executor(self.thread, self.db.close)
+        for db in (self.quick, self.db):
+            if db is not None:
+                await asyncio.get_running_loop().run_in_executor(self.thread, db.close)
         self.thread.shutdown()
 
-    @in_thread
-    def ping(self) -> bool:
+    async def ping(self) -> bool:
         try:
-            self._db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
-        except sqlite3.Error:
+            await self._select_one()
+        except (sqlite3.Error, DatabaseUnavailable):
             return False
         return True
 
-    @property
-    def _db(self) -> sqlite3.Connection:
-        if self.db is None:
-            raise sqlite3.OperationalError("the store is not open")
-        return self.db
+    @off_the_loop_if_locked
+    def _select_one(self, db: sqlite3.Connection) -> None:
+        db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
 
-    @in_thread
-    def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+    @staticmethod
+    def _connection(db: sqlite3.Connection | None) -> sqlite3.Connection:
+        if db is None:
+            raise sqlite3.OperationalError("the store is not open")
+        return db
+
+    @off_the_loop_if_locked
+    def acquire_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str, seconds: float) -> bool:
         now = time.time()
-        cursor = self._db.execute(
+        cursor = db.execute(
             "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE"
             " SET owner = excluded.owner, expires_at = excluded.expires_at"
             " WHERE leases.expires_at < ?",
@@ -706,29 +724,34 @@ class SQLiteStore:
         )
         return cursor.rowcount == 1
 
-    @in_thread
-    def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
-        cursor = self._db.execute(
+    @off_the_loop_if_locked
+    def renew_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str, seconds: float) -> bool:
+        cursor = db.execute(
             "UPDATE leases SET expires_at = ? WHERE conversation_id = ? AND owner = ?",
             (time.time() + seconds, conversation_id, owner),
         )
         return cursor.rowcount == 1
 
-    @in_thread
-    def release_lease(self, conversation_id: str, owner: str) -> None:
-        self._db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
+    @off_the_loop_if_locked
+    def release_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str) -> None:
+        db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
 
-    @in_thread
-    def load_state(self, conversation_id: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    @off_the_loop_if_locked
+    def load_state(self, db: sqlite3.Connection, conversation_id: str) -> dict[str, Any] | None:
+        row = db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    @in_thread
+    @off_the_loop_if_locked
     def save_turn(
-        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+        self,
+        db: sqlite3.Connection,
+        conversation_id: str,
+        state: Mapping[str, Any],
+        messages: list[dict[str, Any]],
+        lease: str,
     ) -> None:
         now = utc_now()
-        with self._transaction() as db:
+        with self._transaction(db):
             released = db.execute(
                 "DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, lease)
             )
@@ -748,41 +771,42 @@ class SQLiteStore:
                 [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
             )
 
+    @staticmethod
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
-    @in_thread
-    def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        rows = self._db.execute(
+    @off_the_loop_if_locked
+    def list_conversations(self, db: sqlite3.Connection, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        rows = db.execute(
             "SELECT id, title, message_count, created_at, updated_at FROM conversations"
             " ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
-        total = self._db.execute("SELECT count(*) FROM conversations").fetchone()[0]
+        total = db.execute("SELECT count(*) FROM conversations").fetchone()[0]
         return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
 
-    @in_thread
-    def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
-        row = self._db.execute(
+    @off_the_loop_if_locked
+    def get_conversation(self, db: sqlite3.Connection, conversation_id: str) -> dict[str, Any] | None:
+        row = db.execute(
             "SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?", (conversation_id,)
         ).fetchone()
         if row is None:
             return None
-        bodies = self._db.execute(
+        bodies = db.execute(
             "SELECT body FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
         ).fetchall()
         return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
 
-    @in_thread
-    def delete_conversation(self, conversation_id: str) -> bool:
-        cursor = self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+    @off_the_loop_if_locked
+    def delete_conversation(self, db: sqlite3.Connection, conversation_id: str) -> bool:
+        cursor = db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return cursor.rowcount > 0
 
 

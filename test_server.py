@@ -2342,7 +2342,9 @@ def test_an_unreachable_postgresql_stops_start_up_with_one_line_and_no_password(
 
 
 def test_health_is_degraded_when_the_database_stops_answering(client: TestClient) -> None:
-    client.app.state.ctx.store.db.close()  # type: ignore[attr-defined]
+    store = client.app.state.ctx.store  # type: ignore[attr-defined]
+    store.db.close()
+    store.quick.close()
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "degraded" and response.json()["database"] is False
@@ -2366,21 +2368,23 @@ def sqlite_write_lock(path: str) -> Iterator[None]:
 
 
 def test_a_locked_sqlite_file_never_stalls_the_event_loop(
-    service: ServerThread, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
+    monkeypatch: pytest.MonkeyPatch, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
 ) -> None:
-    # The save waits out busy_timeout (5 s) inside sqlite3. On the event loop, GET / would
-    # answer only after the save gave up; off the loop it answers at once, the lock goes,
-    # and the waiting save goes through.
+    # The save waits for the lock for up to busy_timeout inside sqlite3. On the event loop
+    # GET / could not answer (within its 10 s) until the save gave up; off the loop it
+    # answers at once, the lock goes, and the waiting save goes through.
+    monkeypatch.setattr(server, "SQLITE_BUSY_TIMEOUT_MS", 60_000)
     upstream.reset(Reply(content="a b c d", fault="stall"))
-    with held_stream(service.url, {"message": "x", "conversation_id": "locked"}, upstream) as (seen, rest):
-        with sqlite_write_lock(settings_for().database_path):
-            upstream.end_hang()
-            for text in rest:
-                seen += text
-                if "event: message" in seen:  # the save comes next
-                    break
-            index = httpx.get(service.url + "/", timeout=10)
-        seen += "".join(rest)
+    with ServerThread(server.create_app(settings_for())) as service:
+        with held_stream(service.url, {"message": "x", "conversation_id": "locked"}, upstream) as (seen, rest):
+            with sqlite_write_lock(settings_for().database_path):
+                upstream.end_hang()
+                for text in rest:
+                    seen += text
+                    if "event: message" in seen:  # the save comes next
+                        break
+                index = httpx.get(service.url + "/", timeout=10)
+            seen += "".join(rest)
     assert index.status_code == 200
     assert names(parse_sse(seen))[-1] == "done"
 
