@@ -1392,7 +1392,8 @@ def test_every_response_the_document_lists_is_given_and_validates(
         service.app_ctx.shutting_down = True
         given += turn_requests(http)
         # Every SQLite statement is interrupted from now on, as on a failing disk.
-        service.app_ctx.store.db.set_progress_handler(lambda: 1, 1)
+        for connection in (service.app_ctx.store.db, service.app_ctx.store.quick):
+            connection.set_progress_handler(lambda: 1, 1)
         given += [http.get("/health"), http.get("/api/conversations"), http.get("/api/conversations/c")]
         given.append(http.delete("/api/conversations/c"))
     monkeypatch.undo()
