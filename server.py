@@ -38,6 +38,7 @@ import sqlite3
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -636,69 +637,87 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-def in_thread(method: Callable[Concatenate[SQLiteStore, P], T]) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
-    """Run a SQLiteStore method on the store's own thread: a locked file waits busy_timeout
-    inside sqlite3, which must not stall the event loop."""
+def off_the_loop_if_locked(
+    method: Callable[Concatenate[SQLiteStore, sqlite3.Connection, P], T],
+) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
+    """Run a SQLiteStore method at once on a connection that never waits, or, when that
+    finds the file locked, on the store's own thread, whose connection waits busy_timeout
+    there: a lock held by another process must not stall the event loop. A call that
+    failed changed nothing (one statement, or a rolled-back transaction): it can run again."""
 
     @functools.wraps(method)
     async def call(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
-        work = functools.partial(method, self, *args, **kwargs)
+        if not self.queued:  # else after the queued calls, in order
+            with suppress(sqlite3.OperationalError):
+                return method(self, self._connection(self.quick), *args, **kwargs)
+        self.queued += 1
         try:
+            work = functools.partial(method, self, self._connection(self.db), *args, **kwargs)
             return await asyncio.get_running_loop().run_in_executor(self.thread, work)
         except sqlite3.OperationalError as exc:
             raise DatabaseUnavailable(f"SQLite: {exc}") from None
+        finally:
+            self.queued -= 1
 
     return call
 
 
 class SQLiteStore:
-    """Conversations in one SQLite file (WAL, synchronous=NORMAL). One thread owns the
-    connection and runs every call in turn, so calls never overlap and never block the loop."""
+    """Conversations in one SQLite file (WAL, synchronous=NORMAL). A call runs at once on the
+    event loop (a few microseconds, cheaper than any hop to a thread) unless the file is
+    locked: then it waits on the store's one thread, which runs such calls in turn."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-        self.db: sqlite3.Connection | None = None
+        self.queued = 0
+        self.db: sqlite3.Connection | None = None  # the thread's
+        self.quick: sqlite3.Connection | None = None  # the loop's, busy_timeout=0
 
     async def open(self) -> None:
         try:
-            await self._connect()
-        except (sqlite3.Error, DatabaseUnavailable) as exc:
-            self.thread.shutdown()
+            self.db = self._connect(SQLITE_BUSY_TIMEOUT_MS)
+            self.db.executescript(SQLITE_SCHEMA)
+            self.quick = self._connect(0)
+        except sqlite3.Error as exc:
+            await self.close()
             raise SettingsError(f"DATABASE_PATH={self.path!r} cannot be opened or written: {exc}") from None
 
-    @in_thread
-    def _connect(self) -> None:
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        self.db.executescript(SQLITE_SCHEMA)
+    def _connect(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
 
     async def close(self) -> None:
-        if self.db is not None:
-            await asyncio.get_running_loop().run_in_executor(self.thread, self.db.close)
+        for db in (self.quick, self.db):
+            if db is not None:
+                await asyncio.get_running_loop().run_in_executor(self.thread, db.close)
         self.thread.shutdown()
 
-    @in_thread
-    def ping(self) -> bool:
+    async def ping(self) -> bool:
         try:
-            self._db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
-        except sqlite3.Error:
+            await self._select_one()
+        except (sqlite3.Error, DatabaseUnavailable):
             return False
         return True
 
-    @property
-    def _db(self) -> sqlite3.Connection:
-        if self.db is None:
-            raise sqlite3.OperationalError("the store is not open")
-        return self.db
+    @off_the_loop_if_locked
+    def _select_one(self, db: sqlite3.Connection) -> None:
+        db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
 
-    @in_thread
-    def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+    @staticmethod
+    def _connection(db: sqlite3.Connection | None) -> sqlite3.Connection:
+        if db is None:
+            raise sqlite3.OperationalError("the store is not open")
+        return db
+
+    @off_the_loop_if_locked
+    def acquire_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str, seconds: float) -> bool:
         now = time.time()
-        cursor = self._db.execute(
+        cursor = db.execute(
             "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE"
             " SET owner = excluded.owner, expires_at = excluded.expires_at"
             " WHERE leases.expires_at < ?",
@@ -706,29 +725,34 @@ class SQLiteStore:
         )
         return cursor.rowcount == 1
 
-    @in_thread
-    def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
-        cursor = self._db.execute(
+    @off_the_loop_if_locked
+    def renew_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str, seconds: float) -> bool:
+        cursor = db.execute(
             "UPDATE leases SET expires_at = ? WHERE conversation_id = ? AND owner = ?",
             (time.time() + seconds, conversation_id, owner),
         )
         return cursor.rowcount == 1
 
-    @in_thread
-    def release_lease(self, conversation_id: str, owner: str) -> None:
-        self._db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
+    @off_the_loop_if_locked
+    def release_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str) -> None:
+        db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
 
-    @in_thread
-    def load_state(self, conversation_id: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    @off_the_loop_if_locked
+    def load_state(self, db: sqlite3.Connection, conversation_id: str) -> dict[str, Any] | None:
+        row = db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    @in_thread
+    @off_the_loop_if_locked
     def save_turn(
-        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+        self,
+        db: sqlite3.Connection,
+        conversation_id: str,
+        state: Mapping[str, Any],
+        messages: list[dict[str, Any]],
+        lease: str,
     ) -> None:
         now = utc_now()
-        with self._transaction() as db:
+        with self._transaction(db):
             released = db.execute(
                 "DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, lease)
             )
@@ -748,41 +772,42 @@ class SQLiteStore:
                 [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
             )
 
+    @staticmethod
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
-    @in_thread
-    def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        rows = self._db.execute(
+    @off_the_loop_if_locked
+    def list_conversations(self, db: sqlite3.Connection, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        rows = db.execute(
             "SELECT id, title, message_count, created_at, updated_at FROM conversations"
             " ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
-        total = self._db.execute("SELECT count(*) FROM conversations").fetchone()[0]
+        total = db.execute("SELECT count(*) FROM conversations").fetchone()[0]
         return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
 
-    @in_thread
-    def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
-        row = self._db.execute(
+    @off_the_loop_if_locked
+    def get_conversation(self, db: sqlite3.Connection, conversation_id: str) -> dict[str, Any] | None:
+        row = db.execute(
             "SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?", (conversation_id,)
         ).fetchone()
         if row is None:
             return None
-        bodies = self._db.execute(
+        bodies = db.execute(
             "SELECT body FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
         ).fetchall()
         return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
 
-    @in_thread
-    def delete_conversation(self, conversation_id: str) -> bool:
-        cursor = self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+    @off_the_loop_if_locked
+    def delete_conversation(self, db: sqlite3.Connection, conversation_id: str) -> bool:
+        cursor = db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return cursor.rowcount > 0
 
 
@@ -1672,22 +1697,33 @@ def origin_allowed(request: Request) -> bool:
     return origin in context(request).settings.cors_origins or urlsplit(origin).netloc == request.headers.get("host")
 
 
+CHAT_REQUEST_FIELDS = {"message", "conversation_id"}
+
+
 def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
     """(message, conversation_id) from a chat body; a new id when none is given."""
     if not isinstance(data, dict):
         raise ApiError("validation_error", 'The body must be a JSON object: {"message": "..."}.')
-    message = data.get("message")
-    if not isinstance(message, str) or not message.strip():
-        raise ApiError("validation_error", "'message' must be a non-empty string.")
-    if len(message) > settings.max_message_chars:
-        limit = settings.max_message_chars
-        raise ApiError("payload_too_large", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
-    if LONE_SURROGATE.search(message):
-        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff): it is not text.")
+    unknown = sorted(set(data) - CHAT_REQUEST_FIELDS)
+    if unknown:  # a misspelt conversation_id would otherwise start a new conversation
+        raise ApiError(
+            "validation_error", f"Unknown field(s) {unknown}; a chat body has {sorted(CHAT_REQUEST_FIELDS)}."
+        )
+    message = check_message(data.get("message"), settings.max_message_chars)
     conversation_id = data.get("conversation_id")
     if conversation_id is None:
         return message, str(uuid.uuid4())
     return message, check_conversation_id(conversation_id)
+
+
+def check_message(value: Any, limit: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError("validation_error", "'message' must be a string with more than white space.")
+    if len(value) > limit:
+        raise ApiError("validation_error", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
+    if LONE_SURROGATE.search(value):
+        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff): it is not text.")
+    return value
 
 
 def check_conversation_id(value: Any) -> str:
@@ -2107,10 +2143,11 @@ def parse_v1_request(data: Any, conversation_header: str | None, settings: Setti
     if not isinstance(data, dict):
         raise invalid("The body must be a JSON object with 'messages'.")
     message, history = v1_conversation(data.get("messages"), settings)
-    conversation_id = conversation_header or data.get("conversation_id")
-    if conversation_id is not None and not isinstance(message, str):
+    # The header wins; a body's conversation_id must be valid all the same.
+    named = [check_conversation_id(v) for v in (conversation_header, data.get("conversation_id")) if v is not None]
+    if named and not isinstance(message, str):
         raise invalid("Images are read only without a conversation id: a stored conversation keeps text.")
-    options = data.get("stream_options") or {}
+    options = {} if data.get("stream_options") is None else data["stream_options"]
     if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
         raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
     if not _optional(str, data.get("model")):
@@ -2118,7 +2155,7 @@ def parse_v1_request(data: Any, conversation_header: str | None, settings: Setti
     return V1Request(
         message=message,
         history=history,
-        conversation_id=None if conversation_id is None else check_conversation_id(conversation_id),
+        conversation_id=named[0] if named else None,
         stream=data.get("stream") is True,
         include_usage=options.get("include_usage") is True,
         sampling=v1_sampling(data),
@@ -2132,9 +2169,9 @@ def v1_conversation(messages: Any, settings: Settings) -> tuple[Content, list[LL
         raise invalid("'messages' must be a non-empty list.")
     vision = bool(settings.model_info["vision"])
     parsed = [v1_message(message, index, vision) for index, message in enumerate(messages)]
-    last = max((index for index, (role, _) in enumerate(parsed) if role == "user"), default=None)
+    last = max((i for i, (role, content) in enumerate(parsed) if role == "user" and has_content(content)), default=None)
     if last is None:
-        raise invalid("'messages' has no user message.")
+        raise invalid("'messages' has no user message with text or an image.")
     return v1_turn_message(parsed[last][1], settings), v1_history(parsed, last)
 
 
@@ -2164,6 +2201,7 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
     parts: list[str | Image] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind if isinstance(kind, str) else None  # a list or an object names no kind (and is unhashable)
         if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
             parts.append(part["text"])
         elif kind in V1_IMAGE_PARTS and no_images is None:
@@ -2178,22 +2216,27 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
 
 def v1_image(part: dict[str, Any], index: int) -> Image:
     url = part.get("image_url")
-    head, _, data = (url.get("url") if isinstance(url, dict) else url or "").partition(",")
+    url = url.get("url") if isinstance(url, dict) else url
+    head, _, data = url.partition(",") if isinstance(url, str) else ("", "", "")
     if not re.fullmatch(r"data:image/[\w.+-]+;base64", head):
         raise invalid(f"messages[{index}] has an image that is not a base64 data: URI (the server fetches no URL).")
     try:
-        return Image.from_base64(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # PIL only warns of a decompression bomb up to 178M pixels
+            return Image.from_base64(data)
     except Exception:  # PIL fails on a broken file with many kinds of error
         raise invalid(f"messages[{index}] has an image that cannot be read.") from None
 
 
+def has_content(content: Content) -> bool:
+    """Text that is not only white space, or an image."""
+    return not isinstance(content, str) or bool(content.strip())
+
+
 def v1_turn_message(content: Content, settings: Settings) -> Content:
     text = content if isinstance(content, str) else "\n".join(p for p in content if isinstance(p, str))
-    if isinstance(content, str) and not content.strip():
-        raise invalid("The last user message has no text.")
     if len(text) > settings.max_message_chars:
-        limit = settings.max_message_chars
-        raise ApiError("payload_too_large", f"The last user message is longer than MAX_MESSAGE_CHARS ({limit}).")
+        raise invalid(f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).")
     return content
 
 
@@ -2203,7 +2246,7 @@ def v1_history(parsed: list[tuple[str, Content]], last: int) -> list[LLMMessage]
     runs its own tools. Only user messages hold images."""
     history: list[LLMMessage] = [SystemMessage(content=text) for role, text in parsed if role == "system" and text]
     for role, content in parsed[:last]:
-        if role == "user" and (not isinstance(content, str) or content.strip()):
+        if role == "user" and has_content(content):
             history.append(UserMessage(content=content, source="user"))
         elif role == "assistant" and (answer := without_facade_marks(str(content))):
             history.append(AssistantMessage(content=answer, source="assistant"))
@@ -2223,13 +2266,13 @@ def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
             if not _is_number(value) or not low <= value <= high:
                 raise invalid(f"'{name}' must be a number from {low} to {high}.")
             sampling[name] = value
-    # Sent as max_tokens, the name DeepSeek and local servers read.
-    tokens = next((data[k] for k in ("max_completion_tokens", "max_tokens") if data.get(k) is not None), None)
-    for name, value, low in (("max_tokens", tokens, 1), ("seed", data.get("seed"), -(2**63))):
+    # max_completion_tokens wins, sent as max_tokens: the name DeepSeek and local servers read.
+    for name, low in (("max_tokens", 1), ("max_completion_tokens", 1), ("seed", -(2**63))):
+        value = data.get(name)
         if value is not None:
             if not _is_number(value) or value != int(value) or value < low:
                 raise invalid(f"'{name}' must be a whole number of at least {low}.")
-            sampling[name] = int(value)
+            sampling["max_tokens" if name == "max_completion_tokens" else name] = int(value)
     stop = data.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None:
@@ -2420,8 +2463,13 @@ SECURED_PREFIXES = ("/api/", "/v1/")  # where the routes have middleware=SECURED
 
 
 def openapi_document(settings: Settings) -> bytes:
-    """openapi.json as served: with SERVER_API_KEY set, its /api and /v1 operations need the bearer key."""
+    """openapi.json as served: the message limit of the settings, image parts only with MODEL_VISION
+    and, with SERVER_API_KEY set, the bearer key on the /api and /v1 operations."""
     document = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    schemas = document["components"]["schemas"]
+    schemas["ChatRequest"]["properties"]["message"]["maxLength"] = settings.max_message_chars
+    if not settings.model_info["vision"]:
+        schemas["V1UserPart"] = {"$ref": "#/components/schemas/V1TextPart"}
     if settings.server_api_key:
         for path, item in document["paths"].items():
             if path.startswith(SECURED_PREFIXES):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -20,12 +22,14 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ import openai
 import psycopg
 import pytest
 import uvicorn
+from jsonschema import Draft202012Validator  # openapi-spec-validator's own dependency
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from playwright.sync_api import Page, Playwright, expect, sync_playwright
 from playwright.sync_api import Route as BrowserRoute
@@ -487,6 +492,81 @@ def stream(url: str, body: dict[str, Any], **kwargs: Any) -> tuple[httpx.Respons
 
 def names(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return [name for name, _ in events]
+
+
+# ---------------------------------------------------------------------------
+# openapi.json as a test oracle
+# ---------------------------------------------------------------------------
+
+OPENAPI = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
+
+
+def schema_validator(schema: dict[str, Any]) -> Draft202012Validator:
+    """A validator for a schema of openapi.json, its $refs resolved within the document."""
+    root = {**schema, "components": OPENAPI["components"]}
+    return Draft202012Validator(root, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def resolve(item: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in item:
+        item = functools.reduce(lambda node, key: node[key], item["$ref"][2:].split("/"), OPENAPI)
+    return item
+
+
+def template_of(method: str, path: str) -> str | None:
+    """The documented path a request path falls under, if the method is documented there."""
+    for template, item in OPENAPI["paths"].items():
+        pattern = re.sub(r"\{\w+\}", "[^/]+", template.replace("{path}", ".+"))  # Starlette's {path:path}
+        if method.lower() in item and re.fullmatch(pattern, path):
+            return template
+    return None
+
+
+def sse_events(text: str) -> list[dict[str, str]]:
+    """Events as an SSE client parses them (comments skipped, one event per blank line)."""
+    events, event = [], {}
+    for line in text.split("\n"):
+        if not line:
+            if "data" in event:
+                events.append({"event": "message", **event})
+            event = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            event[field] = value.removeprefix(" ")
+    return events
+
+
+def assert_event_documented(event: dict[str, str], schema: dict[str, Any] | None = None) -> None:
+    """One parsed event against a stream's event schema (by default /api's), and its data against
+    the contentSchema of the branch it falls under (validators take contentSchema as a note)."""
+    schema = schema or OPENAPI["components"]["schemas"]["ChatEvent"]
+    schema_validator(schema).validate(event)
+    [branch] = [branch for branch in schema["oneOf"] if schema_validator(branch).is_valid(event)]
+    if "contentSchema" in branch["properties"]["data"]:
+        schema_validator(branch["properties"]["data"]["contentSchema"]).validate(json.loads(event["data"]))
+
+
+def assert_documented(response: httpx.Response) -> None:
+    """The status is listed for the operation and the body validates against what it lists; an
+    unknown path or method gets the shared error shape."""
+    template = template_of(response.request.method, response.request.url.path)
+    if template is None:
+        schema_validator(OPENAPI["components"]["schemas"]["Error"]).validate(response.json())
+        return
+    responses = responses_of(response.request.method.lower(), template)
+    assert str(response.status_code) in responses, f"{response.request.url} gave {response.status_code}"
+    documented = resolve(responses[str(response.status_code)])
+    for name, header in documented.get("headers", {}).items():
+        if name in response.headers:
+            schema_validator(header["schema"]).validate(response.headers[name])
+    media_type = response.headers.get("content-type", "").split(";")[0]
+    content = set(documented.get("content", {}))
+    assert bool(content & {media_type, "*/*"}) if response.content else not content, (content, media_type)
+    if media_type == "text/event-stream":
+        for event in sse_events(response.text):
+            assert_event_documented(event, resolve(documented["content"][media_type]["schema"]))
+    elif media_type == "application/json":
+        schema_validator(documented["content"][media_type]["schema"]).validate(response.json())
 
 
 @contextlib.contextmanager
@@ -1208,16 +1288,156 @@ def test_openapi_document_describes_exactly_the_routes_of_the_app(client: TestCl
         assert f"| {event} |" in stream_doc
 
 
-def test_openapi_json_is_a_valid_openapi_3_1_document() -> None:
-    document = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
-    OpenAPIV31SpecValidator(document).validate()
-    assert document["info"]["version"] == server.__version__
+def test_openapi_json_is_a_valid_openapi_3_1_document_formatted_with_two_spaces() -> None:
+    text = (HERE / "openapi.json").read_text(encoding="utf-8")
+    OpenAPIV31SpecValidator(OPENAPI).validate()
+    assert text == json.dumps(OPENAPI, indent=2, ensure_ascii=False) + "\n", "format: json.dumps(indent=2)"
+    assert OPENAPI["info"]["version"] == server.__version__
 
 
-def test_every_error_code_in_the_document_is_one_the_server_has(client: TestClient) -> None:
-    schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    for face in ("Error", "V1Error"):  # /api and /v1
-        assert set(schemas[face]["properties"]["error"]["properties"]["code"]["enum"]) == set(server.ERRORS), face
+def test_the_documents_error_codes_are_the_servers_each_under_its_status() -> None:
+    schemas = OPENAPI["components"]["schemas"]
+    assert schemas["ErrorDetail"]["properties"]["code"]["enum"] == list(server.ERRORS)
+    listed = set(schemas["ErrorEventData"]["allOf"][1]["properties"]["code"]["enum"])
+    for path, item in OPENAPI["paths"].items():
+        face_status = server.V1_STATUS if path.startswith("/v1/") else {}
+        for operation in item.values():
+            for status, response in operation["responses"].items():
+                codes = error_codes(response)
+                assert all(
+                    face_status.get(server.ERRORS[code][0], server.ERRORS[code][0]) == int(status) for code in codes
+                )
+                listed.update(codes)
+    # Any unknown path is 404 not_found and any other method 405 method_not_allowed, as the info says.
+    assert listed | {"not_found", "method_not_allowed"} == set(server.ERRORS)
+
+
+def error_codes(response: dict[str, Any]) -> list[str]:
+    """The codes an error response narrows the shared Error schema to; [] for any other response."""
+    schema = resolve(response).get("content", {}).get("application/json", {}).get("schema", {})
+    if "allOf" not in schema:
+        return []
+    assert schema["allOf"][0]["$ref"] in {"#/components/schemas/Error", "#/components/schemas/V1Error"}
+    return schema["allOf"][1]["properties"]["error"]["properties"]["code"]["enum"]
+
+
+def test_the_documented_message_pattern_refuses_exactly_the_characters_the_server_calls_blank() -> None:
+    pattern = re.compile(OPENAPI["components"]["schemas"]["ChatRequest"]["properties"]["message"]["pattern"])
+    for code in range(sys.maxunicode + 1):
+        character = chr(code)
+        assert bool(pattern.search(character)) == bool(character.strip()), hex(code)
+
+
+@pytest.mark.parametrize("vision", ["true", "false"])
+def test_the_served_document_states_the_message_limit_and_image_parts_of_the_settings(
+    settings_for: Callable[..., server.Settings], vision: str
+) -> None:
+    with TestClient(server.create_app(settings_for(MAX_MESSAGE_CHARS="100", MODEL_VISION=vision))) as client:
+        schemas = client.get("/openapi.json").json()["components"]["schemas"]
+        refused = client.post("/api/chat", json={"message": "x" * 101})
+    assert schemas["ChatRequest"]["properties"]["message"]["maxLength"] == 100
+    assert refused.status_code == 422 and "MAX_MESSAGE_CHARS (100)" in refused.json()["error"]["message"]
+    assert ("V1ImagePart" in json.dumps(schemas["V1UserPart"])) == (vision == "true")
+
+
+def test_a_null_conversation_id_starts_a_new_conversation(client: TestClient, upstream: FakeModelAPI) -> None:
+    response = client.post("/api/chat", json={"message": "hi", "conversation_id": None})
+    assert response.status_code == 200
+    assert client.get(f"/api/conversations/{response.json()['conversation_id']}").status_code == 200
+
+
+def test_every_streamed_event_and_ping_validates_against_the_documented_event_schema(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(
+        Reply(reasoning="let me see", tool_calls=[("calculate", {"expression": "6*7"})]),
+        Reply(content="it is 42"),
+        Reply(content="a b c d", fault="hang"),
+    )
+    app = server.create_app(settings_for(PING_INTERVAL="0.05", REQUEST_TIMEOUT="0.5"))
+    with ServerThread(app) as service, httpx.Client(base_url=service.url, timeout=10) as http:
+        answered = http.post("/api/chat/stream", json={"message": "6*7?"})
+        failed = http.post("/api/chat/stream", json={"message": "and now?"})
+    assert ": ping\n\n" in failed.text
+    events = sse_events(answered.text) + sse_events(failed.text)
+    for event in events:
+        assert_event_documented(event)
+    documented = OPENAPI["components"]["schemas"]["ChatEvent"]["properties"]["event"]["enum"]
+    assert {event["event"] for event in events} == set(documented)
+
+
+def test_every_response_the_document_lists_is_given_and_validates(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = server.create_app(settings_for(CORS_ORIGINS="https://app.example"))
+    with ServerThread(app) as service, httpx.Client(base_url=service.url) as http:
+        given = [http.get(path) for path in ("/", "/health", "/openapi.json", "/docs", "/redoc", "/static/none")]
+        given.append(http.get("/chat"))
+        given.append(http.get("/chat", headers={"If-None-Match": given[-1].headers["ETag"]}))
+        example = OPENAPI["paths"]["/static/{path}"]["get"]["parameters"][0]["example"]
+        given.append(http.get("/static/" + example))
+        given.append(http.get(given[-1].url, headers={"If-None-Match": given[-1].headers["ETag"]}))
+        upstream.reset(Reply(tool_calls=[("get_current_time", {"timezone": "UTC"})]), Reply(content="noon"))
+        given += turn_requests(http, "c")
+        given.append(http.post("/v1/chat/completions", json={"messages": ASK, "stream": True}))
+        given += [http.get("/api/conversations"), http.get("/api/conversations/c"), http.get("/api/conversations/x")]
+        given += [http.delete("/api/conversations/x"), http.get("/v1/models")]
+        given += turn_requests(http, headers={"Content-Type": "text/plain", "Origin": "https://elsewhere.example"})
+        upstream.reset(Reply(content="a b c d", fault="hang"))
+        with held_stream(service.url, {"message": "wait", "conversation_id": "c"}, upstream):
+            given += turn_requests(http, "c") + [http.delete("/api/conversations/c")]
+        assert wait_until(lambda: not service.app_ctx.turns)
+        given.append(http.delete("/api/conversations/c"))
+        monkeypatch.setattr(server.Turn, "_agent", a_bug)
+        given += turn_requests(http)
+        service.app_ctx.shutting_down = True
+        given += turn_requests(http)
+        # Every SQLite statement is interrupted from now on, as on a failing disk.
+        for connection in (service.app_ctx.store.db, service.app_ctx.store.quick):
+            connection.set_progress_handler(lambda: 1, 1)
+        given += [http.get("/health"), http.get("/api/conversations"), http.get("/api/conversations/c")]
+        given.append(http.delete("/api/conversations/c"))
+    monkeypatch.undo()
+    upstream.reset(Reply(status=429), Reply(status=500), Reply(fault="stall"))
+    with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT="0.5"))) as service:
+        with httpx.Client(base_url=service.url) as http:
+            given += [http.post("/v1/chat/completions", json={"messages": ASK}) for _ in range(3)]
+    with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
+        given += [client.request(method.upper(), path.replace("{conversation_id}", "c")) for method, path in OPERATIONS]
+    for response in given:
+        assert_documented(response)
+    seen = {(r.request.method, r.request.url.path, r.status_code) for r in given}
+    seen |= {(method, path.split("?")[0], status) for _, method, path, _, status, _ in BAD_REQUESTS}
+    seen |= {("POST", "/api/chat", status) for *_, status in FAULTS}
+    seen |= {("POST", "/v1/chat/completions", status) for *_, status, _ in V1_BAD_REQUESTS}
+    given_by_operation = {(method, template_of(method, path), status) for method, path, status in seen}
+    listed = {
+        (method.upper(), path, int(status)) for method, path in OPERATIONS for status in responses_of(method, path)
+    }
+    assert {given for given in given_by_operation if given[1] is not None} == listed
+
+
+def turn_requests(http: httpx.Client, conversation_id: str | None = None, **kwargs: Any) -> list[httpx.Response]:
+    """One request to each operation that runs a turn: JSON unless other headers are given."""
+    named = {} if conversation_id is None else {"conversation_id": conversation_id}
+    bodies = {
+        "/api/chat": {"message": "hi", **named},
+        "/api/chat/stream": {"message": "hi", **named},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], **named},
+    }
+    kwargs.setdefault("headers", {"Content-Type": "application/json"})
+    return [http.post(path, content=json.dumps(body), **kwargs) for path, body in bodies.items()]
+
+
+OPERATIONS = [(method, path) for path, item in OPENAPI["paths"].items() for method in item]
+
+
+def responses_of(method: str, path: str) -> dict[str, Any]:
+    return OPENAPI["paths"][path][method]["responses"]
+
+
+async def a_bug(*args: Any) -> None:
+    raise RuntimeError("an unexpected failure")
 
 
 # ---------------------------------------------------------------------------
@@ -1294,7 +1514,7 @@ def test_swagger_ui_shows_every_operation_and_runs_one_with_no_other_host(tab: T
         " e.querySelector('.opblock-summary-path').dataset.path])"
     )  # fmt: skip
     assert {tuple(operation) for operation in shown} == documented_operations(service)
-    health = tab.page.locator("#operations-default-get_health")
+    health = tab.page.locator("#operations-default-health")  # Swagger UI ids the block by operationId
     health.locator(".opblock-summary-control").click()
     health.get_by_role("button", name="Try it out").click()
     health.get_by_role("button", name="Execute").click()
@@ -1304,13 +1524,15 @@ def test_swagger_ui_shows_every_operation_and_runs_one_with_no_other_host(tab: T
 
 def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab, service: ServerThread) -> None:
     tab.page.goto(tab.url + "/redoc")
-    stream = tab.page.locator('[data-section-id="/paths/~1api~1chat~1stream/post"]')
+    stream = tab.page.locator('[data-section-id="operation/chatStream"]')  # ReDoc ids sections by operationId
     stream.get_by_text("/api/chat/stream").first.wait_for()
     shown = tab.page.eval_on_selector_all(
-        "[data-section-id^='/paths/']", "els => els.map(e => e.dataset.sectionId.split('/').slice(2))"
+        "[data-section-id^='operation/']", "els => els.map(e => e.dataset.sectionId.split('/')[1])"
     )
-    pointer = {(method, path.replace("~1", "/")) for path, method in shown}
-    assert pointer == documented_operations(service)
+    operations = {
+        op["operationId"]: (method, path) for path, item in OPENAPI["paths"].items() for method, op in item.items()
+    }
+    assert {operations[operation_id] for operation_id in shown} == documented_operations(service)
     tab.page.get_by_placeholder("Search...").fill("stream")
     tab.page.get_by_role("menuitem", name="Run one turn, stream it as Server-Sent Events").wait_for()
     assert tab.elsewhere == [] and tab.errors == []
@@ -1503,6 +1725,8 @@ def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, 
         after = http.get("/api/conversations/f").json()
         upstream.reset(Reply(content="fine"))
         next_turn = http.post("/api/chat", json={"message": "again", "conversation_id": "f"})
+    for event in sse_events(streamed.text):
+        assert_event_documented(event)
     return {"events": parse_sse(streamed.text), "answered": answered, "unchanged": before == after, "next": next_turn}
 
 
@@ -1513,6 +1737,7 @@ def test_a_model_api_fault_ends_the_turn_with_one_error_and_changes_nothing(
     timeout = "0.5" if code == "upstream_timeout" else "10"
     with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT=timeout))) as service:
         outcome = fault_scenario(service.url, upstream, fault)
+    assert_documented(outcome["answered"])
     events = outcome["events"]
     assert names(events).count("error") == 1 and events[-1][0] == "error"
     assert events[-1][1]["code"] == code
@@ -1646,8 +1871,9 @@ BAD_REQUESTS = [
     ("message-not-string", "POST", "/api/chat", {"json": {"message": 5}}, 422, "validation_error"),
     ("message-empty", "POST", "/api/chat", {"json": {"message": ""}}, 422, "validation_error"),
     ("message-whitespace", "POST", "/api/chat/stream", {"json": {"message": " \n\t"}}, 422, "validation_error"),
-    ("message-too-long", "POST", "/api/chat", {"json": {"message": "x" * 32001}}, 413, "payload_too_large"),
+    ("message-too-long", "POST", "/api/chat", {"json": {"message": "x" * 32001}}, 422, "validation_error"),
     ("body-too-large", "POST", "/api/chat/stream", {"content": b"x" * 300_000}, 413, "payload_too_large"),
+    ("chat-body-too-large", "POST", "/api/chat", {"content": b"x" * 300_000}, 413, "payload_too_large"),
     ("id-not-string", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": 7}}, 422, "validation_error"),
     ("id-bad-pattern", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "../x"}}, 422, INVALID),
     ("id-too-long", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "a" * 129}}, 422, INVALID),
@@ -1656,6 +1882,11 @@ BAD_REQUESTS = [
     ("xml-content-type", "POST", "/api/chat", {"content": b"<m/>", "headers": XML}, 415, "unsupported_media_type"),
     ("bad-limit", "GET", "/api/conversations?limit=0", {}, 422, "validation_error"),
     ("bad-path-id", "GET", "/api/conversations/a%20b", {}, 422, "validation_error"),
+    ("delete-bad-path-id", "DELETE", "/api/conversations/a%20b", {}, 422, "validation_error"),
+    ("stream-body-not-json", "POST", "/api/chat/stream", {"content": b"{nope"}, 400, "invalid_json"),
+    ("stream-xml", "POST", "/api/chat/stream", {"content": b"<m/>", "headers": XML}, 415, "unsupported_media_type"),
+    ("unknown-field", "POST", "/api/chat", {"json": {"message": "hi", "conversationId": "c"}}, 422, INVALID),
+    ("offset-too-large", "GET", "/api/conversations?offset=1000000001", {}, 422, "validation_error"),
     ("limit-superscript", "GET", "/api/conversations?limit=%C2%B2", {}, 422, INVALID),
     ("offset-superscript", "GET", "/api/conversations?offset=%C2%B9", {}, 422, INVALID),
     ("offset-5000-digits", "GET", "/api/conversations?offset=" + "9" * 5000, {}, 422, INVALID),
@@ -1685,6 +1916,7 @@ def test_bad_input_gets_a_json_error_one_log_line_and_changes_nothing(
         "status": "error",
         "error": {"code": code, "message": response.json()["error"]["message"]},
     }
+    assert_documented(response)
     assert len([r for r in caplog.records if r.name == "autogen_chat"]) == 1
     assert upstream.requests == []
     assert client.get("/api/conversations").json()["total"] == 0
@@ -2112,7 +2344,9 @@ def test_an_unreachable_postgresql_stops_start_up_with_one_line_and_no_password(
 
 
 def test_health_is_degraded_when_the_database_stops_answering(client: TestClient) -> None:
-    client.app.state.ctx.store.db.close()  # type: ignore[attr-defined]
+    store = client.app.state.ctx.store  # type: ignore[attr-defined]
+    store.db.close()
+    store.quick.close()
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "degraded" and response.json()["database"] is False
@@ -2136,21 +2370,23 @@ def sqlite_write_lock(path: str) -> Iterator[None]:
 
 
 def test_a_locked_sqlite_file_never_stalls_the_event_loop(
-    service: ServerThread, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
+    monkeypatch: pytest.MonkeyPatch, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
 ) -> None:
-    # The save waits out busy_timeout (5 s) inside sqlite3. On the event loop, GET / would
-    # answer only after the save gave up; off the loop it answers at once, the lock goes,
-    # and the waiting save goes through.
+    # The save waits for the lock for up to busy_timeout inside sqlite3. On the event loop
+    # GET / could not answer (within its 10 s) until the save gave up; off the loop it
+    # answers at once, the lock goes, and the waiting save goes through.
+    monkeypatch.setattr(server, "SQLITE_BUSY_TIMEOUT_MS", 60_000)
     upstream.reset(Reply(content="a b c d", fault="stall"))
-    with held_stream(service.url, {"message": "x", "conversation_id": "locked"}, upstream) as (seen, rest):
-        with sqlite_write_lock(settings_for().database_path):
-            upstream.end_hang()
-            for text in rest:
-                seen += text
-                if "event: message" in seen:  # the save comes next
-                    break
-            index = httpx.get(service.url + "/", timeout=10)
-        seen += "".join(rest)
+    with ServerThread(server.create_app(settings_for())) as service:
+        with held_stream(service.url, {"message": "x", "conversation_id": "locked"}, upstream) as (seen, rest):
+            with sqlite_write_lock(settings_for().database_path):
+                upstream.end_hang()
+                for text in rest:
+                    seen += text
+                    if "event: message" in seen:  # the save comes next
+                        break
+                index = httpx.get(service.url + "/", timeout=10)
+            seen += "".join(rest)
     assert index.status_code == 200
     assert names(parse_sse(seen))[-1] == "done"
 
@@ -2772,6 +3008,24 @@ def test_v1_an_image_for_a_model_without_vision_is_refused_naming_the_setting(
     assert upstream.requests == []
 
 
+def png(width: int, height: int, rows: bytes) -> str:
+    """A 1-bit greyscale PNG as a data: URI."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    body = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return "data:image/png;base64," + base64.b64encode(body).decode()
+
+
+def test_v1_a_decompression_bomb_is_refused_before_it_is_decoded(client: TestClient, upstream: FakeModelAPI) -> None:
+    bomb = png(10_000, 10_000, bytes(10_000 * 1_251))  # 100M pixels in about 12 KB: 300 MB once decoded to RGB
+    response = client.post("/v1/chat/completions", json={"messages": [image_message(bomb)]})
+    assert response.status_code == 400 and "cannot be read" in response.json()["error"]["message"]
+    assert upstream.requests == []
+
+
 V1_BAD_REQUESTS = [
     ("body-not-json", {"content": b"{nope"}, 400, "invalid_json"),
     ("json-not-object", {"json": ["hi"]}, 400, INVALID),
@@ -2783,6 +3037,10 @@ V1_BAD_REQUESTS = [
     ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID),
     ("image-not-readable", {"json": {"messages": [image_message("data:image/png;base64,AA==")]}}, 400, INVALID),
     ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}}, 400, INVALID),
+    ("image-url-not-text", {"json": {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": 5}}]}]}}, 400, INVALID),
+    ("part-type-an-object", {"json": {"messages": [{"role": "user", "content": [{"type": {}, "text": "hi"}]}]}}, 400,
+     INVALID),
     ("image-in-assistant-message", {"json": {"messages": [
         {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID),
     ("image-with-conversation-id", {"json": {"messages": [image_message(PIXEL)], "conversation_id": "c"}},
@@ -2797,7 +3055,13 @@ V1_BAD_REQUESTS = [
     ("max-tokens-not-whole", {"json": {"messages": ASK, "max_tokens": 1.5}}, 400, INVALID),
     ("stop-not-strings", {"json": {"messages": ASK, "stop": [1]}}, 400, INVALID),
     ("bad-conversation-id", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": "../x"}}, 400, INVALID),
-    ("message-too-long", {"json": {"messages": [{"role": "user", "content": "x" * 32001}]}}, 413, "payload_too_large"),
+    ("message-too-long", {"json": {"messages": [{"role": "user", "content": "x" * 32001}]}}, 400, INVALID),
+    ("stream-options-not-object", {"json": {"messages": ASK, "stream_options": False}}, 400, INVALID),
+    ("max-tokens-bad-beside-max-completion-tokens",
+     {"json": {"messages": ASK, "max_completion_tokens": 5, "max_tokens": "x"}}, 400, INVALID),
+    ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}}, 400, INVALID),
+    ("bad-body-conversation-id-under-a-header",
+     {"json": {"messages": ASK, "conversation_id": ""}, "headers": {"X-Conversation-Id": "ok"}}, 400, INVALID),
     ("body-too-large", {"content": b"x" * 300_000}, 413, "payload_too_large"),
 ]  # fmt: skip
 
@@ -3234,7 +3498,7 @@ def test_a_busy_conversation_and_a_too_long_message_get_clear_messages(
             )
         send_message(page, "a message longer than twenty characters")
         expect(page.locator(".notice.error").nth(1)).to_have_text(
-            "The message is too long. ('message' is longer than MAX_MESSAGE_CHARS (20).)"
+            "The request was not accepted: 'message' is longer than MAX_MESSAGE_CHARS (20)."
         )
 
 
@@ -3305,6 +3569,8 @@ MARKDOWN = [
     ("| a | b |\n|---|---|\n| 1 | `2` |",
      "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td><code>2</code></td></tr></tbody></table>"),
     ("\\*not italic\\*", "<p>*not italic*</p>"),
+    ("a *b *c and **d", "<p>a *b *c and **d</p>"),
+    ("text\n---\nmore", "<p>text</p><hr><p>more</p>"),
 ]  # fmt: skip
 
 
