@@ -1525,6 +1525,10 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     tab.page.goto(tab.url + "/redoc")
     stream = tab.page.locator('[data-section-id="operation/chatStream"]')  # ReDoc ids sections by operationId
     stream.get_by_text("/api/chat/stream").first.wait_for()
+    stream.get_by_role("button", name="200").first.click()
+    for branch in OPENAPI["components"]["schemas"]["ChatEvent"]["oneOf"]:  # each event, with its data
+        stream.get_by_role("button", name=branch["title"], exact=True).click()
+        stream.get_by_text(branch["description"].split("`")[1]).first.wait_for()
     shown = tab.page.eval_on_selector_all(
         "[data-section-id^='operation/']", "els => els.map(e => e.dataset.sectionId.split('/')[1])"
     )
