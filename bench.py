@@ -10,6 +10,7 @@ its /v1/chat/completions. Prints the goal table and the sweep (and writes bench-
     python bench.py              # full run, about 10 minutes
     python bench.py --quick      # smoke run, under 30 s
     python bench.py --workers 2  # WORKERS for the service, --workers for the relay
+    python bench.py --sweep-only --workers 2 --levels 100,200,500
 """
 
 from __future__ import annotations
@@ -495,6 +496,21 @@ async def measure(run: Run) -> dict[str, Any]:
         "workers": args.workers, "quick": args.quick, "ramp_s": args.ramp, "paths": list(paths),
         "memory": {"rss_idle_kib": rss_kib(pids["service"])},
     }  # fmt: skip
+    if not args.sweep_only:
+        await single_stream_phases(run, paths, services, report)
+    print(f"concurrency sweep (start-up spread over {args.ramp} s) ...", flush=True)
+    report["sweep"] = await sweep(paths, pids, ports["mock"], args.levels, args.deltas, args.ramp)
+    report["sustained_streams"] = {
+        name: max((row["streams"] for row in report["sweep"] if sustained(row[name])), default=0)
+        for name in ("relay", *services)
+    }
+    return report
+
+
+async def single_stream_phases(run: Run, paths: dict[str, Path_], services: list[str], report: dict) -> None:
+    """Everything but the sweep, which comes last: hundreds of streams leave the processes with
+    a high RSS mark and full connection pools."""
+    args, ports, pids = run.args, run.ports, run.pids
     print("latency at concurrency 1 ...", flush=True)
     report["latency"] = await latency(paths, ports["mock"], args.rounds, args.latency_deltas)
     print("CPU per token ...", flush=True)
@@ -508,19 +524,11 @@ async def measure(run: Run) -> dict[str, Any]:
     print("conversation length ...", flush=True)
     direct_ttft = report["latency"]["direct"]["ttft_p50_ms"] / 1000
     report["conversation"] = await conversation_length(paths["service"], ports["mock"], args.turns, direct_ttft)
-    # Last: hundreds of streams leave the processes with a high RSS mark and full connection pools.
-    print(f"concurrency sweep (start-up spread over {args.ramp} s) ...", flush=True)
-    report["sweep"] = await sweep(paths, pids, ports["mock"], args.levels, args.deltas, args.ramp)
-    report["sustained_streams"] = {
-        name: max((row["streams"] for row in report["sweep"] if sustained(row[name])), default=0)
-        for name in ("relay", *services)
-    }
     database = run.scratch / f"bench-{ports['service']}.db"
     with sqlite3.connect(database) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         turns = db.execute('SELECT count(*) FROM messages WHERE body LIKE \'{"role":"user"%\'').fetchone()[0]
     report["memory"]["db_bytes_per_turn"] = round(database.stat().st_size / max(turns, 1))
-    return report
 
 
 async def fresh_memory(run: Run, path: Path_) -> dict[str, Any]:
@@ -571,6 +579,11 @@ def met(value: bool | None) -> str:
 
 def print_table(report: dict[str, Any]) -> None:
     services = [name for name in report["paths"] if name not in ("direct", "relay")]
+    if "latency" not in report:  # --sweep-only
+        print(f"\nRSS idle {round(report['memory']['rss_idle_kib'] / 1024, 1)} MiB, all processes; sustained:",
+              {TITLES[name]: count for name, count in report["sustained_streams"].items()})  # fmt: skip
+        print_sweep(report, ["relay", *services])
+        return
     per_path = {name: goal_rows(report, name) for name in services}
     header = " | ".join(f"{TITLES[name]} | met" for name in services)
     print(f"\n| figure | goal | {header} |\n|---|---|" + "---|---|" * len(services))
@@ -655,6 +668,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="WORKERS for the service and the relay (default: the server's)")
     parser.add_argument("--ramp", type=float, default=1.0, help="seconds over which a sweep level's streams start")
     parser.add_argument("--levels", help="the sweep's levels, comma-separated (default: 1,10 quick, else to 500)")
+    parser.add_argument("--sweep-only", action="store_true", help="only the concurrency sweep (to compare --workers)")
     args = parser.parse_args()
     if args.role == "mock":
         asyncio.run(serve_mock(args.port))
