@@ -1,9 +1,12 @@
 """A self-hostable chat backend: an AutoGen agent behind a tiny HTTP API, streamed as SSE.
 
-One AutoGen ``AssistantAgent`` talks to any OpenAI-compatible chat API (DeepSeek by
-default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Conversations are
-kept in SQLite by ``conversation_id``. Settings come from the environment and ``.env``.
-The same agent also answers as an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs).
+One AutoGen ``AssistantAgent`` with tools talks to any OpenAI-compatible chat API
+(DeepSeek by default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Its faces:
+named SSE events at ``/api/chat/stream``, the same turn as JSON at ``/api/chat``, stored
+conversations at ``/api/conversations``, an OpenAI-compatible model at ``/v1`` (chat apps,
+openai SDKs), a chat page at ``/chat`` and the API documents at ``/docs`` and ``/redoc``.
+Conversations live in SQLite (``DATABASE_PATH``), or in one PostgreSQL shared by several
+instances (``DATABASE_URL``). Settings come from the environment and ``.env``.
 
 Run:
 
