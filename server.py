@@ -241,7 +241,7 @@ def _tool_names(env: Mapping[str, str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # secrets stay out of any repr (logs, tracebacks)
     model_name: str = "deepseek-flash"
     base_url: str = "https://api.deepseek.com"
     host: str = "0.0.0.0"
@@ -260,7 +260,7 @@ class Settings:
     model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-flash"]))
     max_message_chars: int = 32000
     max_body_bytes: int = 256 * 1024
-    server_api_key: str | None = None
+    server_api_key: str | None = field(default=None, repr=False)
     shutdown_grace_seconds: float = 10.0
     lease_seconds: float = 90.0
     log_level: str = "INFO"
@@ -653,14 +653,16 @@ def off_the_loop_if_locked(
         if not self.queued:  # else after the queued calls, in order
             with suppress(sqlite3.OperationalError):
                 return method(self, self._connection(self.quick), *args, **kwargs)
+        loop = asyncio.get_running_loop()
         self.queued += 1
+        work = self.thread.submit(method, self, self._connection(self.db), *args, **kwargs)
+        # Counted until the thread is done with it: a cancelled caller does not stop the thread,
+        # and a call that overtook it on the loop would run out of order.
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._dequeue))
         try:
-            work = functools.partial(method, self, self._connection(self.db), *args, **kwargs)
-            return await asyncio.get_running_loop().run_in_executor(self.thread, work)
+            return await asyncio.wrap_future(work)
         except sqlite3.OperationalError as exc:
             raise DatabaseUnavailable(f"SQLite: {exc}") from None
-        finally:
-            self.queued -= 1
 
     return call
 
@@ -676,6 +678,9 @@ class SQLiteStore:
         self.queued = 0
         self.db: sqlite3.Connection | None = None  # the thread's
         self.quick: sqlite3.Connection | None = None  # the loop's, busy_timeout=0
+
+    def _dequeue(self) -> None:
+        self.queued -= 1
 
     async def open(self) -> None:
         try:
@@ -781,10 +786,11 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT must not leave the write lock held
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     @off_the_loop_if_locked
     def list_conversations(self, db: sqlite3.Connection, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -1341,11 +1347,14 @@ def release_lease(ctx: AppContext, conversation_id: str, lease: str) -> asyncio.
     task = asyncio.create_task(ctx.store.release_lease(conversation_id, lease))
 
     def retry(attempt: asyncio.Task[None]) -> None:
-        if not attempt.cancelled() and isinstance(attempt.exception(), DatabaseUnavailable):
+        error = None if attempt.cancelled() else attempt.exception()
+        if isinstance(error, DatabaseUnavailable):
             logger.warning("could not release the lease of conversation %s: retrying", conversation_id)
             retrying = asyncio.create_task(keep_releasing(ctx, conversation_id, lease))
             ctx.releases.add(retrying)
             retrying.add_done_callback(ctx.releases.discard)
+        elif error is not None:
+            logger.error("could not release the lease of conversation %s", conversation_id, exc_info=error)
 
     task.add_done_callback(retry)
     return task
@@ -1391,7 +1400,7 @@ class Turn:
         self.splitter = ThinkSplitter()
         self.stream_id: str | None = None
         self.thought: list[str] = []
-        self.saving = self.saved = False
+        self.saving = self.saved = self.ending = False
         self.releasing: asyncio.Future[None] | None = None
         self.renewal: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
@@ -1401,8 +1410,9 @@ class Turn:
         ctx.turns.add(self)
 
     def stop(self, reason: str) -> None:
-        """End the turn early; the client gets an error event with this code."""
-        if not self.task.done():
+        """End the turn early; the client gets an error event with this code. A turn that has
+        its last event already is left to deliver it."""
+        if not self.task.done() and not self.ending:
             self.stop_reason = reason
             self.token.cancel()
             self.task.cancel()
@@ -1478,7 +1488,11 @@ class Turn:
             async for event in self._run():
                 if event[0] in LAST_EVENTS:
                     # Before the client can read it: a client that sends its next message as
-                    # soon as it reads the last event never meets this turn's lease.
+                    # soon as it reads the last event never meets this turn's lease. Nothing may
+                    # stop the turn meanwhile (a renewal finding the lease gone, shutdown's grace
+                    # running out), or the last event would be lost.
+                    self.ending = True
+                    self.timer.cancel()
                     await self._release()
                 self.events.put_nowait(event)
                 self.last_event = self.loop.time()
@@ -2198,7 +2212,7 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
     """The string; or the text parts joined, or with images (unless `no_images` says why not)
     the parts in order."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return v1_text(content or "", index)
     if not isinstance(content, list):
         raise invalid(f"messages[{index}].content must be a string or a list of content parts.")
     parts: list[str | Image] = []
@@ -2206,7 +2220,7 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
         kind = part.get("type") if isinstance(part, dict) else None
         kind = kind if isinstance(kind, str) else None  # a list or an object names no kind (and is unhashable)
         if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
-            parts.append(part["text"])
+            parts.append(v1_text(part["text"], index))
         elif kind in V1_IMAGE_PARTS and no_images is None:
             parts.append(v1_image(part, index))
         elif kind in V1_IMAGE_PARTS:
@@ -2215,6 +2229,12 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
             raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text and image parts are read.")
     texts = [part for part in parts if isinstance(part, str)]
     return "\n".join(texts) if len(texts) == len(parts) else parts
+
+
+def v1_text(text: str, index: int) -> str:
+    if LONE_SURROGATE.search(text):
+        raise invalid(f"messages[{index}] holds a lone surrogate (\\ud800-\\udfff): it is not text.")
+    return text
 
 
 def v1_image(part: dict[str, Any], index: int) -> Image:

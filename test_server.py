@@ -2134,6 +2134,33 @@ def test_keys_never_reach_a_response_an_event_or_the_logs(
         assert secret not in logged, secret
 
 
+def test_settings_never_show_the_keys_in_their_repr() -> None:
+    settings = server.Settings(api_key=SERVICE_KEY, server_api_key=SERVER_KEY, database_url="postgresql://u:pw@h/d")
+    assert all(secret not in repr(settings) for secret in (SERVICE_KEY, SERVER_KEY, "pw@"))
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [("/api/chat", {"message": "hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})],
+    ids=["api", "v1-stateful"],
+)
+def test_a_turn_stopped_as_it_lets_go_of_its_lease_still_delivers_its_last_event(
+    client: TestClient, upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any]
+) -> None:
+    # The window, widened: shutdown's grace runs out just as the failed turn lets go of its
+    # lease, before its error event is queued.
+    release = server.release_lease
+
+    def stop_the_turns_then_release(ctx: server.AppContext, conversation_id: str, lease: str) -> asyncio.Task[None]:
+        server.stop_turns(ctx)
+        return release(ctx, conversation_id, lease)
+
+    monkeypatch.setattr(server, "release_lease", stop_the_turns_then_release)
+    upstream.reset(Reply(status=500))
+    response = client.post(path, json={**body, "conversation_id": "c"})
+    assert response.status_code == 502 and "upstream_error" in response.text
+
+
 # ---------------------------------------------------------------------------
 # Load and processes
 # ---------------------------------------------------------------------------
@@ -3066,6 +3093,9 @@ V1_BAD_REQUESTS = [
     ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}}, 400, INVALID),
     ("bad-body-conversation-id-under-a-header",
      {"json": {"messages": ASK, "conversation_id": ""}, "headers": {"X-Conversation-Id": "ok"}}, 400, INVALID),
+    ("lone-surrogate", {"content": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'}, 400, INVALID),
+    ("lone-surrogate-in-a-part", {"content": b'{"messages": [{"role": "user", "content": [{"type": "text", '
+                                             b'"text": "\\udfff"}]}]}'}, 400, INVALID),
     ("body-too-large", {"content": b"x" * 300_000}, 413, "payload_too_large"),
 ]  # fmt: skip
 
