@@ -1225,7 +1225,7 @@ def make_client(settings: Settings) -> ChatClient:
 
 
 # ---------------------------------------------------------------------------
-# Agent and turns
+# Agent: the history window and the reasoning split
 # ---------------------------------------------------------------------------
 
 
@@ -1321,6 +1321,11 @@ def _partial_tag_length(text: str, tag: str) -> int:
         if text.endswith(tag[:length]):
             return length
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Turns
+# ---------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -1612,6 +1617,11 @@ class Turn:
             type(exc).__name__,
             f" {status}" if status else "",
         )
+
+
+# ---------------------------------------------------------------------------
+# Turns as responses: SSE events and the JSON reply
+# ---------------------------------------------------------------------------
 
 
 async def stream_turn(turn: Turn, render: Callable[[Event], bytes] = sse_event) -> AsyncIterator[bytes]:
@@ -1985,137 +1995,6 @@ SECURED = [Middleware(RequireServerKey)]
 
 
 # ---------------------------------------------------------------------------
-# Static files and documentation pages
-# ---------------------------------------------------------------------------
-
-STATIC_DIR = Path(__file__).resolve().with_name("static")
-# Vendored packages sit in directories named with their version, so their URLs change with it.
-IMMUTABLE = "public, max-age=31536000, immutable"
-CONTENT_TYPES = {
-    ".css": "text/css; charset=utf-8",
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".json": "application/json",
-    ".png": "image/png",
-    ".svg": "image/svg+xml",
-    ".txt": "text/plain; charset=utf-8",
-    "": "text/plain; charset=utf-8",  # LICENSE, NOTICE
-}
-COMPRESSIBLE = {".css", ".html", ".js", ".json", ".svg", ".txt", ""}
-
-
-@dataclass(frozen=True)
-class Asset:
-    """A static file as served: its bytes, gzipped once, and the validators derived from them."""
-
-    body: bytes
-    gzipped: bytes | None
-    etag: str
-    content_type: str
-    cache_control: str
-
-
-@functools.lru_cache(maxsize=64)
-def load_asset(path: Path, mtime_ns: int, size: int) -> Asset:
-    """Read and compress a file once per version of it (the stat arguments key the cache)."""
-    body = path.read_bytes()
-    gzipped = gzip.compress(body, 9, mtime=0) if path.suffix in COMPRESSIBLE else None
-    versioned = path.relative_to(STATIC_DIR).parts[0] == "vendor"
-    return Asset(
-        body=body,
-        gzipped=gzipped if gzipped is not None and len(gzipped) < len(body) else None,
-        etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
-        content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
-        cache_control=IMMUTABLE if versioned else "no-cache",
-    )
-
-
-def find_asset(relative: str) -> Asset | None:
-    """The file at relative inside STATIC_DIR, or None; nothing outside it is ever read."""
-    try:
-        path = (STATIC_DIR / relative).resolve()
-        stat = path.stat()
-    except (OSError, ValueError):  # ValueError: a NUL byte in the path
-        return None
-    if not path.is_relative_to(STATIC_DIR) or not path.is_file() or path.name.startswith("."):
-        return None
-    return load_asset(path, stat.st_mtime_ns, stat.st_size)
-
-
-def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether Accept-Encoding allows gzip, by name or by '*', with a q-value above zero."""
-    weights: dict[str, float] = {}
-    for item in accept_encoding.lower().split(","):
-        coding, _, params = item.partition(";")
-        try:
-            weights[coding.strip()] = float(params.strip().removeprefix("q=") or 1)
-        except ValueError:
-            weights[coding.strip()] = 0.0
-    return weights.get("gzip", weights.get("*", 0.0)) > 0
-
-
-async def static_response(request: Request, relative: str) -> Response:
-    """A file under static/ with its content type, caching headers, and gzip where accepted."""
-    asset = await anyio.to_thread.run_sync(find_asset, relative)
-    if asset is None:
-        raise ApiError("not_found", "No such static file.")
-    body, headers = asset.body, {"Cache-Control": asset.cache_control, "X-Content-Type-Options": "nosniff"}
-    etag = asset.etag
-    if asset.gzipped is not None:
-        headers["Vary"] = "Accept-Encoding"
-        if accepts_gzip(request.headers.get("accept-encoding", "")):
-            body, etag = asset.gzipped, etag[:-1] + '-gzip"'  # another representation, another tag
-            headers["Content-Encoding"] = "gzip"
-    headers["ETag"] = etag
-    if etag in (tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")):
-        return Response(status_code=304, headers=headers)
-    return Response(body, headers=headers, media_type=asset.content_type)
-
-
-async def static_file(request: Request) -> Response:
-    return await static_response(request, request.path_params["path"])
-
-
-def vendored(pattern: str) -> str:
-    """The URL of the one file under static/vendor matching pattern (whatever version is vendored)."""
-    found = sorted(STATIC_DIR.glob(f"vendor/{pattern}"))
-    if len(found) != 1:
-        raise RuntimeError(f"expected one static/vendor/{pattern}, found {len(found)}: see README to vendor it")
-    return "/static/" + found[0].relative_to(STATIC_DIR).as_posix()
-
-
-# The pages load nothing from other hosts; the policy makes the browser hold them to it
-# (ReDoc's sidebar would fetch its logo from a CDN). Both libraries inject inline styles.
-DOCS_CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
-)
-
-SWAGGER_UI_HTML = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
-<link rel="icon" type="image/png" href="{vendored("swagger-ui-dist-*/favicon-32x32.png")}">
-<link rel="stylesheet" href="{vendored("swagger-ui-dist-*/swagger-ui.css")}">
-</head><body><div id="swagger-ui"></div>
-<script src="{vendored("swagger-ui-dist-*/swagger-ui-bundle.js")}"></script>
-<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
-</body></html>"""
-
-REDOC_HTML = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="{vendored("redoc-*/bundles/redoc.standalone.js")}"></script>
-</body></html>"""
-
-
-async def swagger_ui(request: Request) -> HTMLResponse:
-    return HTMLResponse(SWAGGER_UI_HTML, headers={"Content-Security-Policy": DOCS_CSP})
-
-
-async def redoc(request: Request) -> HTMLResponse:
-    return HTMLResponse(REDOC_HTML, headers={"Content-Security-Policy": DOCS_CSP})
-
-
-# ---------------------------------------------------------------------------
 # OpenAI-compatible /v1 face: reading a request
 # ---------------------------------------------------------------------------
 
@@ -2448,8 +2327,74 @@ async def v1_chat_completions(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------------
-# The chat page
+# Static files and documentation pages
 # ---------------------------------------------------------------------------
+
+STATIC_DIR = Path(__file__).resolve().with_name("static")
+# Vendored packages sit in directories named with their version, so their URLs change with it.
+IMMUTABLE = "public, max-age=31536000, immutable"
+CONTENT_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain; charset=utf-8",
+    "": "text/plain; charset=utf-8",  # LICENSE, NOTICE
+}
+COMPRESSIBLE = {".css", ".html", ".js", ".json", ".svg", ".txt", ""}
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A static file as served: its bytes, gzipped once, and the validators derived from them."""
+
+    body: bytes
+    gzipped: bytes | None
+    etag: str
+    content_type: str
+    cache_control: str
+
+
+@functools.lru_cache(maxsize=64)
+def load_asset(path: Path, mtime_ns: int, size: int) -> Asset:
+    """Read and compress a file once per version of it (the stat arguments key the cache)."""
+    body = path.read_bytes()
+    gzipped = gzip.compress(body, 9, mtime=0) if path.suffix in COMPRESSIBLE else None
+    versioned = path.relative_to(STATIC_DIR).parts[0] == "vendor"
+    return Asset(
+        body=body,
+        gzipped=gzipped if gzipped is not None and len(gzipped) < len(body) else None,
+        etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+        content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+        cache_control=IMMUTABLE if versioned else "no-cache",
+    )
+
+
+def find_asset(relative: str) -> Asset | None:
+    """The file at relative inside STATIC_DIR, or None; nothing outside it is ever read."""
+    try:
+        path = (STATIC_DIR / relative).resolve()
+        stat = path.stat()
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+    if not path.is_relative_to(STATIC_DIR) or not path.is_file() or path.name.startswith("."):
+        return None
+    return load_asset(path, stat.st_mtime_ns, stat.st_size)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether Accept-Encoding allows gzip, by name or by '*', with a q-value above zero."""
+    weights: dict[str, float] = {}
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        try:
+            weights[coding.strip()] = float(params.strip().removeprefix("q=") or 1)
+        except ValueError:
+            weights[coding.strip()] = 0.0
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
+
 
 INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
 
@@ -2468,12 +2413,76 @@ def page_policy(html: bytes) -> str:
     )
 
 
+async def static_response(request: Request, relative: str) -> Response:
+    """A file under static/ with its content type, caching headers, and gzip where accepted."""
+    asset = await anyio.to_thread.run_sync(find_asset, relative)
+    if asset is None:
+        raise ApiError("not_found", "No such static file.")
+    body, headers = asset.body, {"Cache-Control": asset.cache_control, "X-Content-Type-Options": "nosniff"}
+    etag = asset.etag
+    if asset.gzipped is not None:
+        headers["Vary"] = "Accept-Encoding"
+        if accepts_gzip(request.headers.get("accept-encoding", "")):
+            body, etag = asset.gzipped, etag[:-1] + '-gzip"'  # another representation, another tag
+            headers["Content-Encoding"] = "gzip"
+    headers["ETag"] = etag
+    if asset.content_type.startswith("text/html"):  # the chat page, also under /static/
+        headers["Content-Security-Policy"] = page_policy(asset.body)
+    if etag in (tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(body, headers=headers, media_type=asset.content_type)
+
+
+async def static_file(request: Request) -> Response:
+    return await static_response(request, request.path_params["path"])
+
+
+def vendored(pattern: str) -> str:
+    """The URL of the one file under static/vendor matching pattern (whatever version is vendored)."""
+    found = sorted(STATIC_DIR.glob(f"vendor/{pattern}"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one static/vendor/{pattern}, found {len(found)}: see README to vendor it")
+    return "/static/" + found[0].relative_to(STATIC_DIR).as_posix()
+
+
+# The pages load nothing from other hosts; the policy makes the browser hold them to it
+# (ReDoc's sidebar would fetch its logo from a CDN). Both libraries inject inline styles.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
+)
+
+SWAGGER_UI_HTML = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
+<link rel="icon" type="image/png" href="{vendored("swagger-ui-dist-*/favicon-32x32.png")}">
+<link rel="stylesheet" href="{vendored("swagger-ui-dist-*/swagger-ui.css")}">
+</head><body><div id="swagger-ui"></div>
+<script src="{vendored("swagger-ui-dist-*/swagger-ui-bundle.js")}"></script>
+<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
+</body></html>"""
+
+REDOC_HTML = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
+<body><redoc spec-url="/openapi.json"></redoc>
+<script src="{vendored("redoc-*/bundles/redoc.standalone.js")}"></script>
+</body></html>"""
+
+
+async def swagger_ui(request: Request) -> HTMLResponse:
+    return HTMLResponse(SWAGGER_UI_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+
+
+async def redoc(request: Request) -> HTMLResponse:
+    return HTMLResponse(REDOC_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+
+
+# ---------------------------------------------------------------------------
+# The chat page
+# ---------------------------------------------------------------------------
+
+
 async def chat_page(request: Request) -> Response:
-    response = await static_response(request, "chat.html")
-    asset = find_asset("chat.html")
-    if asset is not None:
-        response.headers["Content-Security-Policy"] = page_policy(asset.body)
-    return response
+    return await static_response(request, "chat.html")
 
 
 # ---------------------------------------------------------------------------

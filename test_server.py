@@ -3192,13 +3192,14 @@ def stored_messages(url: str, conversation_id: str) -> list[dict[str, Any]]:
     return httpx.get(f"{url}/api/conversations/{conversation_id}", timeout=10).json()["messages"]
 
 
-def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client: TestClient) -> None:
-    response = client.get("/chat")
+@pytest.mark.parametrize("path", ["/chat", "/static/chat.html"])
+def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client: TestClient, path: str) -> None:
+    response = client.get(path)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert response.headers["cache-control"] == "no-cache"
     policy = response.headers["content-security-policy"]
     assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("style-src")[0]
-    again = client.get("/chat", headers={"If-None-Match": response.headers["etag"]})
+    again = client.get(path, headers={"If-None-Match": response.headers["etag"]})
     assert again.status_code == 304 and again.headers["content-security-policy"] == policy
     assert client.get("/").json()["chat_page"] == "/chat"
 
