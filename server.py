@@ -880,6 +880,7 @@ class PostgresStore:
                 await self._create_schema(connection)
             await self.pool.open(wait=True, timeout=POSTGRES_CONNECT_SECONDS)
         except psycopg.Error as exc:
+            await self.pool.close()  # else its workers go on trying to connect
             reason = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
             raise SettingsError(f"DATABASE_URL={redact_url(self.url)!r} cannot be used: {reason}") from None
 
