@@ -1639,25 +1639,31 @@ async def stream_turn(turn: Turn, render: Callable[[Event], bytes] = sse_event) 
             return
 
 
+async def turn_events(turn: Turn) -> AsyncIterator[Event]:
+    """The turn's events to its end, for a reply folded from them: an error event is raised
+    as its ApiError. Closes the turn however the reading ends."""
+    try:
+        while (event := await turn.events.get()) is not None:
+            if event[0] == "error":
+                raise ApiError(event[1]["code"], event[1]["message"], event[1].get("retry_after"))
+            yield event
+    finally:
+        await turn.close()
+
+
 async def collect_turn(turn: Turn) -> dict[str, Any]:
     """The turn's events folded into the JSON reply of POST /api/chat."""
     reply: dict[str, Any] = {"message": "", "conversation_id": turn.conversation_id}
     calls: dict[str, dict[str, Any]] = {}
-    try:
-        while (event := await turn.events.get()) is not None:
-            name, data = event
-            if name == "message":
-                reply["message"] = data["content"]
-            elif name == "tool_call":
-                calls[data["id"]] = {**data, "result": None, "is_error": False}
-            elif name == "tool_result" and data["call_id"] in calls:
-                calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
-            elif name == "done":
-                reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
-            elif name == "error":
-                raise ApiError(data["code"], data["message"], data.get("retry_after"))
-    finally:
-        await turn.close()
+    async for name, data in turn_events(turn):
+        if name == "message":
+            reply["message"] = data["content"]
+        elif name == "tool_call":
+            calls[data["id"]] = {**data, "result": None, "is_error": False}
+        elif name == "tool_result" and data["call_id"] in calls:
+            calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
+        elif name == "done":
+            reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
     return {**reply, "status": "success", "tool_calls": list(calls.values())}
 
 
@@ -2288,17 +2294,11 @@ class V1Completion:
         """The turn folded into one chat.completion; its error raised as an ApiError."""
         texts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
         done: dict[str, Any] = {}
-        try:
-            while (event := await turn.events.get()) is not None:
-                name, data = event
-                if (delta := v1_delta(event)) is not None:
-                    texts[delta[0]].append(delta[1])
-                elif name == "done":
-                    done = data
-                elif name == "error":
-                    raise ApiError(data["code"], data["message"], data.get("retry_after"))
-        finally:
-            await turn.close()
+        async for event in turn_events(turn):
+            if (delta := v1_delta(event)) is not None:
+                texts[delta[0]].append(delta[1])
+            elif event[0] == "done":
+                done = event[1]
         reasoning = "".join(texts["reasoning_content"]).strip()
         message = {"role": "assistant", "content": "".join(texts["content"]), "reasoning_content": reasoning or None}
         choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
