@@ -384,6 +384,14 @@ class UpstreamIncomplete(Exception):
     """The model's stream ended without a finish reason: the answer was cut."""
 
 
+class DatabaseUnavailable(Exception):
+    """The database cannot answer now (locked, unreachable, restarting); the client may retry."""
+
+
+class LeaseLost(Exception):
+    """Another turn took over this turn's conversation: this turn must save nothing."""
+
+
 WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
@@ -555,14 +563,6 @@ def build_tools(names: tuple[str, ...]) -> list[FunctionTool]:
 # ---------------------------------------------------------------------------
 # Storage: the interface and SQLite
 # ---------------------------------------------------------------------------
-
-
-class DatabaseUnavailable(Exception):
-    """The database cannot answer now (locked, unreachable, restarting); the client may retry."""
-
-
-class LeaseLost(Exception):
-    """Another turn took over this turn's conversation: this turn must save nothing."""
 
 
 class Store(Protocol):
