@@ -1,9 +1,12 @@
 """A self-hostable chat backend: an AutoGen agent behind a tiny HTTP API, streamed as SSE.
 
-One AutoGen ``AssistantAgent`` talks to any OpenAI-compatible chat API (DeepSeek by
-default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Conversations are
-kept in SQLite by ``conversation_id``. Settings come from the environment and ``.env``.
-The same agent also answers as an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs).
+One AutoGen ``AssistantAgent`` with tools talks to any OpenAI-compatible chat API
+(DeepSeek by default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Its faces:
+named SSE events at ``/api/chat/stream``, the same turn as JSON at ``/api/chat``, stored
+conversations at ``/api/conversations``, an OpenAI-compatible model at ``/v1`` (chat apps,
+openai SDKs), a chat page at ``/chat`` and the API documents at ``/docs`` and ``/redoc``.
+Conversations live in SQLite (``DATABASE_PATH``), or in one PostgreSQL shared by several
+instances (``DATABASE_URL``). Settings come from the environment and ``.env``.
 
 Run:
 
@@ -238,7 +241,7 @@ def _tool_names(env: Mapping[str, str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # secrets stay out of any repr (logs, tracebacks)
     model_name: str = "deepseek-flash"
     base_url: str = "https://api.deepseek.com"
     host: str = "0.0.0.0"
@@ -257,7 +260,7 @@ class Settings:
     model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-flash"]))
     max_message_chars: int = 32000
     max_body_bytes: int = 256 * 1024
-    server_api_key: str | None = None
+    server_api_key: str | None = field(default=None, repr=False)
     shutdown_grace_seconds: float = 10.0
     lease_seconds: float = 90.0
     log_level: str = "INFO"
@@ -379,6 +382,14 @@ class ApiError(Exception):
 
 class UpstreamIncomplete(Exception):
     """The model's stream ended without a finish reason: the answer was cut."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot answer now (locked, unreachable, restarting); the client may retry."""
+
+
+class LeaseLost(Exception):
+    """Another turn took over this turn's conversation: this turn must save nothing."""
 
 
 WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
@@ -554,14 +565,6 @@ def build_tools(names: tuple[str, ...]) -> list[FunctionTool]:
 # ---------------------------------------------------------------------------
 
 
-class DatabaseUnavailable(Exception):
-    """The database cannot answer now (locked, unreachable, restarting); the client may retry."""
-
-
-class LeaseLost(Exception):
-    """Another turn took over this turn's conversation: this turn must save nothing."""
-
-
 class Store(Protocol):
     """Conversations and the one-turn-per-conversation leases. Two implementations, chosen
     by the settings: SQLiteStore (DATABASE_PATH) and PostgresStore (DATABASE_URL). Every call
@@ -650,14 +653,16 @@ def off_the_loop_if_locked(
         if not self.queued:  # else after the queued calls, in order
             with suppress(sqlite3.OperationalError):
                 return method(self, self._connection(self.quick), *args, **kwargs)
+        loop = asyncio.get_running_loop()
         self.queued += 1
+        work = self.thread.submit(method, self, self._connection(self.db), *args, **kwargs)
+        # Counted until the thread is done with it: a cancelled caller does not stop the thread,
+        # and a call that overtook it on the loop would run out of order.
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._dequeue))
         try:
-            work = functools.partial(method, self, self._connection(self.db), *args, **kwargs)
-            return await asyncio.get_running_loop().run_in_executor(self.thread, work)
+            return await asyncio.wrap_future(work)
         except sqlite3.OperationalError as exc:
             raise DatabaseUnavailable(f"SQLite: {exc}") from None
-        finally:
-            self.queued -= 1
 
     return call
 
@@ -673,6 +678,9 @@ class SQLiteStore:
         self.queued = 0
         self.db: sqlite3.Connection | None = None  # the thread's
         self.quick: sqlite3.Connection | None = None  # the loop's, busy_timeout=0
+
+    def _dequeue(self) -> None:
+        self.queued -= 1
 
     async def open(self) -> None:
         try:
@@ -778,10 +786,11 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT must not leave the write lock held
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     @off_the_loop_if_locked
     def list_conversations(self, db: sqlite3.Connection, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -871,6 +880,7 @@ class PostgresStore:
                 await self._create_schema(connection)
             await self.pool.open(wait=True, timeout=POSTGRES_CONNECT_SECONDS)
         except psycopg.Error as exc:
+            await self.pool.close()  # else its workers go on trying to connect
             reason = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
             raise SettingsError(f"DATABASE_URL={redact_url(self.url)!r} cannot be used: {reason}") from None
 
@@ -1216,7 +1226,7 @@ def make_client(settings: Settings) -> ChatClient:
 
 
 # ---------------------------------------------------------------------------
-# Agent and turns
+# Agent: the history window and the reasoning split
 # ---------------------------------------------------------------------------
 
 
@@ -1314,6 +1324,11 @@ def _partial_tag_length(text: str, tag: str) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------
+# Turns
+# ---------------------------------------------------------------------------
+
+
 @dataclass(eq=False)
 class AppContext:
     """What the lifespan creates and the handlers share, kept on app.state.ctx."""
@@ -1338,11 +1353,14 @@ def release_lease(ctx: AppContext, conversation_id: str, lease: str) -> asyncio.
     task = asyncio.create_task(ctx.store.release_lease(conversation_id, lease))
 
     def retry(attempt: asyncio.Task[None]) -> None:
-        if not attempt.cancelled() and isinstance(attempt.exception(), DatabaseUnavailable):
+        error = None if attempt.cancelled() else attempt.exception()
+        if isinstance(error, DatabaseUnavailable):
             logger.warning("could not release the lease of conversation %s: retrying", conversation_id)
             retrying = asyncio.create_task(keep_releasing(ctx, conversation_id, lease))
             ctx.releases.add(retrying)
             retrying.add_done_callback(ctx.releases.discard)
+        elif error is not None:
+            logger.error("could not release the lease of conversation %s", conversation_id, exc_info=error)
 
     task.add_done_callback(retry)
     return task
@@ -1388,7 +1406,7 @@ class Turn:
         self.splitter = ThinkSplitter()
         self.stream_id: str | None = None
         self.thought: list[str] = []
-        self.saving = self.saved = False
+        self.saving = self.saved = self.ending = False
         self.releasing: asyncio.Future[None] | None = None
         self.renewal: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
@@ -1398,8 +1416,9 @@ class Turn:
         ctx.turns.add(self)
 
     def stop(self, reason: str) -> None:
-        """End the turn early; the client gets an error event with this code."""
-        if not self.task.done():
+        """End the turn early; the client gets an error event with this code. A turn that has
+        its last event already is left to deliver it."""
+        if not self.task.done() and not self.ending:
             self.stop_reason = reason
             self.token.cancel()
             self.task.cancel()
@@ -1475,7 +1494,11 @@ class Turn:
             async for event in self._run():
                 if event[0] in LAST_EVENTS:
                     # Before the client can read it: a client that sends its next message as
-                    # soon as it reads the last event never meets this turn's lease.
+                    # soon as it reads the last event never meets this turn's lease. Nothing may
+                    # stop the turn meanwhile (a renewal finding the lease gone, shutdown's grace
+                    # running out), or the last event would be lost.
+                    self.ending = True
+                    self.timer.cancel()
                     await self._release()
                 self.events.put_nowait(event)
                 self.last_event = self.loop.time()
@@ -1597,6 +1620,11 @@ class Turn:
         )
 
 
+# ---------------------------------------------------------------------------
+# Turns as responses: SSE events and the JSON reply
+# ---------------------------------------------------------------------------
+
+
 async def stream_turn(turn: Turn, render: Callable[[Event], bytes] = sse_event) -> AsyncIterator[bytes]:
     """The turn's events as SSE; events that queued up while the last write was going out
     leave together in one write, so a busy server makes fewer, larger writes."""
@@ -1611,25 +1639,31 @@ async def stream_turn(turn: Turn, render: Callable[[Event], bytes] = sse_event) 
             return
 
 
+async def turn_events(turn: Turn) -> AsyncIterator[Event]:
+    """The turn's events to its end, for a reply folded from them: an error event is raised
+    as its ApiError. Closes the turn however the reading ends."""
+    try:
+        while (event := await turn.events.get()) is not None:
+            if event[0] == "error":
+                raise ApiError(event[1]["code"], event[1]["message"], event[1].get("retry_after"))
+            yield event
+    finally:
+        await turn.close()
+
+
 async def collect_turn(turn: Turn) -> dict[str, Any]:
     """The turn's events folded into the JSON reply of POST /api/chat."""
     reply: dict[str, Any] = {"message": "", "conversation_id": turn.conversation_id}
     calls: dict[str, dict[str, Any]] = {}
-    try:
-        while (event := await turn.events.get()) is not None:
-            name, data = event
-            if name == "message":
-                reply["message"] = data["content"]
-            elif name == "tool_call":
-                calls[data["id"]] = {**data, "result": None, "is_error": False}
-            elif name == "tool_result" and data["call_id"] in calls:
-                calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
-            elif name == "done":
-                reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
-            elif name == "error":
-                raise ApiError(data["code"], data["message"], data.get("retry_after"))
-    finally:
-        await turn.close()
+    async for name, data in turn_events(turn):
+        if name == "message":
+            reply["message"] = data["content"]
+        elif name == "tool_call":
+            calls[data["id"]] = {**data, "result": None, "is_error": False}
+        elif name == "tool_result" and data["call_id"] in calls:
+            calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
+        elif name == "done":
+            reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
     return {**reply, "status": "success", "tool_calls": list(calls.values())}
 
 
@@ -1968,137 +2002,6 @@ SECURED = [Middleware(RequireServerKey)]
 
 
 # ---------------------------------------------------------------------------
-# Static files and documentation pages
-# ---------------------------------------------------------------------------
-
-STATIC_DIR = Path(__file__).resolve().with_name("static")
-# Vendored packages sit in directories named with their version, so their URLs change with it.
-IMMUTABLE = "public, max-age=31536000, immutable"
-CONTENT_TYPES = {
-    ".css": "text/css; charset=utf-8",
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".json": "application/json",
-    ".png": "image/png",
-    ".svg": "image/svg+xml",
-    ".txt": "text/plain; charset=utf-8",
-    "": "text/plain; charset=utf-8",  # LICENSE, NOTICE
-}
-COMPRESSIBLE = {".css", ".html", ".js", ".json", ".svg", ".txt", ""}
-
-
-@dataclass(frozen=True)
-class Asset:
-    """A static file as served: its bytes, gzipped once, and the validators derived from them."""
-
-    body: bytes
-    gzipped: bytes | None
-    etag: str
-    content_type: str
-    cache_control: str
-
-
-@functools.lru_cache(maxsize=64)
-def load_asset(path: Path, mtime_ns: int, size: int) -> Asset:
-    """Read and compress a file once per version of it (the stat arguments key the cache)."""
-    body = path.read_bytes()
-    gzipped = gzip.compress(body, 9, mtime=0) if path.suffix in COMPRESSIBLE else None
-    versioned = path.relative_to(STATIC_DIR).parts[0] == "vendor"
-    return Asset(
-        body=body,
-        gzipped=gzipped if gzipped is not None and len(gzipped) < len(body) else None,
-        etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
-        content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
-        cache_control=IMMUTABLE if versioned else "no-cache",
-    )
-
-
-def find_asset(relative: str) -> Asset | None:
-    """The file at relative inside STATIC_DIR, or None; nothing outside it is ever read."""
-    try:
-        path = (STATIC_DIR / relative).resolve()
-        stat = path.stat()
-    except (OSError, ValueError):  # ValueError: a NUL byte in the path
-        return None
-    if not path.is_relative_to(STATIC_DIR) or not path.is_file() or path.name.startswith("."):
-        return None
-    return load_asset(path, stat.st_mtime_ns, stat.st_size)
-
-
-def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether Accept-Encoding allows gzip, by name or by '*', with a q-value above zero."""
-    weights: dict[str, float] = {}
-    for item in accept_encoding.lower().split(","):
-        coding, _, params = item.partition(";")
-        try:
-            weights[coding.strip()] = float(params.strip().removeprefix("q=") or 1)
-        except ValueError:
-            weights[coding.strip()] = 0.0
-    return weights.get("gzip", weights.get("*", 0.0)) > 0
-
-
-async def static_response(request: Request, relative: str) -> Response:
-    """A file under static/ with its content type, caching headers, and gzip where accepted."""
-    asset = await anyio.to_thread.run_sync(find_asset, relative)
-    if asset is None:
-        raise ApiError("not_found", "No such static file.")
-    body, headers = asset.body, {"Cache-Control": asset.cache_control, "X-Content-Type-Options": "nosniff"}
-    etag = asset.etag
-    if asset.gzipped is not None:
-        headers["Vary"] = "Accept-Encoding"
-        if accepts_gzip(request.headers.get("accept-encoding", "")):
-            body, etag = asset.gzipped, etag[:-1] + '-gzip"'  # another representation, another tag
-            headers["Content-Encoding"] = "gzip"
-    headers["ETag"] = etag
-    if etag in (tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")):
-        return Response(status_code=304, headers=headers)
-    return Response(body, headers=headers, media_type=asset.content_type)
-
-
-async def static_file(request: Request) -> Response:
-    return await static_response(request, request.path_params["path"])
-
-
-def vendored(pattern: str) -> str:
-    """The URL of the one file under static/vendor matching pattern (whatever version is vendored)."""
-    found = sorted(STATIC_DIR.glob(f"vendor/{pattern}"))
-    if len(found) != 1:
-        raise RuntimeError(f"expected one static/vendor/{pattern}, found {len(found)}: see README to vendor it")
-    return "/static/" + found[0].relative_to(STATIC_DIR).as_posix()
-
-
-# The pages load nothing from other hosts; the policy makes the browser hold them to it
-# (ReDoc's sidebar would fetch its logo from a CDN). Both libraries inject inline styles.
-DOCS_CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
-)
-
-SWAGGER_UI_HTML = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
-<link rel="icon" type="image/png" href="{vendored("swagger-ui-dist-*/favicon-32x32.png")}">
-<link rel="stylesheet" href="{vendored("swagger-ui-dist-*/swagger-ui.css")}">
-</head><body><div id="swagger-ui"></div>
-<script src="{vendored("swagger-ui-dist-*/swagger-ui-bundle.js")}"></script>
-<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
-</body></html>"""
-
-REDOC_HTML = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="{vendored("redoc-*/bundles/redoc.standalone.js")}"></script>
-</body></html>"""
-
-
-async def swagger_ui(request: Request) -> HTMLResponse:
-    return HTMLResponse(SWAGGER_UI_HTML, headers={"Content-Security-Policy": DOCS_CSP})
-
-
-async def redoc(request: Request) -> HTMLResponse:
-    return HTMLResponse(REDOC_HTML, headers={"Content-Security-Policy": DOCS_CSP})
-
-
-# ---------------------------------------------------------------------------
 # OpenAI-compatible /v1 face: reading a request
 # ---------------------------------------------------------------------------
 
@@ -2195,7 +2098,7 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
     """The string; or the text parts joined, or with images (unless `no_images` says why not)
     the parts in order."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return v1_text(content or "", index)
     if not isinstance(content, list):
         raise invalid(f"messages[{index}].content must be a string or a list of content parts.")
     parts: list[str | Image] = []
@@ -2203,7 +2106,7 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
         kind = part.get("type") if isinstance(part, dict) else None
         kind = kind if isinstance(kind, str) else None  # a list or an object names no kind (and is unhashable)
         if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
-            parts.append(part["text"])
+            parts.append(v1_text(part["text"], index))
         elif kind in V1_IMAGE_PARTS and no_images is None:
             parts.append(v1_image(part, index))
         elif kind in V1_IMAGE_PARTS:
@@ -2212,6 +2115,12 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
             raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text and image parts are read.")
     texts = [part for part in parts if isinstance(part, str)]
     return "\n".join(texts) if len(texts) == len(parts) else parts
+
+
+def v1_text(text: str, index: int) -> str:
+    if LONE_SURROGATE.search(text):
+        raise invalid(f"messages[{index}] holds a lone surrogate (\\ud800-\\udfff): it is not text.")
+    return text
 
 
 def v1_image(part: dict[str, Any], index: int) -> Image:
@@ -2385,17 +2294,11 @@ class V1Completion:
         """The turn folded into one chat.completion; its error raised as an ApiError."""
         texts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
         done: dict[str, Any] = {}
-        try:
-            while (event := await turn.events.get()) is not None:
-                name, data = event
-                if (delta := v1_delta(event)) is not None:
-                    texts[delta[0]].append(delta[1])
-                elif name == "done":
-                    done = data
-                elif name == "error":
-                    raise ApiError(data["code"], data["message"], data.get("retry_after"))
-        finally:
-            await turn.close()
+        async for event in turn_events(turn):
+            if (delta := v1_delta(event)) is not None:
+                texts[delta[0]].append(delta[1])
+            elif event[0] == "done":
+                done = event[1]
         reasoning = "".join(texts["reasoning_content"]).strip()
         message = {"role": "assistant", "content": "".join(texts["content"]), "reasoning_content": reasoning or None}
         choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
@@ -2425,8 +2328,74 @@ async def v1_chat_completions(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------------
-# The chat page
+# Static files and documentation pages
 # ---------------------------------------------------------------------------
+
+STATIC_DIR = Path(__file__).resolve().with_name("static")
+# Vendored packages sit in directories named with their version, so their URLs change with it.
+IMMUTABLE = "public, max-age=31536000, immutable"
+CONTENT_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain; charset=utf-8",
+    "": "text/plain; charset=utf-8",  # LICENSE, NOTICE
+}
+COMPRESSIBLE = {".css", ".html", ".js", ".json", ".svg", ".txt", ""}
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A static file as served: its bytes, gzipped once, and the validators derived from them."""
+
+    body: bytes
+    gzipped: bytes | None
+    etag: str
+    content_type: str
+    cache_control: str
+
+
+@functools.lru_cache(maxsize=64)
+def load_asset(path: Path, mtime_ns: int, size: int) -> Asset:
+    """Read and compress a file once per version of it (the stat arguments key the cache)."""
+    body = path.read_bytes()
+    gzipped = gzip.compress(body, 9, mtime=0) if path.suffix in COMPRESSIBLE else None
+    versioned = path.relative_to(STATIC_DIR).parts[0] == "vendor"
+    return Asset(
+        body=body,
+        gzipped=gzipped if gzipped is not None and len(gzipped) < len(body) else None,
+        etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+        content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+        cache_control=IMMUTABLE if versioned else "no-cache",
+    )
+
+
+def find_asset(relative: str) -> Asset | None:
+    """The file at relative inside STATIC_DIR, or None; nothing outside it is ever read."""
+    try:
+        path = (STATIC_DIR / relative).resolve()
+        stat = path.stat()
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+    if not path.is_relative_to(STATIC_DIR) or not path.is_file() or path.name.startswith("."):
+        return None
+    return load_asset(path, stat.st_mtime_ns, stat.st_size)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether Accept-Encoding allows gzip, by name or by '*', with a q-value above zero."""
+    weights: dict[str, float] = {}
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        try:
+            weights[coding.strip()] = float(params.strip().removeprefix("q=") or 1)
+        except ValueError:
+            weights[coding.strip()] = 0.0
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
+
 
 INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
 
@@ -2445,12 +2414,76 @@ def page_policy(html: bytes) -> str:
     )
 
 
+async def static_response(request: Request, relative: str) -> Response:
+    """A file under static/ with its content type, caching headers, and gzip where accepted."""
+    asset = await anyio.to_thread.run_sync(find_asset, relative)
+    if asset is None:
+        raise ApiError("not_found", "No such static file.")
+    body, headers = asset.body, {"Cache-Control": asset.cache_control, "X-Content-Type-Options": "nosniff"}
+    etag = asset.etag
+    if asset.gzipped is not None:
+        headers["Vary"] = "Accept-Encoding"
+        if accepts_gzip(request.headers.get("accept-encoding", "")):
+            body, etag = asset.gzipped, etag[:-1] + '-gzip"'  # another representation, another tag
+            headers["Content-Encoding"] = "gzip"
+    headers["ETag"] = etag
+    if asset.content_type.startswith("text/html"):  # the chat page, also under /static/
+        headers["Content-Security-Policy"] = page_policy(asset.body)
+    if etag in (tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(body, headers=headers, media_type=asset.content_type)
+
+
+async def static_file(request: Request) -> Response:
+    return await static_response(request, request.path_params["path"])
+
+
+def vendored(pattern: str) -> str:
+    """The URL of the one file under static/vendor matching pattern (whatever version is vendored)."""
+    found = sorted(STATIC_DIR.glob(f"vendor/{pattern}"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one static/vendor/{pattern}, found {len(found)}: see README to vendor it")
+    return "/static/" + found[0].relative_to(STATIC_DIR).as_posix()
+
+
+# The pages load nothing from other hosts; the policy makes the browser hold them to it
+# (ReDoc's sidebar would fetch its logo from a CDN). Both libraries inject inline styles.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
+)
+
+SWAGGER_UI_HTML = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
+<link rel="icon" type="image/png" href="{vendored("swagger-ui-dist-*/favicon-32x32.png")}">
+<link rel="stylesheet" href="{vendored("swagger-ui-dist-*/swagger-ui.css")}">
+</head><body><div id="swagger-ui"></div>
+<script src="{vendored("swagger-ui-dist-*/swagger-ui-bundle.js")}"></script>
+<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
+</body></html>"""
+
+REDOC_HTML = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
+<body><redoc spec-url="/openapi.json"></redoc>
+<script src="{vendored("redoc-*/bundles/redoc.standalone.js")}"></script>
+</body></html>"""
+
+
+async def swagger_ui(request: Request) -> HTMLResponse:
+    return HTMLResponse(SWAGGER_UI_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+
+
+async def redoc(request: Request) -> HTMLResponse:
+    return HTMLResponse(REDOC_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+
+
+# ---------------------------------------------------------------------------
+# The chat page
+# ---------------------------------------------------------------------------
+
+
 async def chat_page(request: Request) -> Response:
-    response = await static_response(request, "chat.html")
-    asset = find_asset("chat.html")
-    if asset is not None:
-        response.headers["Content-Security-Policy"] = page_policy(asset.body)
-    return response
+    return await static_response(request, "chat.html")
 
 
 # ---------------------------------------------------------------------------

@@ -1526,6 +1526,10 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     tab.page.goto(tab.url + "/redoc")
     stream = tab.page.locator('[data-section-id="operation/chatStream"]')  # ReDoc ids sections by operationId
     stream.get_by_text("/api/chat/stream").first.wait_for()
+    stream.get_by_role("button", name="200").first.click()
+    for branch in OPENAPI["components"]["schemas"]["ChatEvent"]["oneOf"]:  # each event, with its data
+        stream.get_by_role("button", name=branch["title"], exact=True).click()
+        stream.get_by_text(branch["description"].split("`")[1]).first.wait_for()
     shown = tab.page.eval_on_selector_all(
         "[data-section-id^='operation/']", "els => els.map(e => e.dataset.sectionId.split('/')[1])"
     )
@@ -2128,6 +2132,33 @@ def test_keys_never_reach_a_response_an_event_or_the_logs(
     for secret in (SERVICE_KEY, SERVER_KEY, "Incorrect API key"):
         assert all(secret not in text for text in texts), secret
         assert secret not in logged, secret
+
+
+def test_settings_never_show_the_keys_in_their_repr() -> None:
+    settings = server.Settings(api_key=SERVICE_KEY, server_api_key=SERVER_KEY, database_url="postgresql://u:pw@h/d")
+    assert all(secret not in repr(settings) for secret in (SERVICE_KEY, SERVER_KEY, "pw@"))
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [("/api/chat", {"message": "hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})],
+    ids=["api", "v1-stateful"],
+)
+def test_a_turn_stopped_as_it_lets_go_of_its_lease_still_delivers_its_last_event(
+    client: TestClient, upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any]
+) -> None:
+    # The window, widened: shutdown's grace runs out just as the failed turn lets go of its
+    # lease, before its error event is queued.
+    release = server.release_lease
+
+    def stop_the_turns_then_release(ctx: server.AppContext, conversation_id: str, lease: str) -> asyncio.Task[None]:
+        server.stop_turns(ctx)
+        return release(ctx, conversation_id, lease)
+
+    monkeypatch.setattr(server, "release_lease", stop_the_turns_then_release)
+    upstream.reset(Reply(status=500))
+    response = client.post(path, json={**body, "conversation_id": "c"})
+    assert response.status_code == 502 and "upstream_error" in response.text
 
 
 # ---------------------------------------------------------------------------
@@ -3062,6 +3093,9 @@ V1_BAD_REQUESTS = [
     ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}}, 400, INVALID),
     ("bad-body-conversation-id-under-a-header",
      {"json": {"messages": ASK, "conversation_id": ""}, "headers": {"X-Conversation-Id": "ok"}}, 400, INVALID),
+    ("lone-surrogate", {"content": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'}, 400, INVALID),
+    ("lone-surrogate-in-a-part", {"content": b'{"messages": [{"role": "user", "content": [{"type": "text", '
+                                             b'"text": "\\udfff"}]}]}'}, 400, INVALID),
     ("body-too-large", {"content": b"x" * 300_000}, 413, "payload_too_large"),
 ]  # fmt: skip
 
@@ -3158,13 +3192,14 @@ def stored_messages(url: str, conversation_id: str) -> list[dict[str, Any]]:
     return httpx.get(f"{url}/api/conversations/{conversation_id}", timeout=10).json()["messages"]
 
 
-def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client: TestClient) -> None:
-    response = client.get("/chat")
+@pytest.mark.parametrize("path", ["/chat", "/static/chat.html"])
+def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client: TestClient, path: str) -> None:
+    response = client.get(path)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert response.headers["cache-control"] == "no-cache"
     policy = response.headers["content-security-policy"]
     assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("style-src")[0]
-    again = client.get("/chat", headers={"If-None-Match": response.headers["etag"]})
+    again = client.get(path, headers={"If-None-Match": response.headers["etag"]})
     assert again.status_code == 304 and again.headers["content-security-policy"] == policy
     assert client.get("/").json()["chat_page"] == "/chat"
 
