@@ -2569,7 +2569,7 @@ def log_config(level: str) -> dict[str, Any]:
 def serve(app: Starlette, settings: Settings) -> None:
     """Run uvicorn as `python server.py` does: WORKERS processes, the busy rule holding across
     them through the database's leases."""
-    options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level.lower()}
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level.lower()}
     options["log_config"] = log_config(settings.log_level)
     if settings.workers == 1:
         uvicorn.run(app, **options)
