@@ -42,13 +42,23 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
+from json.encoder import (
+    encode_basestring,  # json's own C escaper, as with ensure_ascii=False
+)
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -72,8 +82,18 @@ from autogen_agentchat.messages import (
     ToolCallSummaryMessage,
 )
 from autogen_core import CancellationToken, Image
-from autogen_core.model_context import BufferedChatCompletionContext, ChatCompletionContextState
-from autogen_core.models import AssistantMessage, CreateResult, LLMMessage, ModelInfo, SystemMessage, UserMessage
+from autogen_core.model_context import (
+    BufferedChatCompletionContext,
+    ChatCompletionContextState,
+)
+from autogen_core.models import (
+    AssistantMessage,
+    CreateResult,
+    LLMMessage,
+    ModelInfo,
+    SystemMessage,
+    UserMessage,
+)
 from autogen_core.tools import FunctionTool, ToolSchema
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 from autogen_ext.models.openai import _model_info as autogen_model_info
@@ -531,7 +551,7 @@ def _evaluate(node: ast.AST) -> int | float:
     raise ValueError(f"Unsupported in arithmetic: {type(node).__name__}.")
 
 
-def _power_too_large(base: int | float, exponent: int | float) -> bool:
+def _power_too_large(base: float, exponent: float) -> bool:
     """Whether int ** int surely passes MAX_RESULT_BITS: Python computes it exactly, however
     long that takes. |base| has b bits, so |base| ** n has at least (b - 1) * n + 1. Other
     powers are floats, which overflow with an error instead."""
@@ -540,7 +560,7 @@ def _power_too_large(base: int | float, exponent: int | float) -> bool:
     return (abs(base).bit_length() - 1) * exponent + 1 > MAX_RESULT_BITS
 
 
-def _too_large(value: int | float) -> bool:
+def _too_large(value: float) -> bool:
     return value.bit_length() > MAX_RESULT_BITS if isinstance(value, int) else not math.isfinite(value)
 
 
@@ -1115,9 +1135,8 @@ class ChatClient(OpenAIChatCompletionClient):
         reasoning: list[str] = []  # filled by _create_stream_chunks, which gets it through the create args
         kwargs["extra_create_args"] = {**kwargs.get("extra_create_args", {}), REASONING_SINK: reasoning}
         async for item in super().create_stream(messages, **kwargs):
-            if isinstance(item, CreateResult) and reasoning:
-                if isinstance(item.content, str) or self.pass_reasoning:
-                    item.thought = "".join(reasoning)
+            if isinstance(item, CreateResult) and reasoning and (isinstance(item.content, str) or self.pass_reasoning):
+                item.thought = "".join(reasoning)
             yield item
 
     def _process_create_args(
@@ -1533,7 +1552,7 @@ class Turn:
                 raise
             yield "error", ApiError(self.stop_reason).body()
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the turn becomes its error event
             error = upstream_error(exc, self.ctx.settings)
             self._log_failure(error, exc)
             yield "error", error.body()
@@ -2014,11 +2033,11 @@ NO_VISION = "this model cannot read images (MODEL_VISION)"
 # is accepted and ignored.
 V1_NUMBERS = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
 # The face's tool lines in reasoning_content, found again when an app sends them back in content.
-FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).*(?:\n|$)", re.M)
+FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).*(?:\n|$)", re.MULTILINE)
 # Reasoning that apps fold into the content they send back: <think> (R1 style), Open WebUI's
 # <details type="reasoning">, NextChat's <!--THINKING--> quote.
 FOLDED_REASONING = re.compile(
-    r"<think>.*?</think>|<details type=\"reasoning\".*?</details>|<!--THINKING-->.*?<!--/THINKING-->", re.S
+    r"<think>.*?</think>|<details type=\"reasoning\".*?</details>|<!--THINKING-->.*?<!--/THINKING-->", re.DOTALL
 )
 
 
@@ -2133,7 +2152,7 @@ def v1_image(part: dict[str, Any], index: int) -> Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # PIL only warns of a decompression bomb up to 178M pixels
             return Image.from_base64(data)
-    except Exception:  # PIL fails on a broken file with many kinds of error
+    except Exception:  # noqa: BLE001 - PIL fails on a broken file with many kinds of error
         raise invalid(f"messages[{index}] has an image that cannot be read.") from None
 
 

@@ -33,7 +33,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import openai
@@ -297,7 +297,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         assert wait_until(lambda: self.server.started), "server did not start"
         return self
@@ -572,12 +572,11 @@ def assert_documented(response: httpx.Response) -> None:
 @contextlib.contextmanager
 def held_stream(url: str, body: dict[str, Any], upstream: FakeModelAPI) -> Iterator[tuple[str, Iterator[str]]]:
     """A stream kept open while its model call hangs at the fake API: its first text and the rest."""
-    with httpx.Client(timeout=10) as http:
-        with http.stream("POST", url + "/api/chat/stream", json=body) as response:
-            received = response.iter_text()  # one iterator: dropping it would close the stream
-            first = next(received)
-            assert wait_until(lambda: upstream.hanging == 1)
-            yield first, received
+    with httpx.Client(timeout=10) as http, http.stream("POST", url + "/api/chat/stream", json=body) as response:
+        received = response.iter_text()  # one iterator: dropping it would close the stream
+        first = next(received)
+        assert wait_until(lambda: upstream.hanging == 1)
+        yield first, received
 
 
 # ---------------------------------------------------------------------------
@@ -723,7 +722,7 @@ def test_calculate_tool_runs_end_to_end_and_its_result_reaches_the_model(
     service: ServerThread, upstream: FakeModelAPI
 ) -> None:
     upstream.reset(Reply(tool_calls=[("calculate", {"expression": "(2 + 3) * 4 ** 2"})]), Reply(content="It is 80."))
-    response, events = stream(service.url, {"message": "What is (2+3)*4^2?"})
+    _response, events = stream(service.url, {"message": "What is (2+3)*4^2?"})
     assert names(events) == [
         "status", "status", "tool_call", "tool_result", "status", "chunk", "chunk", "chunk", "message", "done",
     ]  # fmt: skip
@@ -1573,7 +1572,7 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
         "effort",
         "database-url",
         "pool-size",
-    ],  # fmt: skip
+    ],
 )
 def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
@@ -1723,7 +1722,7 @@ def fault_scenario(url: str, upstream: FakeModelAPI, fault: Reply) -> dict[str, 
         upstream.reset(Reply(content="kept"))
         http.post("/api/chat", json={"message": "first", "conversation_id": "f"})
         before = http.get("/api/conversations/f").json()
-        upstream.reset(fault, Reply(**{**fault.__dict__}))
+        upstream.reset(fault, Reply(**fault.__dict__))
         streamed = http.post("/api/chat/stream", json={"message": "boom", "conversation_id": "f"})
         answered = http.post("/api/chat", json={"message": "boom", "conversation_id": "f"})
         after = http.get("/api/conversations/f").json()
@@ -2342,7 +2341,7 @@ def test_a_database_path_that_cannot_be_opened_stops_start_up(
 def test_python_server_py_refuses_a_bad_setting_with_one_clear_line(tmp_path: Path, name: str, value: str) -> None:
     env = {**os.environ, name: value, "HOST": "127.0.0.1", "PORT": "1", "DATABASE_PATH": str(tmp_path / "ok.db")}
     env[name] = value
-    result = subprocess.run([sys.executable, str(HERE / "server.py")], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, str(HERE / "server.py")], check=False, cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.startswith(f"Configuration error: {name}={value!r}")
@@ -2366,7 +2365,9 @@ def test_an_unreachable_postgresql_stops_start_up_with_one_line_and_no_password(
 ) -> None:
     url = f"postgresql://chat:{POSTGRES_PASSWORD}@127.0.0.1:{free_port()}/chat"
     env = {**os.environ, "DATABASE_URL": url, "HOST": "127.0.0.1", "PORT": "1"}
-    result = subprocess.run([sys.executable, *command], cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, *command], check=False, cwd=HERE, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     [line] = [line for line in result.stderr.splitlines() if "DATABASE_URL" in line]
     assert line.split("Configuration error: ")[1].startswith("DATABASE_URL='postgresql://chat:***@127.0.0.1:")
@@ -3594,8 +3595,8 @@ MARKDOWN = [
     ("[docs](https://example.com/a?b=1&c=2)",
      '<p><a href="https://example.com/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer nofollow">docs</a></p>'),
     ("see https://example.com/x.",
-     '<p>see <a href="https://example.com/x" target="_blank" rel="noopener noreferrer nofollow">'
-     "https://example.com/x</a>.</p>"),
+     ('<p>see <a href="https://example.com/x" target="_blank" rel="noopener noreferrer nofollow">'
+     "https://example.com/x</a>.</p>")),
     ("[see https://a.example](https://b.example)",
      '<p><a href="https://b.example/" target="_blank" rel="noopener noreferrer nofollow">see https://a.example</a></p>'),
     ("[x](javascript:alert(1)) [y](data:text/html,hi) [z](ftp://h/)",
@@ -3617,7 +3618,7 @@ def test_markdown_renders_the_common_forms_and_never_html(tab: Tab, service: Ser
             "text => { const box = document.createElement('div'); box.append(renderMarkdown(text)); "
             "return box.innerHTML; }",
             text,
-        )  # fmt: skip
+        )
         for text, _ in MARKDOWN
     ]
     assert rendered == [html for _, html in MARKDOWN]
