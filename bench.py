@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -196,7 +197,7 @@ async def run_stream(
     result.total = time.perf_counter() - start
     if times:
         result.ttft = times[0] - start
-        result.gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        result.gaps = [b - a for a, b in itertools.pairwise(times)]
         result.tokens = len(times)
     elif result.error is None:
         result.error = "no tokens"
@@ -391,9 +392,9 @@ async def sweep(
         direct = [r for r in await staggered(paths["direct"], level, ramp_here) if not r.error]
         direct_ttft = statistics.median(r.ttft for r in direct) if direct else 0.0
         row: dict[str, Any] = {"streams": level, "direct_ttft_ms": ms(direct_ttft)}
-        for name in paths:
+        for name, path in paths.items():
             if name != "direct":
-                row[name] = await sweep_level(paths[name], pids[name], level, ramp_here, direct_ttft)
+                row[name] = await sweep_level(path, pids[name], level, ramp_here, direct_ttft)
         rows.append(row)
         print(f"  sweep {level:>5} streams: {row}", flush=True)
     return rows
@@ -594,8 +595,9 @@ def print_table(report: dict[str, Any]) -> None:
     conversation = report["conversation"]
     print("\n| other measures | bare relay | service |\n|---|---|---|")
     for figure, relay_value, service_value in [
-        ("added first-token p50 / p99 at concurrency 1 (ms)", f"{relay['added_ttft_p50_ms']} / "
-         f"{relay['added_ttft_p99_ms']}", f"{service['added_ttft_p50_ms']} / {service['added_ttft_p99_ms']}"),
+        ("added first-token p50 / p99 at concurrency 1 (ms)",
+         f"{relay['added_ttft_p50_ms']} / {relay['added_ttft_p99_ms']}",
+         f"{service['added_ttft_p50_ms']} / {service['added_ttft_p99_ms']}"),
         ("added gap p50 / p99 at concurrency 1 (ms)", f"{relay['added_gap_p50_ms']} / {relay['added_gap_p99_ms']}",
          f"{service['added_gap_p50_ms']} / {service['added_gap_p99_ms']}"),
         ("whole-stream time / direct", relay["stream_ratio"], service["stream_ratio"]),
