@@ -1,21 +1,25 @@
 """A self-hostable chat backend: an AutoGen agent behind a tiny HTTP API, streamed as SSE.
 
 One AutoGen ``AssistantAgent`` with tools talks to any OpenAI-compatible chat API
-(DeepSeek by default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Its faces:
-named SSE events at ``/api/chat/stream``, the same turn as JSON at ``/api/chat``, stored
-conversations at ``/api/conversations``, an OpenAI-compatible model at ``/v1`` (chat apps,
-openai SDKs), a chat page at ``/chat`` and the API documents at ``/docs`` and ``/redoc``.
-Conversations live in SQLite (``DATABASE_PATH``), or in one PostgreSQL shared by several
-instances (``DATABASE_URL``). Settings come from the environment and ``.env``.
+(DeepSeek by default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Each of its
+turns is one stream of events that every face renders: named SSE events at
+``/api/chat/stream``, JSON at ``/api/chat``, stored conversations at ``/api/conversations``,
+an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs), a chat page at ``/chat`` and
+the API documents at ``/docs`` and ``/redoc``. Conversations live in SQLite
+(``DATABASE_PATH``), or in one PostgreSQL shared by several instances (``DATABASE_URL``).
+Settings come from the environment and the ``.env`` beside this file.
 
 Run:
 
-    pip install -r requirements.txt
-    python server.py
+    python3 -m venv .venv && .venv/bin/pip install -r requirements.txt
+    .venv/bin/python server.py
 
 Try:
 
     curl -N localhost:8000/api/chat/stream -d '{"message": "现在东京几点？"}'
+
+The module reads top to bottom: settings and limits; errors and SSE; tools; storage; the
+AutoGen adapter; the turn; the faces, one section each; lifespan; routes; the app.
 """
 
 from __future__ import annotations
@@ -24,41 +28,38 @@ import ast
 import asyncio
 import base64
 import copy
+import dataclasses
+import difflib
+import enum
 import functools
 import gc
 import gzip
 import hashlib
 import hmac
+import importlib.metadata
+import io
 import ipaddress
 import json
 import logging
+import logging.config
 import math
 import operator
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from json.encoder import (
-    encode_basestring,  # json's own C escaper, as with ensure_ascii=False
-)
+from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -73,51 +74,63 @@ import psycopg_pool
 import pydantic
 import uvicorn
 from autogen_agentchat.agents import AssistantAgent
-from autogen_agentchat.messages import (
-    ModelClientStreamingChunkEvent,
-    MultiModalMessage,
-    TextMessage,
-    ToolCallExecutionEvent,
-    ToolCallRequestEvent,
-    ToolCallSummaryMessage,
-)
-from autogen_core import CancellationToken, Image
-from autogen_core.model_context import (
-    BufferedChatCompletionContext,
-    ChatCompletionContextState,
-)
+from autogen_agentchat.messages import MultiModalMessage, TextMessage, ToolCallExecutionEvent, ToolCallRequestEvent
+from autogen_core import CancellationToken, FunctionCall, Image
+from autogen_core.model_context import ChatCompletionContext, ChatCompletionContextState
 from autogen_core.models import (
     AssistantMessage,
+    ChatCompletionClient,
     CreateResult,
+    FunctionExecutionResultMessage,
     LLMMessage,
     ModelInfo,
+    RequestUsage,
     SystemMessage,
     UserMessage,
 )
-from autogen_core.tools import FunctionTool, ToolSchema
-from autogen_ext.models.openai import OpenAIChatCompletionClient
-from autogen_ext.models.openai import _model_info as autogen_model_info
-from autogen_ext.models.openai._openai_client import CreateParams
+from autogen_core.tools import FunctionTool, ImageResultContent, TextResultContent, ToolSchema, Workbench
+from autogen_core.tools import ToolResult as WorkbenchResult
+from autogen_ext.models.openai import _model_info as _autogen_model_info
 from dotenv import dotenv_values
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from PIL import Image as PILImage
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 logger = logging.getLogger("autogen_chat")
+HERE = Path(__file__).resolve().parent
 P = ParamSpec("P")
 T = TypeVar("T")
 
 # ---------------------------------------------------------------------------
-# Settings
+# Settings and limits
 # ---------------------------------------------------------------------------
+
+# Limits that shape behaviour but that no user should need to change; each says why it is
+# what it is. The ones a user may need to change are settings (below).
+HANDOVER_SECONDS = 0.25  # a new turn waits this long for a just-stopped turn of its conversation here
+SQLITE_BUSY_TIMEOUT_MS = 5000  # a locked SQLite file: the store's thread waits this long, off the loop
+POSTGRES_PING_SECONDS = 1.0  # /health answers within this even when PostgreSQL does not
+POSTGRES_CONNECT_SECONDS = 10  # start-up waits this long for PostgreSQL before it gives up
+POSTGRES_CLOSE_SECONDS = 2.0  # shutdown waits this long for the pool; the pool's own default is 5 s
+MAX_EXPRESSION_CHARS = 200  # calculate(): longer input is no arithmetic a chat needs
+MAX_RESULT_BITS = 4096  # calculate(): a bigger number is useless in a chat and slow to print
+MAX_TOOL_RESULT_CHARS = 20_000  # a tool result the model reads is cut here (about 5k tokens), saying so
+MAX_TOOL_RESULT_SHOWN = 500  # /v1 shows each tool result in reasoning_content cut to this
+MAX_MODEL_FIELD_CHARS = 256  # /v1 echoes 'model' in every chunk: a longer one is refused
+MAX_IMAGE_PIXELS = 50_000_000  # an image larger than this is refused before it is decoded
+PARSE_OFF_LOOP_BYTES = 64 * 1024  # a larger body is parsed on a thread: a few MB of JSON take tens of ms
+MAX_JSON_DEPTH = 64  # deeper JSON bodies are refused: nothing the API takes nests deeper
 
 DEFAULT_SYSTEM_MESSAGE = (
     "You are a helpful assistant. Answer in the user's language. "
@@ -125,7 +138,7 @@ DEFAULT_SYSTEM_MESSAGE = (
     "calculate for arithmetic."
 )
 CONVERSATION_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-HANDOVER_SECONDS = 0.25  # how long a new turn waits for a stopped turn of its conversation here
+CONVERSATION_ID_RULE = "'conversation_id' must match ^[A-Za-z0-9_.:-]{1,128}$ and be neither '.' nor '..'"
 
 # AutoGen only knows OpenAI's model names; these are DeepSeek's current ones (its Models &
 # Pricing page): deepseek-flash is V4.1 Flash and reads images; deepseek-v4-flash is still
@@ -149,6 +162,15 @@ MODEL_INFO_FLAGS = {
     "MODEL_JSON_OUTPUT": "json_output",
     "MODEL_STRUCTURED_OUTPUT": "structured_output",
 }
+# Every variable the settings read; .env.example lists exactly these. A name in .env close to
+# one of them (APIKEY, MODEL) is warned about at start-up.
+ENV_NAMES = (
+    "API_KEY", "MODEL_NAME", "BASE_URL", "THINKING", "REASONING_EFFORT", *MODEL_INFO_FLAGS, "MODEL_FAMILY",
+    "HOST", "PORT", "WORKERS", "SERVER_API_KEY", "CORS_ORIGINS", "SYSTEM_MESSAGE", "TOOLS", "MAX_TOOL_ROUNDS",
+    "DATABASE_PATH", "DATABASE_URL", "DATABASE_POOL_SIZE", "DATABASE_TIMEOUT", "MAX_HISTORY_MESSAGES",
+    "REQUEST_TIMEOUT", "MAX_RETRIES", "MAX_MESSAGE_CHARS", "MAX_BODY_BYTES", "V1_MAX_BODY_BYTES", "PING_INTERVAL",
+    "SHUTDOWN_GRACE_SECONDS", "LEASE_SECONDS", "LOG_LEVEL", "AGENT_MODEL_ID",
+)  # fmt: skip
 
 
 class SettingsError(ValueError):
@@ -197,6 +219,11 @@ def _env_database_url(env: Mapping[str, str]) -> str | None:
     return raw or None
 
 
+def _env_path(env: Mapping[str, str], name: str, default: str) -> str:
+    """A path; a relative one is taken from the folder of server.py (and of its .env)."""
+    return str(HERE / (env.get(name, "").strip() or default))
+
+
 def redact_url(url: str) -> str:
     """The URL with its password, in the user part or the query, shown as ***."""
     parts = urlsplit(url)
@@ -216,8 +243,9 @@ def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> 
 
 
 def _thinking_api(base_url: str, thinking: str | None, effort: str | None) -> bool:
-    """Whether the API takes DeepSeek's thinking fields and needs reasoning passed back:
-    DeepSeek's own, or any other where the user set THINKING or REASONING_EFFORT."""
+    """Whether the API takes DeepSeek's thinking fields: DeepSeek's own, or any other where
+    the user set THINKING or REASONING_EFFORT. (Reasoning is passed back wherever the API
+    streamed it, whatever the host.)"""
     host = urlsplit(base_url).hostname
     for name, value in (("THINKING", thinking), ("REASONING_EFFORT", effort)):
         if value and host in OPENAI_HOSTS:
@@ -234,14 +262,7 @@ def retired_model_note(model: str) -> str:
 
 def _model_info(env: Mapping[str, str], model: str) -> ModelInfo:
     """DeepSeek's or AutoGen's own info for the model, else a default; MODEL_* override."""
-    info = KNOWN_MODEL_INFO.get(model)
-    if info is None:
-        try:
-            # Private in 0.7.5, but the only way to ask AutoGen what it knows.
-            info = autogen_model_info.get_info(model)
-        except (KeyError, ValueError):
-            info = DEFAULT_MODEL_INFO
-    info = ModelInfo(**info)
+    info = ModelInfo(**(KNOWN_MODEL_INFO.get(model) or autogen_model_info(model) or DEFAULT_MODEL_INFO))
     for name, key in MODEL_INFO_FLAGS.items():
         flag = _env_bool(env, name)
         if flag is not None:
@@ -252,11 +273,20 @@ def _model_info(env: Mapping[str, str], model: str) -> ModelInfo:
 
 def _tool_names(env: Mapping[str, str]) -> tuple[str, ...]:
     raw = env.get("TOOLS")
-    names = tuple(TOOLS) if raw is None else tuple(n.strip() for n in raw.split(",") if n.strip())
-    unknown = [name for name in names if name not in TOOLS]
+    names = tuple(BUILT_IN_TOOLS) if raw is None else tuple(n.strip() for n in raw.split(",") if n.strip())
+    unknown = [name for name in names if name not in BUILT_IN_TOOLS]
     if unknown:
-        raise SettingsError(f"TOOLS={raw!r} names unknown tools {unknown}; known: {list(TOOLS)}")
+        raise SettingsError(f"TOOLS={raw!r} names unknown tools {unknown}; known: {list(BUILT_IN_TOOLS)}")
     return names
+
+
+def _cors_origins(env: Mapping[str, str], server_api_key: str | None) -> tuple[str, ...]:
+    """The origins whose pages may call. Unset: none without a server key (another local page
+    could read and run conversations), any with one (the key guards them)."""
+    raw = env.get("CORS_ORIGINS", "").strip()
+    if not raw:
+        return ("*",) if server_api_key else ()
+    return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
 
 @dataclass(frozen=True)
@@ -268,18 +298,21 @@ class Settings:
     port: int = 8000
     workers: int = 1
     system_message: str = DEFAULT_SYSTEM_MESSAGE
-    database_path: str = "conversations.db"
+    database_path: str = str(HERE / "conversations.db")
     database_url: str | None = field(default=None, repr=False)  # may hold a password
     database_pool_size: int = 4
+    database_timeout: float = 5.0
     max_history_messages: int = 40
-    cors_origins: tuple[str, ...] = ("*",)
+    cors_origins: tuple[str, ...] = ()
     request_timeout: float = 60.0
     max_retries: int = 2
     ping_interval: float = 15.0
     tools: tuple[str, ...] = ("get_current_time", "calculate")
+    max_tool_rounds: int = 8
     model_info: Mapping[str, Any] = field(default_factory=lambda: dict(KNOWN_MODEL_INFO["deepseek-flash"]))
     max_message_chars: int = 32000
     max_body_bytes: int = 256 * 1024
+    v1_max_body_bytes: int = 8 * 1024 * 1024
     server_api_key: str | None = field(default=None, repr=False)
     shutdown_grace_seconds: float = 10.0
     lease_seconds: float = 90.0
@@ -288,17 +321,16 @@ class Settings:
     reasoning_effort: str | None = None
     thinking_api: bool = True
     agent_model_id: str = "autogen-agent"
+    env_file: str | None = None  # the .env that was read, if any
+    notes: tuple[str, ...] = ()  # warnings found while reading, logged at start-up
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
+    def from_env(cls, env: Mapping[str, str], env_file: str | None = None) -> Settings:
         model = env.get("MODEL_NAME", "").strip() or cls.model_name
-        log_level = env.get("LOG_LEVEL", "").strip().upper() or cls.log_level
-        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise SettingsError(f"LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
         base_url = _env_url(env, "BASE_URL", cls.base_url)
         thinking = _env_choice(env, "THINKING", THINKING_MODES)
         effort = _env_choice(env, "REASONING_EFFORT", REASONING_EFFORTS)
-        origins = tuple(o.strip() for o in env.get("CORS_ORIGINS", "*").split(",") if o.strip())
+        server_api_key = env.get("SERVER_API_KEY", "").strip() or None
         return cls(
             api_key=env.get("API_KEY", "").strip() or None,
             model_name=model,
@@ -307,47 +339,69 @@ class Settings:
             port=_env_number(env, "PORT", cls.port, 1),
             workers=_env_number(env, "WORKERS", cls.workers, 1),
             system_message=env.get("SYSTEM_MESSAGE", "").strip() or DEFAULT_SYSTEM_MESSAGE,
-            database_path=env.get("DATABASE_PATH", "").strip() or cls.database_path,
+            database_path=_env_path(env, "DATABASE_PATH", "conversations.db"),
             database_url=_env_database_url(env),
             database_pool_size=_env_number(env, "DATABASE_POOL_SIZE", cls.database_pool_size, 1),
+            database_timeout=_env_number(env, "DATABASE_TIMEOUT", cls.database_timeout, 0.1),
             max_history_messages=_env_number(env, "MAX_HISTORY_MESSAGES", cls.max_history_messages, 1),
-            cors_origins=origins,
+            cors_origins=_cors_origins(env, server_api_key),
             request_timeout=_env_number(env, "REQUEST_TIMEOUT", cls.request_timeout, 0.001),
             max_retries=_env_number(env, "MAX_RETRIES", cls.max_retries),
             ping_interval=_env_number(env, "PING_INTERVAL", cls.ping_interval, 0.001),
             tools=_tool_names(env),
+            max_tool_rounds=_env_number(env, "MAX_TOOL_ROUNDS", cls.max_tool_rounds, 1),
             model_info=_model_info(env, model),
             max_message_chars=_env_number(env, "MAX_MESSAGE_CHARS", cls.max_message_chars, 1),
             max_body_bytes=_env_number(env, "MAX_BODY_BYTES", cls.max_body_bytes, 64),
-            server_api_key=env.get("SERVER_API_KEY", "").strip() or None,
+            v1_max_body_bytes=_env_number(env, "V1_MAX_BODY_BYTES", cls.v1_max_body_bytes, 64),
+            server_api_key=server_api_key,
             shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds, 0.001),
             lease_seconds=_env_number(env, "LEASE_SECONDS", cls.lease_seconds, 0.001),
-            log_level=log_level,
+            log_level=_env_log_level(env),
             thinking=thinking,
             reasoning_effort=effort,
             thinking_api=_thinking_api(base_url, thinking, effort),
             agent_model_id=env.get("AGENT_MODEL_ID", "").strip() or cls.agent_model_id,
+            env_file=env_file,
         )
 
 
-def load_settings() -> Settings:
-    """Settings from ``.env`` in the working directory, overridden by the real environment."""
-    env = {k: v for k, v in dotenv_values(".env").items() if v is not None}
-    env.update(os.environ)
-    return Settings.from_env(env)
+def _env_log_level(env: Mapping[str, str]) -> str:
+    level = env.get("LOG_LEVEL", "").strip().upper() or Settings.log_level
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise SettingsError(f"LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+ENV_FILE = HERE / ".env"
+
+
+def load_settings(env_file: Path = ENV_FILE) -> Settings:
+    """Settings from the .env beside server.py (whatever the working directory), overridden
+    by the real environment."""
+    dotenv = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
+    settings = Settings.from_env({**dotenv, **os.environ}, str(env_file) if env_file.is_file() else None)
+    return dataclasses.replace(settings, notes=tuple(misspelt_settings(dotenv, env_file)))
+
+
+def misspelt_settings(dotenv: Mapping[str, str], env_file: Path) -> Iterator[str]:
+    """A warning for each name in .env that is not a setting but close to one (APIKEY, MODEL)."""
+    for name in dotenv:
+        if name not in ENV_NAMES and (close := difflib.get_close_matches(name, ENV_NAMES, 1, 0.6)):
+            yield f"{name} in {env_file} is not a setting: did you mean {close[0]}?"
 
 
 # ---------------------------------------------------------------------------
-# Errors and SSE formatting
+# Errors and SSE
 # ---------------------------------------------------------------------------
 
+# Every error a client can get: its code, HTTP status and default message. Each face gives it
+# in one shape (ErrorShape below): the /api faces and AG-UI's refusals as API_ERRORS, /v1 as
+# OPENAI_ERRORS; inside a stream as the face's own error event.
 ERRORS: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "The request body is not valid JSON."),
     "unauthorized": (401, "Send the server key as 'Authorization: Bearer <SERVER_API_KEY>'."),
-    "origin_not_allowed": (
-        403,
-        "A page of this origin may only send JSON (Content-Type: application/json); or list it in CORS_ORIGINS.",
-    ),
+    "origin_not_allowed": (403, "Pages of this origin may not call this server: list it in CORS_ORIGINS."),
     "not_found": (404, "Not found."),
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
@@ -367,23 +421,25 @@ ERRORS: dict[str, tuple[int, str]] = {
     "database_unavailable": (503, "The database is not answering; try again shortly."),
     "upstream_timeout": (504, "The model API did not answer in time (REQUEST_TIMEOUT)."),
 }
-
-
-# Seconds to wait before trying again, by status, for errors that do not know better.
-RETRY_AFTER = {409: 1, 503: 5}
+RETRY_AFTER = {409: 1, 503: 5}  # seconds to wait before trying again, by status, unless the error knows better
 
 
 class ApiError(Exception):
-    """An error for the client: a code from ERRORS, with an optional clearer message."""
+    """An error for the client: a code from ERRORS, with an optional clearer message and,
+    for /v1, the request field at fault (`param`)."""
 
-    def __init__(self, code: str, message: str | None = None, retry_after: int | None = None):
+    def __init__(
+        self, code: str, message: str | None = None, retry_after: int | None = None, param: str | None = None
+    ) -> None:
         super().__init__(code)
         self.code = code
         self.status_code = ERRORS[code][0]
         self.message = message or ERRORS[code][1]
         self.retry_after = RETRY_AFTER.get(self.status_code) if retry_after is None else retry_after
+        self.param = param
 
-    def body(self) -> dict[str, Any]:
+    def detail(self) -> dict[str, Any]:
+        """code, message and retry_after: what every face says of an error."""
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.retry_after is not None:
             error["retry_after"] = self.retry_after
@@ -395,9 +451,37 @@ class ApiError(Exception):
             headers["WWW-Authenticate"] = "Bearer"
         return headers
 
-    def response(self) -> JSONResponse:
-        content = {"status": "error", "error": self.body()}
-        return JSONResponse(content, status_code=self.status_code, headers=self.headers())
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError("validation_error", message, param=param)
+
+
+@dataclass(frozen=True)
+class ErrorShape:
+    """How a face answers an error with an HTTP response: its status and body."""
+
+    name: str
+    body: Callable[[ApiError], dict[str, Any]]
+    statuses: Mapping[int, int] = field(default_factory=dict)  # the face's status for ours, where it differs
+
+    def status(self, error: ApiError) -> int:
+        return self.statuses.get(error.status_code, error.status_code)
+
+    def response(self, error: ApiError) -> JSONResponse:
+        return JSONResponse(self.body(error), status_code=self.status(error), headers=error.headers())
+
+
+def openai_error(error: ApiError) -> dict[str, Any]:
+    """OpenAI's error object: the type by status, as its SDKs map it."""
+    status = error.status_code
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+
+
+API_ERRORS = ErrorShape("api", lambda error: {"status": "error", "error": error.detail()})
+# OpenAI answers every malformed request with 400.
+OPENAI_ERRORS = ErrorShape("openai", openai_error, {415: 400, 422: 400})
 
 
 class UpstreamIncomplete(Exception):
@@ -405,7 +489,7 @@ class UpstreamIncomplete(Exception):
 
 
 class DatabaseUnavailable(Exception):
-    """The database cannot answer now (locked, unreachable, restarting); the client may retry."""
+    """The database cannot answer now (locked, unreachable, read-only, restarting); the client may retry."""
 
 
 class LeaseLost(Exception):
@@ -413,6 +497,7 @@ class LeaseLost(Exception):
 
 
 WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair: no UTF-8 text (database, model API) holds it
 
 
 def whole_number(text: str) -> int | None:
@@ -420,29 +505,67 @@ def whole_number(text: str) -> int | None:
     return int(text) if WHOLE_NUMBER.fullmatch(text) else None
 
 
+def as_text(text: str) -> str:
+    """Text fit for UTF-8: a lone surrogate (JSON may escape one) becomes U+FFFD."""
+    return text if text.isascii() or not LONE_SURROGATE.search(text) else LONE_SURROGATE.sub("\ufffd", text)
+
+
 def upstream_error(exc: BaseException, settings: Settings) -> ApiError:
-    """Map a failure of the model API to a client error; never passes its text on."""
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-        return ApiError("upstream_auth")
-    if isinstance(exc, openai.RateLimitError):
-        return ApiError("upstream_rate_limited", retry_after=whole_number(exc.response.headers.get("retry-after", "")))
-    if isinstance(exc, openai.NotFoundError) or _is_unknown_model(exc):
-        model = settings.model_name
-        message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
-        return ApiError("model_not_found", message.strip())
+    """The client's error for a failure of the turn: of the model API, the database, or a bug."""
+    if isinstance(exc, openai.APIStatusError):
+        return _status_error(exc, settings)
     if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException) and not _cannot_connect(exc):
         return ApiError("upstream_timeout")
     if isinstance(exc, openai.APIConnectionError | httpx.ConnectError):
         return ApiError("upstream_unreachable")
-    if isinstance(exc, UpstreamIncomplete):
-        return ApiError("upstream_incomplete")
-    if isinstance(exc, DatabaseUnavailable):
-        return ApiError("database_unavailable")
-    if isinstance(exc, LeaseLost):
-        return ApiError("turn_superseded")
+    known = {UpstreamIncomplete: "upstream_incomplete", DatabaseUnavailable: "database_unavailable"}
+    known |= {LeaseLost: "turn_superseded", ApiError: ""}
+    for kind, code in known.items():
+        if isinstance(exc, kind):
+            return exc if isinstance(exc, ApiError) else ApiError(code)
     if isinstance(exc, openai.APIError | httpx.HTTPError | json.JSONDecodeError):
-        return ApiError("upstream_error")
+        return ApiError("upstream_error", _upstream_said(exc, settings))
     return ApiError("internal_error")
+
+
+def _status_error(exc: openai.APIStatusError, settings: Settings) -> ApiError:
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return ApiError("upstream_auth")
+    if isinstance(exc, openai.RateLimitError):
+        return ApiError("upstream_rate_limited", retry_after=whole_number(exc.response.headers.get("retry-after", "")))
+    if _is_unknown_model(exc):
+        model = settings.model_name
+        message = f"The model API does not know MODEL_NAME={model!r}. {retired_model_note(model)}"
+        return ApiError("model_not_found", message.strip())
+    if isinstance(exc, openai.NotFoundError):
+        base = settings.base_url
+        hint = "" if urlsplit(base).path.rstrip("/").endswith("/v1") else " (does it end in /v1?)"
+        return ApiError("upstream_error", f"The model API has no chat completions under BASE_URL={base}{hint}.")
+    return ApiError("upstream_error", _upstream_said(exc, settings))
+
+
+def _is_unknown_model(exc: openai.APIStatusError) -> bool:
+    # DeepSeek answers an unknown model name with a 400 "Model Not Exist", OpenAI with a 404
+    # whose code is model_not_found; other 404s are a wrong BASE_URL.
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return body.get("message") == "Model Not Exist" or body.get("code") == "model_not_found"
+
+
+# What looks like a credential in an upstream's message: key-like tokens, bearer values, long secrets.
+SECRET_LIKE = re.compile(r"(?i)\b(?:sk|pk|rk|key|token)[-_][A-Za-z0-9_-]{6,}|\bbearer\s+\S+|\b[A-Za-z0-9_-]{32,}\b")
+
+
+def _upstream_said(exc: BaseException, settings: Settings) -> str:
+    """Our message with the upstream's own words, of anything that looks like a key redacted."""
+    body = getattr(exc, "body", None)
+    said = body.get("message") if isinstance(body, dict) else None
+    said = said if isinstance(said, str) and said.strip() else getattr(exc, "message", "") or ""
+    if settings.api_key:
+        said = said.replace(settings.api_key, "***")
+    said = SECRET_LIKE.sub("***", as_text(" ".join(said[:2000].split())))[:500]
+    status = getattr(exc, "status_code", None)
+    prefix = f"The model API answered {status}" if status else "The model API failed"
+    return f"{prefix}: {said}" if said else ERRORS["upstream_error"][1]
 
 
 def _cannot_connect(exc: BaseException | None) -> bool:
@@ -451,38 +574,33 @@ def _cannot_connect(exc: BaseException | None) -> bool:
     while exc is not None:
         if isinstance(exc, aiohttp.ClientConnectorError):
             return True
-        exc = exc.__cause__
+        exc = exc.__cause__ or exc.__context__
     return False
 
 
-def _is_unknown_model(exc: BaseException) -> bool:
-    # DeepSeek answers an unknown model name with a 400, not OpenAI's 404.
-    body = getattr(exc, "body", None)
-    return (
-        isinstance(exc, openai.BadRequestError) and isinstance(body, dict) and body.get("message") == "Model Not Exist"
-    )
+def failure_cause(exc: BaseException) -> str:
+    """What failed, for a log line: a refused connection is called one, not a time-out."""
+    status = getattr(exc, "status_code", None)
+    if _cannot_connect(exc):
+        return "connection refused or host unknown"
+    return f"{type(exc).__name__}{f' {status}' if status else ''}"
 
 
 # One encoder for all: json.dumps() with any option builds a new encoder on every call.
 dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one line, Chinese readable
-
-Event = tuple[str, dict[str, Any]]
-PING: Event = ("ping", {})
-
-
-def sse_event(event: Event) -> bytes:
-    # JSON escapes newlines, so one data: line always carries the whole event.
-    name, data = event
-    if name in TEXT_EVENTS:  # one per token: skip the dict encoder
-        return f'event: {name}\ndata: {{"content":{encode_basestring(data["content"])}}}\n\n'.encode()
-    return SSE_PING if event is PING else f"event: {name}\ndata: {dumps(data)}\n\n".encode()
-
-
-TEXT_EVENTS = {"chunk", "thought"}
-
-
-SSE_PING = b": ping\n\n"
+SSE_PING = b": ping\n\n"  # a comment: every SSE parser skips it, proxies see a live stream
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+def sse(name: str | None, data: Any) -> bytes:
+    """One server-sent event; JSON escapes newlines, so one data: line carries it whole."""
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {dumps(data)}\n\n".encode()
+
+
+def sse_text(name: str, text: str) -> bytes:
+    """An event whose data is {"content": text}: one per token, so it skips the dict encoder."""
+    return f'event: {name}\ndata: {{"content":{encode_basestring(text)}}}\n\n'.encode()
 
 
 def utc_now() -> str:
@@ -490,11 +608,9 @@ def utc_now() -> str:
 
 
 # ---------------------------------------------------------------------------
-# Tools
+# Tools: the built-ins
 # ---------------------------------------------------------------------------
 
-MAX_EXPRESSION_CHARS = 200
-MAX_RESULT_BITS = 4096
 BINARY_OPERATORS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -536,19 +652,22 @@ def _evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
         return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
-        left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and _power_too_large(left, right):
-            raise ValueError("Result too large.")
-        try:
-            result = BINARY_OPERATORS[type(node.op)](left, right)
-        except ZeroDivisionError:
-            raise ValueError("Division by zero.") from None
-        except OverflowError:
-            raise ValueError("Result too large.") from None
-        if isinstance(result, complex) or _too_large(result):
-            raise ValueError("Result too large or not a real number.")
-        return result
+        return _binary(node.op, _evaluate(node.left), _evaluate(node.right))
     raise ValueError(f"Unsupported in arithmetic: {type(node).__name__}.")
+
+
+def _binary(op: ast.operator, left: float, right: float) -> int | float:
+    if isinstance(op, ast.Pow) and _power_too_large(left, right):
+        raise ValueError("Result too large.")
+    try:
+        result = BINARY_OPERATORS[type(op)](left, right)
+    except ZeroDivisionError:
+        raise ValueError("Division by zero.") from None
+    except OverflowError:
+        raise ValueError("Result too large.") from None
+    if isinstance(result, complex) or _too_large(result):
+        raise ValueError("Result too large or not a real number.")
+    return result
 
 
 def _power_too_large(base: float, exponent: float) -> bool:
@@ -564,289 +683,204 @@ def _too_large(value: float) -> bool:
     return value.bit_length() > MAX_RESULT_BITS if isinstance(value, int) else not math.isfinite(value)
 
 
-TOOLS: dict[str, Callable[..., str]] = {"get_current_time": get_current_time, "calculate": calculate}
-
-
-class Tool(FunctionTool):
-    """A FunctionTool whose schema is built once: AutoGen 0.7.5 rebuilds it (a pydantic JSON
-    schema, about 1 ms a tool) on every model call."""
-
-    @functools.cached_property
-    def schema(self) -> ToolSchema:  # type: ignore[override]
-        return super().schema
-
-
-def build_tools(names: tuple[str, ...]) -> list[FunctionTool]:
-    return [Tool(TOOLS[name], description=TOOLS[name].__doc__ or name) for name in names]
+BUILT_IN_TOOLS: dict[str, Callable[..., str]] = {"get_current_time": get_current_time, "calculate": calculate}
 
 
 # ---------------------------------------------------------------------------
-# Storage: the interface and SQLite
+# Tools: what the agent may call, and the gate a call passes
+# ---------------------------------------------------------------------------
+
+ToolRun = Callable[[Mapping[str, Any], CancellationToken], Awaitable[WorkbenchResult]]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool as the model sees it (`schema`, under the name it calls) and as the server runs it."""
+
+    schema: ToolSchema
+    run: ToolRun
+    server: str | None = None  # the MCP server it comes from; None: built in
+    approval: bool = False  # a person must allow each call first
+    timeout: float | None = None  # seconds a call may take
+
+
+class ToolOutcome(enum.StrEnum):
+    """How a tool call ended, as the events and the metrics tell it."""
+
+    OK = "ok"
+    ERROR = "error"
+    DENIED = "denied"
+    TIMEOUT = "timeout"
+
+
+class Approval(enum.StrEnum):
+    """A person's decision on a tool call, and the life of one: PENDING moves once, to one of
+    the others, in the store (SQL that updates only a pending row), whichever side is first."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+class Gate(Protocol):
+    """What a face lets happen to a tool call that needs a person's approval, and to a call of a
+    client's tool: asked for and awaited (the SSE stream), refused (faces that cannot ask), or
+    handed over to the client, ending the turn (client tools; AG-UI's interrupts)."""
+
+    async def approve(self, call: FunctionCall, spec: ToolSpec) -> str | None:
+        """None to run the call; else why it was not run, for the model to read."""
+        ...
+
+    def hand_over(self, call: FunctionCall) -> None:
+        """The call is the client's to run: the turn ends once this round of calls is done."""
+        ...
+
+
+def built_in_tools(names: Sequence[str]) -> list[ToolSpec]:
+    return [_function_spec(FunctionTool(BUILT_IN_TOOLS[name], description=BUILT_IN_TOOLS[name].__doc__ or name))
+            for name in names]  # fmt: skip
+
+
+def _function_spec(tool: FunctionTool) -> ToolSpec:
+    async def run(arguments: Mapping[str, Any], token: CancellationToken) -> WorkbenchResult:
+        try:
+            value = await tool.run_json(arguments, token)
+        except Exception as exc:  # noqa: BLE001 - the model reads what went wrong and goes on
+            return tool_result(tool.name, str(exc), is_error=True)
+        return tool_result(tool.name, tool.return_value_as_string(value))
+
+    return ToolSpec(schema=tool.schema, run=run)  # built once: FunctionTool rebuilds it at every call
+
+
+def tool_result(name: str, text: str, is_error: bool = False) -> WorkbenchResult:
+    return WorkbenchResult(name=name, result=[TextResultContent(content=text)], is_error=is_error)
+
+
+def _cut(part: TextResultContent | ImageResultContent) -> TextResultContent | ImageResultContent:
+    """A tool's text as the model reads it: fit for UTF-8, cut at MAX_TOOL_RESULT_CHARS, saying so."""
+    if not isinstance(part, TextResultContent):
+        return part
+    text, more = as_text(part.content[:MAX_TOOL_RESULT_CHARS]), len(part.content) - MAX_TOOL_RESULT_CHARS
+    return TextResultContent(content=f"{text}\n[cut: {more} more characters]" if more > 0 else text)
+
+
+class Toolbox(Workbench):
+    """The tools of one turn as AutoGen's agent sees them: the server's tools, and the client's
+    (called by the model, run by the client). Each call passes the face's gate first where it
+    needs to, runs within its time limit and is remembered with its outcome."""
+
+    def __init__(self, tools: Sequence[ToolSpec], client_tools: Sequence[ToolSchema], gate: Gate) -> None:
+        self.specs = {spec.schema["name"]: spec for spec in tools}
+        self.client_tools = {schema["name"] for schema in client_tools}
+        self.schemas = [spec.schema for spec in tools] + list(client_tools)
+        self.gate = gate
+        self.outcomes: dict[str, ToolOutcome] = {}
+
+    async def list_tools(self) -> list[ToolSchema]:
+        return self.schemas
+
+    async def call_tool(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        cancellation_token: CancellationToken | None = None,
+        call_id: str | None = None,
+    ) -> WorkbenchResult:
+        call = FunctionCall(id=call_id or "", name=name, arguments=dumps(arguments or {}))
+        if name in self.client_tools:
+            self.gate.hand_over(call)
+            return tool_result(name, "(run by the client)")
+        spec = self.specs[name]
+        if spec.approval and (refusal := await self.gate.approve(call, spec)) is not None:
+            self.outcomes[call.id] = ToolOutcome.DENIED
+            return tool_result(name, refusal, is_error=True)
+        result, self.outcomes[call.id] = await self._run(spec, arguments or {}, cancellation_token)
+        return result.model_copy(update={"result": [_cut(part) for part in result.result]})
+
+    @staticmethod
+    async def _run(
+        spec: ToolSpec, arguments: Mapping[str, Any], token: CancellationToken | None
+    ) -> tuple[WorkbenchResult, ToolOutcome]:
+        try:
+            async with asyncio.timeout(spec.timeout):
+                result = await spec.run(arguments, token or CancellationToken())
+        except TimeoutError:
+            text = f"The tool did not answer within {spec.timeout:g} s."
+            return tool_result(spec.schema["name"], text, is_error=True), ToolOutcome.TIMEOUT
+        except Exception:  # AutoGen's agent waits for ever on a tool that raises: never let one
+            logger.exception("tool %s failed", spec.schema["name"])
+            return tool_result(spec.schema["name"], "The tool failed.", is_error=True), ToolOutcome.ERROR
+        return result, ToolOutcome.ERROR if result.is_error else ToolOutcome.OK
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def reset(self) -> None:
+        pass
+
+    async def save_state(self) -> Mapping[str, Any]:
+        return {}
+
+    async def load_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Storage: the contract, and what both databases share
 # ---------------------------------------------------------------------------
 
 
 class Store(Protocol):
-    """Conversations and the one-turn-per-conversation leases. Two implementations, chosen
-    by the settings: SQLiteStore (DATABASE_PATH) and PostgresStore (DATABASE_URL). Every call
-    raises DatabaseUnavailable when the database cannot answer."""
+    """Where conversations live, and the leases that let one turn at a time run on each.
+    SQLiteStore (DATABASE_PATH) and PostgresStore (DATABASE_URL) keep it alike, with the same
+    SQL (STATEMENTS) and the same rows. Every call raises DatabaseUnavailable when the
+    database cannot answer in time; a call that failed changed nothing."""
 
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Create or check the schema and connect: SettingsError if the database cannot be used."""
+
     async def close(self) -> None: ...
-    async def ping(self) -> bool: ...
-    async def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool: ...
+
+    async def health(self) -> str | None:
+        """None while the database answers and takes writes; else what is wrong."""
+
+    async def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        """Take the conversation's lease for `seconds`, on the database's clock, unless another
+        owner holds one that has not expired."""
 
     async def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
         """Extend the lease if `owner` still holds it; False when another turn has taken it."""
-        ...
 
-    async def release_lease(self, conversation_id: str, owner: str) -> None: ...
-    async def load_state(self, conversation_id: str) -> dict[str, Any] | None: ...
+    async def release_lease(self, conversation_id: str, owner: str) -> None:
+        """Delete the lease if `owner` holds it."""
+
+    async def load_state(self, conversation_id: str) -> dict[str, Any] | None:
+        """The agent's saved state (its history window), or None for a new conversation."""
 
     async def save_turn(
-        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+        self, conversation_id: str, state: Mapping[str, Any], records: Sequence[Mapping[str, Any]], lease: str
     ) -> None:
-        """Store a completed turn and delete its lease in one transaction; LeaseLost (and
-        nothing stored) if the lease is no longer this turn's."""
-        ...
+        """Store a completed turn (the agent's state and the turn's records, appended) and delete
+        its lease, in one transaction; LeaseLost, and nothing stored, if the lease is gone."""
 
-    async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]: ...
-    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None: ...
-    async def delete_conversation(self, conversation_id: str) -> bool: ...
+    async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """A page of conversation summaries, most recently updated first, and how many there are."""
 
+    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        """The conversation with all its records, or None."""
 
-def open_store(settings: Settings) -> Store:
-    """The store the settings choose, not yet opened."""
-    if settings.database_url:
-        return PostgresStore(settings.database_url, settings.database_pool_size)
-    return SQLiteStore(settings.database_path)
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        """Delete the conversation and its records; False if there was none."""
 
 
-def database_name(settings: Settings) -> str:
-    """The database in use, fit for a log line: never its password."""
-    return redact_url(settings.database_url) if settings.database_url else settings.database_path
-
-
-async def check_store(settings: Settings) -> None:
-    """Open and close the store: SettingsError if the database cannot be used."""
-    store = open_store(settings)
-    await store.open()
-    await store.close()
-
-
-SUMMARY_KEYS = ("conversation_id", "title", "message_count", "created_at", "updated_at")
-CONVERSATION_KEYS = ("conversation_id", "title", "created_at", "updated_at")
-SQLITE_BUSY_TIMEOUT_MS = 5000
-SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS conversations (
-    id TEXT PRIMARY KEY,
-    title TEXT NOT NULL,
-    state TEXT NOT NULL,
-    message_count INTEGER NOT NULL,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS conversations_by_update ON conversations (updated_at DESC, id);
-CREATE TABLE IF NOT EXISTS messages (
-    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (conversation_id, seq)
-);
-CREATE TABLE IF NOT EXISTS leases (
-    conversation_id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    expires_at REAL NOT NULL
-);
-"""
-
-
-def off_the_loop_if_locked(
-    method: Callable[Concatenate[SQLiteStore, sqlite3.Connection, P], T],
-) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
-    """Run a SQLiteStore method at once on a connection that never waits, or, when that
-    finds the file locked, on the store's own thread, whose connection waits busy_timeout
-    there: a lock held by another process must not stall the event loop. A call that
-    failed changed nothing (one statement, or a rolled-back transaction): it can run again."""
-
-    @functools.wraps(method)
-    async def call(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
-        if not self.queued:  # else after the queued calls, in order
-            with suppress(sqlite3.OperationalError):
-                return method(self, self._connection(self.quick), *args, **kwargs)
-        loop = asyncio.get_running_loop()
-        self.queued += 1
-        work = self.thread.submit(method, self, self._connection(self.db), *args, **kwargs)
-        # Counted until the thread is done with it: a cancelled caller does not stop the thread,
-        # and a call that overtook it on the loop would run out of order.
-        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._dequeue))
-        try:
-            return await asyncio.wrap_future(work)
-        except sqlite3.OperationalError as exc:
-            raise DatabaseUnavailable(f"SQLite: {exc}") from None
-
-    return call
-
-
-class SQLiteStore:
-    """Conversations in one SQLite file (WAL, synchronous=NORMAL). A call runs at once on the
-    event loop (a few microseconds, cheaper than any hop to a thread) unless the file is
-    locked: then it waits on the store's one thread, which runs such calls in turn."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-        self.queued = 0
-        self.db: sqlite3.Connection | None = None  # the thread's
-        self.quick: sqlite3.Connection | None = None  # the loop's, busy_timeout=0
-
-    def _dequeue(self) -> None:
-        self.queued -= 1
-
-    async def open(self) -> None:
-        try:
-            self.db = self._connect(SQLITE_BUSY_TIMEOUT_MS)
-            self.db.executescript(SQLITE_SCHEMA)
-            self.quick = self._connect(0)
-        except sqlite3.Error as exc:
-            await self.close()
-            raise SettingsError(f"DATABASE_PATH={self.path!r} cannot be opened or written: {exc}") from None
-
-    def _connect(self, busy_timeout_ms: int) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        return db
-
-    async def close(self) -> None:
-        for db in (self.quick, self.db):
-            if db is not None:
-                await asyncio.get_running_loop().run_in_executor(self.thread, db.close)
-        self.thread.shutdown()
-
-    async def ping(self) -> bool:
-        try:
-            await self._select_one()
-        except (sqlite3.Error, DatabaseUnavailable):
-            return False
-        return True
-
-    @off_the_loop_if_locked
-    def _select_one(self, db: sqlite3.Connection) -> None:
-        db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
-
-    @staticmethod
-    def _connection(db: sqlite3.Connection | None) -> sqlite3.Connection:
-        if db is None:
-            raise sqlite3.OperationalError("the store is not open")
-        return db
-
-    @off_the_loop_if_locked
-    def acquire_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str, seconds: float) -> bool:
-        now = time.time()
-        cursor = db.execute(
-            "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE"
-            " SET owner = excluded.owner, expires_at = excluded.expires_at"
-            " WHERE leases.expires_at < ?",
-            (conversation_id, owner, now + seconds, now),
-        )
-        return cursor.rowcount == 1
-
-    @off_the_loop_if_locked
-    def renew_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str, seconds: float) -> bool:
-        cursor = db.execute(
-            "UPDATE leases SET expires_at = ? WHERE conversation_id = ? AND owner = ?",
-            (time.time() + seconds, conversation_id, owner),
-        )
-        return cursor.rowcount == 1
-
-    @off_the_loop_if_locked
-    def release_lease(self, db: sqlite3.Connection, conversation_id: str, owner: str) -> None:
-        db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, owner))
-
-    @off_the_loop_if_locked
-    def load_state(self, db: sqlite3.Connection, conversation_id: str) -> dict[str, Any] | None:
-        row = db.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    @off_the_loop_if_locked
-    def save_turn(
-        self,
-        db: sqlite3.Connection,
-        conversation_id: str,
-        state: Mapping[str, Any],
-        messages: list[dict[str, Any]],
-        lease: str,
-    ) -> None:
-        now = utc_now()
-        with self._transaction(db):
-            released = db.execute(
-                "DELETE FROM leases WHERE conversation_id = ? AND owner = ?", (conversation_id, lease)
-            )
-            if released.rowcount != 1:
-                raise LeaseLost
-            row = db.execute("SELECT message_count FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-            seq = row[0] if row else 0
-            title = messages[0].get("content", "")[:80]
-            db.execute(
-                "INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
-                " SET state = excluded.state, message_count = excluded.message_count,"
-                " updated_at = excluded.updated_at",
-                (conversation_id, title, dumps(state), seq + len(messages), now, now),
-            )
-            db.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?)",
-                [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
-            )
-
-    @staticmethod
-    @contextmanager
-    def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # a failed COMMIT must not leave the write lock held
-                db.execute("ROLLBACK")
-            raise
-
-    @off_the_loop_if_locked
-    def list_conversations(self, db: sqlite3.Connection, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        rows = db.execute(
-            "SELECT id, title, message_count, created_at, updated_at FROM conversations"
-            " ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
-            (limit, offset),
-        ).fetchall()
-        total = db.execute("SELECT count(*) FROM conversations").fetchone()[0]
-        return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
-
-    @off_the_loop_if_locked
-    def get_conversation(self, db: sqlite3.Connection, conversation_id: str) -> dict[str, Any] | None:
-        row = db.execute(
-            "SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?", (conversation_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        bodies = db.execute(
-            "SELECT body FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
-        ).fetchall()
-        return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
-
-    @off_the_loop_if_locked
-    def delete_conversation(self, db: sqlite3.Connection, conversation_id: str) -> bool:
-        cursor = db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
-        return cursor.rowcount > 0
-
-
-# ---------------------------------------------------------------------------
-# Storage: PostgreSQL
-# ---------------------------------------------------------------------------
-
-POSTGRES_SCHEMA_VERSION = 1
-POSTGRES_SCHEMA_LOCK = 0x636861740001  # any fixed number: the key of the advisory lock around schema changes
-POSTGRES_SCHEMA = """
+# The SQL both databases run, with %s for a parameter. A dialect states all they differ in:
+# column types in the schema, the placeholder, and the database's own clock (leases never
+# trust the clocks of the machines that run the server).
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);
 CREATE TABLE IF NOT EXISTS conversations (
     id text PRIMARY KEY,
@@ -866,26 +900,276 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS leases (
     conversation_id text PRIMARY KEY,
     owner text NOT NULL,
-    expires_at timestamptz NOT NULL
+    expires_at {clock_type} NOT NULL
 );
 """
-POSTGRES_WAIT_SECONDS = 5.0  # for a pooled connection before a call answers database_unavailable
-POSTGRES_PING_SECONDS = 1.0
-POSTGRES_CONNECT_SECONDS = 10
+SCHEMA_VERSION = 1
+STATEMENTS = {
+    "acquire_lease": "INSERT INTO leases VALUES (%s, %s, {later}) ON CONFLICT (conversation_id) DO UPDATE"
+    " SET owner = excluded.owner, expires_at = excluded.expires_at WHERE leases.expires_at < {now}",
+    "renew_lease": "UPDATE leases SET expires_at = {later} WHERE conversation_id = %s AND owner = %s",
+    "release_lease": "DELETE FROM leases WHERE conversation_id = %s AND owner = %s",
+    "load_state": "SELECT state FROM conversations WHERE id = %s",
+    # The new rows' first seq is the count before them: message_count after, less their number.
+    "save_conversation": "INSERT INTO conversations VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+    " SET state = excluded.state, message_count = conversations.message_count + excluded.message_count,"
+    " updated_at = excluded.updated_at RETURNING message_count",
+    "save_message": "INSERT INTO messages VALUES (%s, %s, %s)",
+    "list_conversations": "SELECT id, title, message_count, created_at, updated_at FROM conversations"
+    " ORDER BY updated_at DESC, id LIMIT %s OFFSET %s",
+    "count_conversations": "SELECT count(*) FROM conversations",
+    "get_conversation": "SELECT id, title, created_at, updated_at FROM conversations WHERE id = %s",
+    "get_messages": "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq",
+    "delete_conversation": "DELETE FROM conversations WHERE id = %s",
+    "schema_version": "SELECT max(version) FROM schema_version",
+    "set_schema_version": "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT 1 FROM schema_version)",
+}
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What SQLite and PostgreSQL write differently."""
+
+    placeholder: str
+    clock_type: str
+    now: str  # the database's clock, as leases.expires_at holds it
+    later: str  # that clock plus a parameter's seconds
+
+    def sql(self, name: str) -> str:
+        statement = STATEMENTS[name].format(now=self.now, later=self.later)
+        return statement.replace("%s", self.placeholder)
+
+    @property
+    def schema(self) -> str:
+        return SCHEMA.format(clock_type=self.clock_type)
+
+
+SQLITE = Dialect(
+    "?", "real", "(julianday('now') - 2440587.5) * 86400.0", "(julianday('now') - 2440587.5) * 86400.0 + ?"
+)
+POSTGRES = Dialect("%s", "timestamptz", "now()", "now() + make_interval(secs => %s)")
+SUMMARY_KEYS = ("conversation_id", "title", "message_count", "created_at", "updated_at")
+CONVERSATION_KEYS = ("conversation_id", "title", "created_at", "updated_at")
+
+
+def summary_row(row: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(SUMMARY_KEYS, row, strict=True))
+
+
+def conversation_row(row: Sequence[Any], bodies: Sequence[Sequence[str]]) -> dict[str, Any]:
+    return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
+
+
+def conversation_values(conversation_id: str, state: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> tuple:
+    """The parameters of save_conversation: the title is the first message's start."""
+    now, first = utc_now(), records[0].get("content")
+    title = first[:80] if isinstance(first, str) else ""
+    return conversation_id, title, dumps(state), len(records), now, now
+
+
+def message_values(conversation_id: str, count: int, records: Sequence[Mapping[str, Any]]) -> list[tuple]:
+    """The parameters of save_message for each record, given message_count after the save."""
+    first = count - len(records)
+    return [(conversation_id, first + index, dumps(record)) for index, record in enumerate(records)]
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings choose, not yet opened."""
+    if settings.database_url:
+        return PostgresStore(settings.database_url, settings.database_pool_size, settings.database_timeout)
+    return SQLiteStore(settings.database_path)
+
+
+def database_name(settings: Settings) -> str:
+    """The database in use, fit for a log line: never its password."""
+    return redact_url(settings.database_url) if settings.database_url else settings.database_path
+
+
+async def check_store(settings: Settings) -> None:
+    """Open and close the store: SettingsError if the database cannot be used."""
+    store = open_store(settings)
+    await store.open()
+    await store.close()
+
+
+# ---------------------------------------------------------------------------
+# Storage: SQLite
+# ---------------------------------------------------------------------------
+
+
+def off_the_loop_if_locked(
+    method: Callable[Concatenate[SQLiteStore, P], T],
+) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
+    """Run a SQLiteStore method at once, on the loop's connection that never waits; or, when
+    that finds the file locked, on the store's own thread, whose connection waits out
+    busy_timeout there: a lock held by another process must not stall the event loop. A call
+    that failed changed nothing (one statement, or a rolled-back transaction): it can run again."""
+
+    @functools.wraps(method)
+    async def call(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        if not self.queued:  # else after the queued calls, in order
+            with suppress(sqlite3.OperationalError):
+                return method(self, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        self.queued += 1
+        work = self.thread.submit(method, self, *args, **kwargs)
+        # Counted until the thread is done with it: a cancelled caller does not stop the thread,
+        # and a call that overtook it on the loop would run out of order.
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._dequeue))
+        try:
+            return await asyncio.wrap_future(work)
+        except sqlite3.OperationalError as exc:
+            raise DatabaseUnavailable(f"SQLite: {exc}") from None
+
+    return call
+
+
+class SQLiteStore:
+    """Conversations in one SQLite file (WAL, synchronous=NORMAL). A call runs at once on the
+    event loop (a few microseconds, cheaper than any hop to a thread) unless the file is
+    locked: then it waits on the store's one thread, which runs such calls in turn."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.on_thread = threading.local()  # .blocking is set on the store's thread
+        self.thread = ThreadPoolExecutor(1, "sqlite", initializer=lambda: setattr(self.on_thread, "blocking", True))
+        self.queued = 0
+        self.blocking: sqlite3.Connection | None = None  # the thread's, waits busy_timeout
+        self.quick: sqlite3.Connection | None = None  # the loop's, busy_timeout=0
+
+    def _dequeue(self) -> None:
+        self.queued -= 1
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection of the thread the call runs on."""
+        db = self.blocking if getattr(self.on_thread, "blocking", False) else self.quick
+        if db is None:
+            raise sqlite3.OperationalError("the store is not open")
+        return db
+
+    async def open(self) -> None:
+        try:
+            self.blocking = self._connect(SQLITE_BUSY_TIMEOUT_MS)
+            self.blocking.executescript(SQLITE.schema)
+            self.blocking.execute(SQLITE.sql("set_schema_version"), (SCHEMA_VERSION,))
+        except sqlite3.Error as exc:
+            await self.close()
+            raise SettingsError(f"DATABASE_PATH={self.path!r} cannot be opened or written: {exc}") from None
+        self.quick = self._connect(0)
+
+    def _connect(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    async def close(self) -> None:
+        for db in (self.quick, self.blocking):
+            if db is not None:
+                await asyncio.get_running_loop().run_in_executor(self.thread, db.close)
+        self.thread.shutdown()
+
+    async def health(self) -> str | None:
+        try:
+            await self._select_one()
+        except (sqlite3.Error, DatabaseUnavailable):
+            return "database not answering"
+        return None
+
+    @off_the_loop_if_locked
+    def _select_one(self) -> None:
+        self.db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
+
+    @off_the_loop_if_locked
+    def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        return self.db.execute(SQLITE.sql("acquire_lease"), (conversation_id, owner, seconds)).rowcount == 1
+
+    @off_the_loop_if_locked
+    def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
+        return self.db.execute(SQLITE.sql("renew_lease"), (seconds, conversation_id, owner)).rowcount == 1
+
+    @off_the_loop_if_locked
+    def release_lease(self, conversation_id: str, owner: str) -> None:
+        self.db.execute(SQLITE.sql("release_lease"), (conversation_id, owner))
+
+    @off_the_loop_if_locked
+    def load_state(self, conversation_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(SQLITE.sql("load_state"), (conversation_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    @off_the_loop_if_locked
+    def save_turn(
+        self, conversation_id: str, state: Mapping[str, Any], records: Sequence[Mapping[str, Any]], lease: str
+    ) -> None:
+        db = self.db
+        with self._transaction(db):
+            if db.execute(SQLITE.sql("release_lease"), (conversation_id, lease)).rowcount != 1:
+                raise LeaseLost
+            values = conversation_values(conversation_id, state, records)
+            (count,) = db.execute(SQLITE.sql("save_conversation"), values).fetchone()
+            db.executemany(SQLITE.sql("save_message"), message_values(conversation_id, count, records))
+
+    @staticmethod
+    @contextmanager
+    def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # a failed COMMIT must not leave the write lock held
+                db.execute("ROLLBACK")
+            raise
+
+    @off_the_loop_if_locked
+    def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        rows = self.db.execute(SQLITE.sql("list_conversations"), (limit, offset)).fetchall()
+        (total,) = self.db.execute(SQLITE.sql("count_conversations")).fetchone()
+        return [summary_row(row) for row in rows], total
+
+    @off_the_loop_if_locked
+    def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(SQLITE.sql("get_conversation"), (conversation_id,)).fetchone()
+        if row is None:
+            return None
+        return conversation_row(row, self.db.execute(SQLITE.sql("get_messages"), (conversation_id,)).fetchall())
+
+    @off_the_loop_if_locked
+    def delete_conversation(self, conversation_id: str) -> bool:
+        return self.db.execute(SQLITE.sql("delete_conversation"), (conversation_id,)).rowcount > 0
+
+
+# ---------------------------------------------------------------------------
+# Storage: PostgreSQL
+# ---------------------------------------------------------------------------
+
+POSTGRES_SCHEMA_LOCK = 0x636861740001  # any fixed number: the key of the advisory lock around schema changes
+
+
+def cut_off(connection: psycopg.AsyncConnection) -> None:
+    """Shut the connection's socket: its query fails at once. Cancelling a psycopg query instead
+    waits for the server to hear the cancel, which a frozen host never does; statement_timeout
+    and TCP keepalives do not help either, as its kernel still acknowledges."""
+    with suppress(OSError), socket.socket(fileno=os.dup(connection.pgconn.socket)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class PostgresStore:
     """Conversations in PostgreSQL, shared by any number of instances. One connection pool
-    per process, each call borrowing a connection only for its own statements; leases run
-    on the database's clock."""
+    per process, each call borrowing a connection only for its own statements and bounded by
+    DATABASE_TIMEOUT; leases run on the database's clock."""
 
-    def __init__(self, url: str, pool_size: int) -> None:
+    def __init__(self, url: str, pool_size: int, timeout: float) -> None:
         self.url = url
+        self.timeout = timeout
         self.pool = psycopg_pool.AsyncConnectionPool(
             url,
             min_size=pool_size,
             max_size=pool_size,
-            timeout=POSTGRES_WAIT_SECONDS,
+            timeout=timeout,
             # No prepared statements: they do not survive PgBouncer in transaction mode.
             kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": POSTGRES_CONNECT_SECONDS},
             open=False,
@@ -897,137 +1181,179 @@ class PostgresStore:
                 self.url, autocommit=True, connect_timeout=POSTGRES_CONNECT_SECONDS
             )
             async with connection:
-                await self._create_schema(connection)
+                await self._schema(connection)
             await self.pool.open(wait=True, timeout=POSTGRES_CONNECT_SECONDS)
-        except psycopg.Error as exc:
-            await self.pool.close()  # else its workers go on trying to connect
-            reason = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-            raise SettingsError(f"DATABASE_URL={redact_url(self.url)!r} cannot be used: {reason}") from None
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            await self.close()  # else its workers go on trying to connect
+            raise SettingsError(f"DATABASE_URL={redact_url(self.url)!r} cannot be used: {self._reason(exc)}") from None
 
-    @staticmethod
-    async def _create_schema(connection: psycopg.AsyncConnection) -> None:
+    async def _schema(self, connection: psycopg.AsyncConnection) -> None:
+        """Create or upgrade the schema, unless it is current: a role that may only read and
+        write the tables can run the server."""
+        with suppress(psycopg.errors.UndefinedTable):
+            cursor = await connection.execute(POSTGRES.sql("schema_version"))
+            if (await cursor.fetchone() or (None,))[0] == SCHEMA_VERSION:
+                return
         # One transaction behind an advisory lock: instances starting together on an empty
         # database take turns, where concurrent CREATE TABLE IF NOT EXISTS can fail.
         async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_SCHEMA_LOCK,))
-            await connection.execute(POSTGRES_SCHEMA)
-            await connection.execute(
-                "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT 1 FROM schema_version)",
-                (POSTGRES_SCHEMA_VERSION,),
-            )
+            await connection.execute(POSTGRES.schema)
+            await connection.execute("DELETE FROM schema_version")
+            await connection.execute(POSTGRES.sql("set_schema_version"), (SCHEMA_VERSION,))
 
-    def _scrub(self, text: str) -> str:
+    def _reason(self, exc: BaseException) -> str:
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
         password = urlsplit(self.url).password
-        return text.replace(password, "***") if password else text
+        return reason.replace(password, "***") if password else reason
 
     async def close(self) -> None:
-        await self.pool.close()
+        await self.pool.close(timeout=POSTGRES_CLOSE_SECONDS)
 
-    @asynccontextmanager
-    async def _connection(self, timeout: float | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
+    async def _call(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]], timeout: float | None = None) -> T:
+        """Run `work` on a pooled connection within the time limit. A connection found dead (the
+        server restarted) makes the pool test all it holds, and the work runs once more on a
+        fresh one, unless it failed while committing; so a restart costs no call."""
         try:
-            async with self.pool.connection(timeout) as connection:
-                yield connection
-        except psycopg.OperationalError as exc:  # the pool's timeout, a lost connection, a shutdown
-            raise DatabaseUnavailable(f"PostgreSQL: {type(exc).__name__}") from None
+            return await self._attempt(work, timeout or self.timeout)
+        except _DeadConnection as dead:
+            if dead.committing:
+                raise DatabaseUnavailable("PostgreSQL: the connection died during COMMIT") from None
+        checking = asyncio.ensure_future(self.pool.check())
+        await asyncio.wait([checking], timeout=timeout or self.timeout)  # left to finish if the host hangs
+        try:
+            return await self._attempt(work, timeout or self.timeout)
+        except _DeadConnection:
+            raise DatabaseUnavailable("PostgreSQL: connection lost") from None
 
-    async def ping(self) -> bool:
+    async def _attempt(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]], timeout: float) -> T:
+        watchdog: Watchdog | None = None
         try:
-            async with self._connection(POSTGRES_PING_SECONDS) as db:
-                await db.execute("SELECT 1 FROM conversations LIMIT 1")
+            async with self.pool.connection(timeout) as db:
+                watchdog = Watchdog(db, timeout)
+                try:
+                    return await work(db)
+                finally:
+                    watchdog.cancel()
+        except psycopg.errors.ReadOnlySqlTransaction:
+            raise DatabaseUnavailable("PostgreSQL: the database is read-only") from None
+        except psycopg_pool.PoolTimeout:
+            raise DatabaseUnavailable("PostgreSQL: no connection in time") from None
+        except (psycopg.OperationalError, _DeadConnection) as exc:
+            if watchdog is not None and watchdog.fired:
+                raise DatabaseUnavailable("PostgreSQL: no answer in time") from None
+            raise exc if isinstance(exc, _DeadConnection) else _DeadConnection(committing=False) from None
+
+    async def health(self) -> str | None:
+        async def read_only(db: psycopg.AsyncConnection) -> bool:
+            cursor = await db.execute("SELECT current_setting('transaction_read_only')")
+            return (await cursor.fetchone() or ("off",))[0] == "on"
+
+        try:
+            return "database is read-only" if await self._call(read_only, POSTGRES_PING_SECONDS) else None
         except (DatabaseUnavailable, psycopg.Error):
-            return False
-        return True
+            return "database not answering"
+
+    async def _rowcount(self, name: str, *args: Any) -> int:
+        async def run(db: psycopg.AsyncConnection) -> int:
+            return (await db.execute(POSTGRES.sql(name), args)).rowcount
+
+        return await self._call(run)
+
+    async def _rows(self, name: str, *args: Any) -> list[tuple[Any, ...]]:
+        async def run(db: psycopg.AsyncConnection) -> list[tuple[Any, ...]]:
+            return await (await db.execute(POSTGRES.sql(name), args)).fetchall()
+
+        return await self._call(run)
 
     async def acquire_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
-        async with self._connection() as db:
-            cursor = await db.execute(
-                "INSERT INTO leases VALUES (%s, %s, now() + make_interval(secs => %s))"
-                " ON CONFLICT (conversation_id) DO UPDATE"
-                " SET owner = excluded.owner, expires_at = excluded.expires_at"
-                " WHERE leases.expires_at < now() RETURNING owner",
-                (conversation_id, owner, seconds),
-            )
-            return await cursor.fetchone() is not None
+        return await self._rowcount("acquire_lease", conversation_id, owner, seconds) == 1
 
     async def renew_lease(self, conversation_id: str, owner: str, seconds: float) -> bool:
-        async with self._connection() as db:
-            cursor = await db.execute(
-                "UPDATE leases SET expires_at = now() + make_interval(secs => %s)"
-                " WHERE conversation_id = %s AND owner = %s",
-                (seconds, conversation_id, owner),
-            )
-            return cursor.rowcount == 1
+        return await self._rowcount("renew_lease", seconds, conversation_id, owner) == 1
 
     async def release_lease(self, conversation_id: str, owner: str) -> None:
-        async with self._connection() as db:
-            await db.execute("DELETE FROM leases WHERE conversation_id = %s AND owner = %s", (conversation_id, owner))
+        await self._rowcount("release_lease", conversation_id, owner)
 
     async def load_state(self, conversation_id: str) -> dict[str, Any] | None:
-        async with self._connection() as db:
-            cursor = await db.execute("SELECT state FROM conversations WHERE id = %s", (conversation_id,))
-            row = await cursor.fetchone()
-        return json.loads(row[0]) if row else None
+        rows = await self._rows("load_state", conversation_id)
+        return json.loads(rows[0][0]) if rows else None
 
     async def save_turn(
-        self, conversation_id: str, state: Mapping[str, Any], messages: list[dict[str, Any]], lease: str
+        self, conversation_id: str, state: Mapping[str, Any], records: Sequence[Mapping[str, Any]], lease: str
     ) -> None:
-        now, title = utc_now(), messages[0].get("content", "")[:80]
-        async with self._connection() as db, db.transaction():
-            released = await db.execute(
-                "DELETE FROM leases WHERE conversation_id = %s AND owner = %s", (conversation_id, lease)
-            )
-            if released.rowcount != 1:
-                raise LeaseLost
-            cursor = await db.execute(
-                "INSERT INTO conversations VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
-                " SET state = excluded.state, message_count = conversations.message_count + excluded.message_count,"
-                " updated_at = excluded.updated_at RETURNING message_count",
-                (conversation_id, title, dumps(state), len(messages), now, now),
-            )
-            (count,) = await cursor.fetchone() or (len(messages),)
-            seq = count - len(messages)
-            async with db.cursor() as insert:
-                await insert.executemany(
-                    "INSERT INTO messages VALUES (%s, %s, %s)",
-                    [(conversation_id, seq + i, dumps(m)) for i, m in enumerate(messages)],
-                )
+        async def save(db: psycopg.AsyncConnection) -> None:
+            stage = "writing"
+            try:
+                async with db.transaction():
+                    if (await db.execute(POSTGRES.sql("release_lease"), (conversation_id, lease))).rowcount != 1:
+                        raise LeaseLost
+                    values = conversation_values(conversation_id, state, records)
+                    (count,) = await (await db.execute(POSTGRES.sql("save_conversation"), values)).fetchone() or (0,)
+                    async with db.cursor() as insert:
+                        await insert.executemany(
+                            POSTGRES.sql("save_message"), message_values(conversation_id, count, records)
+                        )
+                    stage = "committing"  # a failure from here on may have committed
+            except psycopg.OperationalError as exc:
+                raise _DeadConnection(committing=stage == "committing") from exc
+
+        await self._call(save)
 
     async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        async with self._connection() as db:
-            cursor = await db.execute(
-                "SELECT id, title, message_count, created_at, updated_at FROM conversations"
-                " ORDER BY updated_at DESC, id LIMIT %s OFFSET %s",
-                (limit, offset),
-            )
-            rows = await cursor.fetchall()
-            cursor = await db.execute("SELECT count(*) FROM conversations")
-            (total,) = await cursor.fetchone() or (0,)
-        return [dict(zip(SUMMARY_KEYS, row, strict=True)) for row in rows], total
+        async def page(db: psycopg.AsyncConnection) -> tuple[list[dict[str, Any]], int]:
+            rows = await (await db.execute(POSTGRES.sql("list_conversations"), (limit, offset))).fetchall()
+            (total,) = await (await db.execute(POSTGRES.sql("count_conversations"))).fetchone() or (0,)
+            return [summary_row(row) for row in rows], total
+
+        return await self._call(page)
 
     async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
-        async with self._connection() as db:
-            cursor = await db.execute(
-                "SELECT id, title, created_at, updated_at FROM conversations WHERE id = %s", (conversation_id,)
-            )
-            row = await cursor.fetchone()
+        async def get(db: psycopg.AsyncConnection) -> dict[str, Any] | None:
+            row = await (await db.execute(POSTGRES.sql("get_conversation"), (conversation_id,))).fetchone()
             if row is None:
                 return None
-            cursor = await db.execute(
-                "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
-            )
-            bodies = await cursor.fetchall()
-        return {**dict(zip(CONVERSATION_KEYS, row, strict=True)), "messages": [json.loads(b) for (b,) in bodies]}
+            bodies = await (await db.execute(POSTGRES.sql("get_messages"), (conversation_id,))).fetchall()
+            return conversation_row(row, bodies)
+
+        return await self._call(get)
 
     async def delete_conversation(self, conversation_id: str) -> bool:
-        async with self._connection() as db:
-            cursor = await db.execute("DELETE FROM conversations WHERE id = %s", (conversation_id,))
-            return cursor.rowcount > 0
+        return await self._rowcount("delete_conversation", conversation_id) > 0
+
+
+class _DeadConnection(Exception):
+    """A pooled connection that the server closed (a restart, a failover)."""
+
+    def __init__(self, committing: bool) -> None:
+        super().__init__("dead connection")
+        self.committing = committing
+
+
+class Watchdog:
+    """Cuts a connection off when its call passes the time limit (see cut_off)."""
+
+    def __init__(self, connection: psycopg.AsyncConnection, seconds: float) -> None:
+        self.fired = False
+        self.handle = asyncio.get_running_loop().call_later(seconds, self._fire, connection)
+
+    def _fire(self, connection: psycopg.AsyncConnection) -> None:
+        self.fired = True
+        cut_off(connection)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 # ---------------------------------------------------------------------------
-# Model client: AutoGen's, reading the stream its own way and keeping the reasoning
+# The model API: streamed chat completions
 # ---------------------------------------------------------------------------
+
+# Reasons a model ends a complete answer. "length": cut at the token limit, kept and reported as
+# such. Any other reason (content_filter, DeepSeek's insufficient_system_resource) means the API
+# cut the answer: nothing of it is saved.
+FINISH_REASONS = {"stop", "tool_calls", "function_call", "length"}
 
 
 class ChunkStream(openai.AsyncStream[ChatCompletionChunk]):
@@ -1081,172 +1407,225 @@ async def sse_data(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield b"\n".join(data)
 
 
-# Reasons a model ends a complete answer. "length": cut at the token limit, kept and reported as
-# such. Any other reason (content_filter, DeepSeek's insufficient_system_resource) means the API
-# cut the answer: nothing of it is saved.
-FINISH_REASONS = {"stop", "tool_calls", "function_call", "length"}
+class ChunkSource(Protocol):
+    """A streamed completion being read: its chunks, and close() to let go of the request."""
+
+    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]: ...
+    async def close(self) -> None: ...
 
 
-@dataclass
-class ModelCalls:
-    """The model calls of one turn, which AutoGen cannot pass between the turn and the client;
-    they meet in MODEL_CALLS, a context variable set in the turn's task."""
+class ModelAPI:
+    """The model API that every turn of this process calls: one openai client over aiohttp,
+    which parses HTTP in C (a turn and each token cost about 40% less CPU than over httpx;
+    the README's performance section). The request body is posted as built here: the SDK's
+    create() walks every message through each of six types for aliases chat messages do not
+    have (0.25 ms a message, 10 ms a turn at 40)."""
 
-    finish_reasons: list[str] = field(default_factory=list)
-    streams: set[openai.AsyncStream[Any]] = field(default_factory=set)
+    def __init__(self, settings: Settings) -> None:
+        self.client = openai.AsyncOpenAI(
+            api_key=settings.api_key or "",
+            base_url=settings.base_url,
+            timeout=settings.request_timeout,
+            max_retries=settings.max_retries,
+            http_client=openai.DefaultAioHttpClient(),
+        )
+
+    async def open(self, body: Mapping[str, Any]) -> ChunkSource:
+        return await self.client.post(
+            "/chat/completions", body=body, cast_to=ChatCompletion, stream=True, stream_cls=ChunkStream
+        )
 
     async def close(self) -> None:
-        """Close the model responses still open: AutoGen's nested generators, once left, are
-        closed only by the garbage collector, and so would be the model request."""
-        for stream in list(self.streams):
-            await stream.close()
+        await self.client.close()
 
 
-MODEL_CALLS: ContextVar[ModelCalls | None] = ContextVar("model_calls", default=None)
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Tokens as the provider counts them: `prompt` includes the `cached` ones, `completion`
+    the `reasoning` ones (DeepSeek bills a cache hit at a fiftieth of a miss)."""
+
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0
+    reasoning: int = 0
+
+    def __add__(self, other: Tokens) -> Tokens:
+        return Tokens(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)))
+
+    @classmethod
+    def of(cls, usage: Any) -> Tokens:
+        """From a chunk's usage: OpenAI's details, else DeepSeek's prompt_cache_hit_tokens."""
+        prompt_details, completion_details = usage.prompt_tokens_details, usage.completion_tokens_details
+        cached = getattr(prompt_details, "cached_tokens", None)
+        cached = cached if cached is not None else (usage.model_extra or {}).get("prompt_cache_hit_tokens")
+        reasoning = getattr(completion_details, "reasoning_tokens", None)
+        return cls(usage.prompt_tokens or 0, usage.completion_tokens or 0, int(cached or 0), int(reasoning or 0))
 
 
-REASONING_SINK = "_reasoning_sink"  # not an API field: popped before the request is sent
+class ThinkTags:
+    """The reasoning a local R1-style model writes into its content: a message that opens with
+    <think> has its reasoning up to </think>, then the answer (less the white space between).
+    Any other content is the answer, exactly as written. A tag may be cut across chunks."""
 
-# Sampling fields of the running turn's request, sent with each of its model calls: AutoGen
-# 0.7.5's AssistantAgent has no per-run create args, and the client's are fixed at construction.
-SAMPLING: ContextVar[Mapping[str, Any] | None] = ContextVar("sampling", default=None)
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.state = "start"  # start -> thinking -> after -> answering; or start -> answering
+        self.pending = ""
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        """("reasoning" | "text", part) for what can be told apart so far."""
+        parts: list[tuple[str, str]] = []
+        text, self.pending = self.pending + text, ""
+        while text:
+            if self.state == "answering":
+                parts.append(("text", text))
+                break
+            if self.state == "start":
+                text = self._start(text)
+            elif self.state == "thinking":
+                text = self._thinking(text, parts)
+            else:  # after </think>: the white space before the answer is not the answer's
+                text = text.lstrip()
+                self.state = "answering" if text else self.state
+        return parts
+
+    def _start(self, text: str) -> str:
+        head = text.lstrip()
+        if head.startswith(self.OPEN):
+            self.state = "thinking"
+            return head[len(self.OPEN) :]
+        if self.OPEN.startswith(head):  # white space, or the tag cut in two: wait for more
+            self.pending = text
+            return ""
+        self.state = "answering"
+        return text
+
+    def _thinking(self, text: str, parts: list[tuple[str, str]]) -> str:
+        index = text.find(self.CLOSE)
+        if index < 0:
+            keep = next((n for n in range(len(self.CLOSE) - 1, 0, -1) if text.endswith(self.CLOSE[:n])), 0)
+            text, self.pending = text[: len(text) - keep], text[len(text) - keep :]
+            parts += [("reasoning", text)] if text else []
+            return ""
+        parts += [("reasoning", text[:index])] if index else []
+        self.state = "after"
+        return text[index + len(self.CLOSE) :]
+
+    def flush(self) -> list[tuple[str, str]]:
+        text, self.pending = self.pending, ""
+        return [("reasoning" if self.state == "thinking" else "text", text)] if text else []
 
 
-class ChatClient(OpenAIChatCompletionClient):
-    """AutoGen's OpenAI client, reading the stream its own way. Per turn it posts AutoGen's
-    request body as it is: the SDK's create() first walks every message through each of six
-    message types to apply aliases chat messages do not have (0.25 ms a message, 10 ms a turn
-    at 40). Per token it awaits the stream directly: AutoGen 0.7.5 wraps each read in a task
-    linked to the cancellation token, and a Turn cancels its task with the token anyway.
-    And a stream that ends without a finish reason fails rather than pass as complete.
+class ModelReply:
+    """One streamed completion as it arrives. Reasoning (the API's reasoning_content, or an
+    R1-style model's <think> block in its content) and answer text go to the turn at once,
+    exactly as written; tool calls and usage are gathered for the result AutoGen reads."""
 
-    It also keeps the model's reasoning exactly as streamed, and with ``pass_reasoning`` (a
-    thinking API: DeepSeek's) keeps it for tool calls too and sends it back as DeepSeek's rule
-    asks. AutoGen 0.7.5 trims it by characters, drops it from tool calls and never sends it
-    (microsoft/autogen#7127)."""
+    def __init__(self, emit: Callable[[TurnEvent], None], think_tags: bool) -> None:
+        self.emit = emit
+        self.tags: ThinkTags | None = ThinkTags() if think_tags else None
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.tokens = Tokens()
 
-    def __init__(self, *, pass_reasoning: bool, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.pass_reasoning = pass_reasoning
+    def feed(self, chunk: ChatCompletionChunk) -> None:
+        if chunk.usage is not None:  # on the last chunk, with or without a choice
+            self.tokens = Tokens.of(chunk.usage)
+        if not chunk.choices:
+            return
+        choice = chunk.choices[0]
+        self.finish_reason = choice.finish_reason or self.finish_reason
+        delta = choice.delta
+        reasoning = (delta.model_extra or {}).get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            self.tags = None  # the API says where the reasoning is: the content is all answer
+            self._part("reasoning", reasoning)
+        if delta.content:
+            for kind, text in self.tags.feed(delta.content) if self.tags else [("text", delta.content)]:
+                self._part(kind, text)
+        for call in delta.tool_calls or ():
+            self._call_part(call)
 
-    async def create_stream(  # type: ignore[override]
-        self, messages: Sequence[LLMMessage], **kwargs: Any
-    ) -> AsyncIterator[str | CreateResult]:
-        reasoning: list[str] = []  # filled by _create_stream_chunks, which gets it through the create args
-        kwargs["extra_create_args"] = {**kwargs.get("extra_create_args", {}), REASONING_SINK: reasoning}
-        async for item in super().create_stream(messages, **kwargs):
-            if isinstance(item, CreateResult) and reasoning and (isinstance(item.content, str) or self.pass_reasoning):
-                item.thought = "".join(reasoning)
-            yield item
+    def _part(self, kind: str, text: str) -> None:
+        text = as_text(text)
+        (self.reasoning if kind == "reasoning" else self.text).append(text)
+        self.emit(ReasoningDelta(text) if kind == "reasoning" else TextDelta(text))
 
-    def _process_create_args(
-        self,
-        messages: Sequence[LLMMessage],
-        tools: Sequence[Any],
-        tool_choice: Any,
-        json_output: Any,
-        extra_create_args: Mapping[str, Any],
-    ) -> CreateParams:
-        extra = dict(extra_create_args)
-        sink = extra.pop(REASONING_SINK, None)
-        if not self.pass_reasoning:
-            params = super()._process_create_args(messages, tools, tool_choice, json_output, extra)
-        else:
-            # AutoGen would send a tool call's thought as its content: send it as reasoning_content.
-            plain = [m.model_copy(update={"thought": None}) if isinstance(m, AssistantMessage) else m for m in messages]
-            params = super()._process_create_args(plain, tools, tool_choice, json_output, extra)
-            # Each AssistantMessage becomes exactly one assistant message, in order.
-            sent = [m for m in params.messages if m["role"] == "assistant"]
-            for message, reasoning in zip(sent, reasoning_to_pass_back(messages), strict=True):
-                if reasoning is not None:
-                    message["reasoning_content"] = reasoning  # type: ignore[typeddict-unknown-key]
-        if sink is not None:
-            params.create_args[REASONING_SINK] = sink
-        return params
+    def _call_part(self, delta: Any) -> None:
+        call = self.calls.setdefault(delta.index, {"id": "", "name": "", "arguments": []})
+        call["id"] = delta.id or call["id"]
+        if delta.function is not None:
+            call["name"] += delta.function.name or ""
+            call["arguments"].append(delta.function.arguments or "")
 
-    async def _create_stream_chunks(
-        self, tool_params: list[Any], oai_messages: list[Any], create_args: dict[str, Any], cancellation_token: Any
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        body = {**create_args, **(SAMPLING.get() or {}), "messages": oai_messages, "stream": True}
-        sink: list[str] = body.pop(REASONING_SINK, [])
-        body.update(body.pop("extra_body", None) or {})  # as the SDK's create() would
-        options = {"timeout": body.pop("timeout")} if "timeout" in body else {}
-        if tool_params:
-            body["tools"] = tool_params
-        request = asyncio.ensure_future(
-            self._client.post(
-                "/chat/completions",
-                body=body,
-                options=options,
-                cast_to=ChatCompletion,
-                stream=True,
-                stream_cls=ChunkStream,
-            )
-        )
-        if cancellation_token is not None:
-            cancellation_token.link_future(request)
-        stream, calls, reason = await request, MODEL_CALLS.get() or ModelCalls(), None
-        calls.streams.add(stream)
-        try:
-            async for chunk in stream:
-                if chunk.choices:
-                    choice = chunk.choices[0]
-                    reason = choice.finish_reason or reason
-                    reasoning = (choice.delta.model_extra or {}).get("reasoning_content")
-                    if isinstance(reasoning, str):
-                        sink.append(reasoning)
-                yield chunk
-        finally:
-            await stream.close()  # aiohttp keeps a connection whose read was cancelled until it is released
-            calls.streams.discard(stream)
-        if reason not in FINISH_REASONS:
+    def result(self) -> CreateResult:
+        """What AutoGen's agent reads; UpstreamIncomplete if the stream ended without a reason."""
+        for kind, text in self.tags.flush() if self.tags else ():
+            self._part(kind, text)
+        if self.finish_reason not in FINISH_REASONS:
             raise UpstreamIncomplete
-        calls.finish_reasons.append(reason)
-
-
-def reasoning_to_pass_back(messages: Sequence[LLMMessage]) -> list[str | None]:
-    """The reasoning_content for each assistant message, in order. DeepSeek wants it on every
-    assistant message of a turn (user message to user message) that called tools, and refuses
-    the request without it; elsewhere it is not needed. An empty one stands in for reasoning
-    never kept (a turn saved before this server passed it back)."""
-    result: list[str | None] = []
-    turn: list[AssistantMessage] = []
-    for message in [*messages, None]:
-        if message is None or isinstance(message, UserMessage):
-            called_tools = any(isinstance(m.content, list) for m in turn)
-            result += [(m.thought or "") if called_tools else None for m in turn]
-            turn = []
-        elif isinstance(message, AssistantMessage):
-            turn.append(message)
-    return result
-
-
-def make_client(settings: Settings) -> ChatClient:
-    extra: dict[str, Any] = {}
-    if settings.thinking:
-        extra["extra_body"] = {"thinking": {"type": settings.thinking}}
-    if settings.reasoning_effort:
-        extra["reasoning_effort"] = settings.reasoning_effort
-    return ChatClient(
-        model=settings.model_name,
-        api_key=settings.api_key or "",
-        base_url=settings.base_url,
-        model_info=ModelInfo(**settings.model_info),  # type: ignore[typeddict-item]
-        timeout=settings.request_timeout,
-        max_retries=settings.max_retries,
-        # Real APIs send the usage chunk only when asked.
-        stream_options={"include_usage": True},
-        pass_reasoning=settings.thinking_api and settings.thinking != "disabled",
-        # aiohttp parses HTTP in C: a turn and each streamed token cost about 40% less CPU than
-        # over httpx's pure-Python HTTP/1.1 and anyio (bench.py; the README's performance section).
-        http_client=openai.DefaultAioHttpClient(),
-        **extra,
-    )
+        calls = [
+            FunctionCall(
+                id=c["id"] or f"call_{uuid.uuid4().hex[:24]}", name=c["name"], arguments="".join(c["arguments"])
+            )
+            for _, c in sorted(self.calls.items())
+        ]
+        self.emit(Usage(self.tokens, self.finish_reason))
+        finish = "function_calls" if calls else "length" if self.finish_reason == "length" else "stop"
+        usage = RequestUsage(prompt_tokens=self.tokens.prompt, completion_tokens=self.tokens.completion)
+        reasoning = "".join(self.reasoning) or None
+        return CreateResult(finish_reason=finish, content=calls or "".join(self.text), usage=usage, cached=False,
+                            thought=reasoning)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
-# Agent: the history window and the reasoning split
+# The AutoGen adapter: the agent, its model, its memory
 # ---------------------------------------------------------------------------
+# Every reach into AutoGen's private parts sits in this section, each with its reason:
+# - autogen_ext.models.openai._model_info.get_info: the only way to ask what AutoGen knows of
+#   a model name (vision, function calling), so that known OpenAI models need no MODEL_* flags;
+# - ChatCompletionContext._messages: the base class's list, which its subclasses keep.
+# The rest is AutoGen's public API: AssistantAgent, ChatCompletionClient, Workbench, messages.
+# check_autogen() fails start-up on any other version than the one this was written against.
+AUTOGEN_VERSION = "0.7.5"
+
+
+def check_autogen() -> None:
+    for name in ("autogen-agentchat", "autogen-core", "autogen-ext"):
+        found = importlib.metadata.version(name)
+        if found != AUTOGEN_VERSION:
+            raise SettingsError(
+                f"{name} {found} is installed; this server needs {AUTOGEN_VERSION}: see requirements.txt"
+            )
+
+
+def autogen_model_info(model: str) -> ModelInfo | None:
+    try:
+        return _autogen_model_info.get_info(model)
+    except (KeyError, ValueError):
+        return None
+
+
+class ClientImage(Image):
+    """An image as the client sent it, whose bytes and media type go to the model API as they
+    are. AutoGen's Image decodes it on construction and sends it re-encoded as PNG: on the event
+    loop, a 3.6 MB JPEG took 2.6 s and went out as 26 MB."""
+
+    def __init__(self, data_uri: str, size: tuple[int, int]) -> None:  # not Image's: that decodes
+        self.uri, self.size = data_uri, size
+
+    @property
+    def data_uri(self) -> str:
+        return self.uri
+
+    def to_base64(self) -> str:
+        return self.uri.partition(",")[2]
+
+
+Content = str | list[str | Image]  # a user message's images come with its text, in order
 
 
 def history_window(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
@@ -1270,163 +1649,645 @@ def _recent(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
     return messages
 
 
-class HistoryWindow(BufferedChatCompletionContext):
-    """Sends the history window to the model and saves only that window: the full history
-    lives in the messages table, so loading turn 100 costs the same as turn 2."""
+class HistoryWindow(ChatCompletionContext):
+    """The agent's memory of a conversation: sends the history window to the model and saves
+    only that window (the full history lives in the messages table, so turn 100 loads as fast
+    as turn 2). An AssistantMessage that calls tools keeps the model's reasoning in `thought`;
+    the text the model wrote beside the calls ("Let me check.") has no place in AutoGen's
+    message, so it is kept here by the first call's id, and saved with the window."""
+
+    STATE_VERSION = 2  # 1 (no version): a tool call's thought was its text unless reasoning was passed back
+
+    def __init__(self, size: int, messages: list[LLMMessage] | None = None, legacy_reasoning: bool = False) -> None:
+        super().__init__(messages)
+        self.size = size
+        self.call_texts: dict[str, str] = {}
+        self.legacy_reasoning = legacy_reasoning
 
     async def get_messages(self) -> list[LLMMessage]:
-        return history_window(self._messages, self._buffer_size)
+        return history_window(self._messages, self.size)
 
     async def save_state(self) -> Mapping[str, Any]:
-        return ChatCompletionContextState(messages=await self.get_messages()).model_dump()
+        window = await self.get_messages()
+        ids = {m.content[0].id for m in window if isinstance(m, AssistantMessage) and isinstance(m.content, list)}
+        texts = {call_id: text for call_id, text in self.call_texts.items() if call_id in ids}
+        state = ChatCompletionContextState(messages=window).model_dump()
+        return {**state, "call_texts": texts, "version": self.STATE_VERSION}
+
+    async def load_state(self, state: Mapping[str, Any]) -> None:
+        self._messages = ChatCompletionContextState.model_validate({"messages": state.get("messages", [])}).messages
+        self.call_texts = dict(state.get("call_texts") or {})
+        if state.get("version") is None and not self.legacy_reasoning:
+            for message in self._messages:  # version 1 kept AutoGen's meaning: the text beside the calls
+                if isinstance(message, AssistantMessage) and isinstance(message.content, list) and message.thought:
+                    self.call_texts[message.content[0].id], message.thought = message.thought, None
 
 
-class ThinkSplitter:
-    """Splits one model message's streamed text into thought and answer.
-
-    AutoGen 0.7.5 wraps DeepSeek's reasoning_content in <think>...</think> inside the
-    chunks, and local R1 models put the same tags in their content. A tag may be split
-    across chunks; once answer text has begun, a '<think>' is just text.
-    """
-
-    def __init__(self) -> None:
-        self.thinking = False
-        self.answering = False
-        self.pending = ""
-
-    def feed(self, text: str) -> list[tuple[str, str]]:
-        if self.answering:
-            return [("chunk", text)]
-        text, self.pending, parts = self.pending + text, "", []
-        while text:
-            if self.thinking:
-                index = text.find("</think>")
-                if index < 0:
-                    keep = _partial_tag_length(text, "</think>")
-                    text, self.pending = text[: len(text) - keep], text[len(text) - keep :]
-                    parts += [("thought", text)] if text else []
-                    break
-                parts += [("thought", text[:index])] if index else []
-                self.thinking, text = False, text[index + len("</think>") :]
-                continue
-            stripped = text.lstrip()
-            if stripped.startswith("<think>"):
-                self.thinking, text = True, stripped[len("<think>") :]
-            elif "<think>".startswith(stripped):
-                self.pending = text  # only white space so far, or a tag cut in two
-                break
-            else:
-                self.answering = True
-                parts.append(("chunk", stripped))
-                break
-        return parts
-
-    def flush(self) -> list[tuple[str, str]]:
-        text, self.pending = self.pending, ""
-        if not self.thinking:
-            text = text.lstrip()
-        return [("thought" if self.thinking else "chunk", text)] if text else []
+def openai_messages(messages: Sequence[LLMMessage], memory: HistoryWindow, thinking: bool) -> list[dict[str, Any]]:
+    """AutoGen's messages as the chat completions API takes them, with the reasoning passed
+    back where it is needed (see pass_back)."""
+    reasoning = iter(pass_back(messages, thinking))
+    sent: list[dict[str, Any]] = []
+    for message in messages:
+        if isinstance(message, SystemMessage) and sent and sent[-1]["role"] == "system":
+            sent[-1]["content"] += "\n" + message.content  # one system message: some local models take no more
+        elif isinstance(message, SystemMessage):
+            sent.append({"role": "system", "content": message.content})
+        elif isinstance(message, UserMessage):
+            sent.append({"role": "user", "content": user_content(message.content)})
+        elif isinstance(message, AssistantMessage):
+            sent.append(assistant_message(message, memory.call_texts, next(reasoning)))
+        elif isinstance(message, FunctionExecutionResultMessage):
+            sent += [{"role": "tool", "tool_call_id": r.call_id, "content": r.content} for r in message.content]
+    return sent
 
 
-def without_thought(text: str) -> str:
-    """The answer of a message that starts with a <think> block, as local R1 models write."""
-    head = text.lstrip()
-    if head.startswith("<think>") and "</think>" in head:
-        return head.split("</think>", 1)[1].lstrip()
-    return text
+def user_content(content: str | Sequence[str | Image]) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    return [
+        {"type": "text", "text": part}
+        if isinstance(part, str)
+        else {"type": "image_url", "image_url": {"url": part.data_uri}}
+        for part in content
+    ]
 
 
-def _partial_tag_length(text: str, tag: str) -> int:
-    for length in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:length]):
-            return length
-    return 0
+def assistant_message(
+    message: AssistantMessage, call_texts: Mapping[str, str], reasoning: str | None
+) -> dict[str, Any]:
+    sent: dict[str, Any] = {"role": "assistant"}
+    if isinstance(message.content, str):
+        sent["content"] = message.content
+    else:
+        sent["content"] = call_texts.get(message.content[0].id) if message.content else None
+        sent["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.content
+        ]
+    if reasoning is not None:
+        sent["reasoning_content"] = reasoning
+    return sent
 
 
-# ---------------------------------------------------------------------------
-# Turns
-# ---------------------------------------------------------------------------
+def pass_back(messages: Sequence[LLMMessage], thinking: bool) -> list[str | None]:
+    """The reasoning_content of each assistant message, in order. A thinking model that called
+    tools wants its reasoning back on every assistant message of that turn (user message to
+    user message), and refuses the request without it (DeepSeek's rule). It is sent where the
+    API streamed reasoning for such a turn, whatever the host (a gateway to DeepSeek), and
+    where `thinking` says the API thinks; an empty one stands in for reasoning never kept (a
+    turn saved before this server passed it back). OpenAI never streams it: nothing is sent."""
+    result: list[str | None] = []
+    turn: list[AssistantMessage] = []
+    for message in [*messages, None]:
+        if message is None or isinstance(message, UserMessage):
+            called_tools = any(isinstance(m.content, list) for m in turn)
+            reasoned = thinking or any(m.thought for m in turn)
+            result += [(m.thought or "") if called_tools and reasoned else None for m in turn]
+            turn = []
+        elif isinstance(message, AssistantMessage):
+            turn.append(message)
+    return result
 
 
-@dataclass(eq=False)
-class AppContext:
-    """What the lifespan creates and the handlers share, kept on app.state.ctx."""
-
-    settings: Settings
-    store: Store
-    client: ChatClient | None
-    tools: list[FunctionTool]
-    openapi: bytes = b""
-    turns: set[Turn] = field(default_factory=set)
-    releases: set[asyncio.Task[None]] = field(default_factory=set)
-    shutting_down: bool = False
-    started: int = field(default_factory=lambda: int(time.time()))
+def openai_tool(schema: ToolSchema) -> dict[str, Any]:
+    function = {
+        "name": schema["name"],
+        "description": schema.get("description", ""),
+        "parameters": schema.get("parameters", {"type": "object", "properties": {}}),
+    }
+    if schema.get("strict") is not None:
+        function["strict"] = schema["strict"]
+    return {"type": "function", "function": function}
 
 
-LAST_EVENTS = {"done", "error"}
+@dataclass(frozen=True)
+class ModelOptions:
+    """What a request asks of each model call of its turn, beside the server's settings."""
+
+    sampling: Mapping[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, stop, seed, ...
+    response_format: Mapping[str, Any] | None = None
+    client_tools: Sequence[ToolSchema] = ()
+    tool_choice: Any = None  # the client's; for the turn's first model call only
+    parallel_tool_calls: bool | None = None
 
 
-def release_lease(ctx: AppContext, conversation_id: str, lease: str) -> asyncio.Task[None]:
-    """Release a lease in a task of its own; while the database fails, keep trying in the
-    background until the lease would have expired anyway: no lease outlives its turn."""
-    task = asyncio.create_task(ctx.store.release_lease(conversation_id, lease))
-
-    def retry(attempt: asyncio.Task[None]) -> None:
-        error = None if attempt.cancelled() else attempt.exception()
-        if isinstance(error, DatabaseUnavailable):
-            logger.warning("could not release the lease of conversation %s: retrying", conversation_id)
-            retrying = asyncio.create_task(keep_releasing(ctx, conversation_id, lease))
-            ctx.releases.add(retrying)
-            retrying.add_done_callback(ctx.releases.discard)
-        elif error is not None:
-            logger.error("could not release the lease of conversation %s", conversation_id, exc_info=error)
-
-    task.add_done_callback(retry)
-    return task
-
-
-async def keep_releasing(ctx: AppContext, conversation_id: str, lease: str) -> None:
-    deadline = asyncio.get_running_loop().time() + ctx.settings.lease_seconds
-    while asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(min(1.0, ctx.settings.lease_seconds / 10))  # a pause between tries, not a wait for an event
-        with suppress(DatabaseUnavailable):
-            await ctx.store.release_lease(conversation_id, lease)
-            return
-
-
-class Turn:
-    """One message run through the agent in its own task, its events queued for the
-    response. Holds the conversation's lease until close(); saves only if it completes.
-
-    Given a `history` instead of a lease, the turn is stateless (the /v1 face's default): it
-    starts from that history, takes no lease and saves nothing. `sampling` goes with each
-    model call (see SAMPLING)."""
+class AgentModel(ChatCompletionClient):
+    """The model as AutoGen's agent calls it in one turn. It builds the request itself (the
+    reasoning passed back, the turn's sampling and tools), reads the stream itself (ModelReply)
+    and keeps every stream it opened, to close them when the turn ends: AutoGen's nested
+    generators, once left, close only when the garbage collector gets to them."""
 
     def __init__(
         self,
-        ctx: AppContext,
-        conversation_id: str,
-        message: str | list[str | Image],
-        lease: str | None,
-        history: list[LLMMessage] | None = None,
-        sampling: Mapping[str, Any] | None = None,
-    ):
-        self.ctx = ctx
-        self.conversation_id = conversation_id
-        self.message = message
-        self.lease = lease
-        self.history = history
-        self.sampling = sampling or {}
-        self.events: asyncio.Queue[Event | None] = asyncio.Queue()
-        self.token = CancellationToken()
-        self.stop_reason: str | None = None
-        self.records: list[dict[str, Any]] = [{"role": "user", "content": message, "created_at": utc_now()}]
-        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        self.splitter = ThinkSplitter()
-        self.stream_id: str | None = None
-        self.thought: list[str] = []
-        self.saving = self.saved = self.ending = False
+        api: ModelAPI,
+        settings: Settings,
+        options: ModelOptions,
+        memory: HistoryWindow,
+        emit: Callable[[TurnEvent], None],
+    ) -> None:
+        self.api, self.settings, self.options, self.memory, self.emit = api, settings, options, memory, emit
+        self.streams: set[ChunkSource] = set()
+        self.calls = 0
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(**self.settings.model_info)  # type: ignore[typeddict-item]
+
+    @property
+    def capabilities(self) -> ModelInfo:  # type: ignore[override]
+        return self.model_info
+
+    def body(self, messages: Sequence[LLMMessage], tools: Sequence[Any], tool_choice: Any) -> dict[str, Any]:
+        settings, options = self.settings, self.options
+        thinking = settings.thinking_api and settings.thinking != "disabled"
+        body: dict[str, Any] = {
+            "model": settings.model_name,
+            "messages": openai_messages(messages, self.memory, thinking),
+        }
+        body |= {"stream": True, "stream_options": {"include_usage": True}}  # real APIs send usage only when asked
+        if settings.thinking:
+            body["thinking"] = {"type": settings.thinking}
+        if settings.reasoning_effort:
+            body["reasoning_effort"] = settings.reasoning_effort
+        if tools:
+            body["tools"] = [openai_tool(tool if isinstance(tool, dict) else tool.schema) for tool in tools]
+            body["tool_choice"] = (
+                options.tool_choice if options.tool_choice is not None and not self.calls else tool_choice
+            )
+            if options.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = options.parallel_tool_calls
+        if options.response_format is not None:
+            body["response_format"] = options.response_format
+        return body | dict(options.sampling)
+
+    async def create_stream(  # type: ignore[override]
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Any] = (),
+        tool_choice: Any = "auto",
+        json_output: Any = None,
+        extra_create_args: Mapping[str, Any] | None = None,
+        cancellation_token: CancellationToken | None = None,
+    ) -> AsyncIterator[str | CreateResult]:
+        reply = ModelReply(self.emit, think_tags=not self.settings.thinking_api)
+        stream = await self.api.open(self.body(messages, tools, tool_choice))
+        self.calls += 1
+        self.streams.add(stream)
+        try:
+            async for chunk in stream:
+                reply.feed(chunk)
+        finally:
+            await stream.close()  # aiohttp keeps a connection whose read was cancelled until it is released
+            self.streams.discard(stream)
+        result = reply.result()
+        if isinstance(result.content, list) and reply.text:
+            self.memory.call_texts[result.content[0].id] = "".join(reply.text)
+        yield result
+
+    async def create(self, messages: Sequence[LLMMessage], **kwargs: Any) -> CreateResult:  # type: ignore[override]
+        return [item async for item in self.create_stream(messages, **kwargs)][-1]  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        """Close the model responses still open."""
+        for stream in list(self.streams):
+            await stream.close()
+
+    def actual_usage(self) -> RequestUsage:
+        return RequestUsage(prompt_tokens=0, completion_tokens=0)  # counted by the turn, with cache and reasoning
+
+    total_usage = actual_usage
+
+    def count_tokens(self, messages: Sequence[LLMMessage], **kwargs: Any) -> int:
+        return 0  # AssistantAgent does not ask; the history window bounds the request by messages
+
+    def remaining_tokens(self, messages: Sequence[LLMMessage], **kwargs: Any) -> int:
+        return 1 << 30
+
+
+async def run_agent(
+    ctx: AppContext, job: TurnJob, emit: Callable[[TurnEvent], None], gate: TurnGate, token: CancellationToken
+) -> Mapping[str, Any] | None:
+    """Run the job through AutoGen's agent, its model's and tools' events going to `emit` as they
+    happen. Returns the agent's state to save, for a stored conversation. The run ends early,
+    once a round of tool calls is done, where the gate handed a call over to the client."""
+    settings = ctx.settings
+    memory = HistoryWindow(
+        settings.max_history_messages, job.history, settings.thinking_api and settings.thinking != "disabled"
+    )
+    model = AgentModel(ctx.model_api, settings, job.options, memory, emit)
+    toolbox = Toolbox(ctx.tools, job.options.client_tools, gate)
+    agent = AssistantAgent(
+        "assistant",
+        model_client=model,
+        workbench=[toolbox] if toolbox.schemas else None,
+        system_message=settings.system_message,
+        model_client_stream=True,
+        reflect_on_tool_use=bool(toolbox.schemas),
+        max_tool_iterations=settings.max_tool_rounds,
+        model_context=memory,
+    )
+    if job.history is None and (state := await ctx.store.load_state(job.conversation_id)) is not None:
+        await agent.load_state(state)
+    events = agent.run_stream(task=agent_task(job.message), cancellation_token=token, output_task_messages=False)
+    try:
+        async for event in events:
+            for item in tool_events(event, toolbox, gate):
+                emit(item)
+            if isinstance(event, ToolCallExecutionEvent) and gate.handed_over:
+                break
+    finally:
+        await events.aclose()
+        await model.close()
+    return await agent.save_state() if job.history is None else None
+
+
+def agent_task(message: Content | None) -> TextMessage | MultiModalMessage | None:
+    if message is None or isinstance(message, str):
+        return None if message is None else TextMessage(content=message, source="user")
+    return MultiModalMessage(content=message, source="user")
+
+
+def tool_events(event: Any, toolbox: Toolbox, gate: TurnGate) -> Iterator[TurnEvent]:
+    """The turn's events for AutoGen's tool events: each call as the model asked for it, each
+    result as the tool gave it (the client's tools give none here)."""
+    if isinstance(event, ToolCallRequestEvent):
+        yield Status("calling_tool")
+        for call in event.content:
+            spec = toolbox.specs.get(call.name)
+            yield ToolCall(
+                call.id, call.name, call.arguments, spec.server if spec else None, call.name in toolbox.client_tools
+            )
+    elif isinstance(event, ToolCallExecutionEvent):
+        results = [r for r in event.content if r.name not in toolbox.client_tools]
+        for result in results:
+            outcome = toolbox.outcomes.get(result.call_id, ToolOutcome.ERROR if result.is_error else ToolOutcome.OK)
+            spec = toolbox.specs.get(result.name)
+            server, decision = spec.server if spec else None, gate.decisions.get(result.call_id)
+            yield ToolResult(
+                result.call_id, result.name, result.content, bool(result.is_error), server, outcome, decision
+            )
+        if results:
+            yield Status("responding")
+
+
+# ---------------------------------------------------------------------------
+# The turn: its events
+# ---------------------------------------------------------------------------
+# A turn is one message run through the agent: one stream of these events, which every face
+# renders. Reasoning and text enter it once, where the model API delivered them (ModelReply);
+# tool calls and results where AutoGen's agent reports them (tool_events); approvals where the
+# gate asks (TurnGate). The last event is Finished or Failed; Ping keeps a quiet stream alive.
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    status: str  # calling_tool, awaiting_approval, responding
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    separator: bool = False  # the blank line between answer text written before and after tool calls
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON, as the model wrote it
+    server: str | None = None  # the MCP server of the tool
+    client: bool = False  # a client's tool: the client runs it, and the turn ends with it
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalNeeded:
+    id: str
+    name: str
+    arguments: str
+    server: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    call_id: str
+    name: str
+    content: str
+    is_error: bool
+    server: str | None = None
+    outcome: ToolOutcome = ToolOutcome.OK
+    approval: Approval | None = None  # a person's decision, where one was asked for
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One model call ended: its tokens and why it ended."""
+
+    tokens: Tokens
+    finish_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """The whole answer, once the agent is done: every TextDelta, joined."""
+
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    conversation_id: str
+    tokens: Tokens
+    finish_reason: str  # stop, length, tool_calls (calls handed over to the client)
+    handed_over: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+PING = Ping()
+TurnEvent = (
+    Started | Status | ReasoningDelta | TextDelta | ToolCall | ApprovalNeeded | ToolResult | Usage | Message
+    | Finished | Failed | Ping
+)  # fmt: skip
+SEPARATOR = "\n\n"
+
+
+@dataclass(eq=False)
+class Reply:
+    """A turn's events folded into what it said and did: the one fold that every JSON reply
+    and the stored records are made of, so that they say the same as the stream."""
+
+    conversation_id: str
+    records: list[dict[str, Any]] = field(default_factory=list)  # as stored, in order
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    handed_over: list[ToolCall] = field(default_factory=list)
+    tokens: Tokens = Tokens()
+    cut: bool = False  # a model call ended at its token limit
+    segment: list[str] = field(default_factory=list)  # the text of the model call being read
+    thought: list[str] = field(default_factory=list)  # its reasoning
+    after_tools: bool = False
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.handed_over else "length" if self.cut else "stop"
+
+    def add(self, event: TurnEvent) -> None:
+        match event:
+            case ReasoningDelta(text=text):
+                self.reasoning.append(text)
+                self.thought.append(text)
+            case TextDelta(text=text, separator=separator):
+                self.text.append(text)
+                self.segment += [] if separator else [text]
+                self.after_tools = False
+            case ToolCall():
+                self._call(event)
+            case ToolResult():
+                self._result(event)
+            case Usage(tokens=tokens, finish_reason=reason):
+                self.tokens += tokens
+                self.cut = self.cut or reason == "length"
+            case Message():
+                self._record(content="".join(self.segment), usage=usage_fields(self.tokens))
+
+    def needs_separator(self) -> bool:
+        """Whether answer text comes after tool calls that came after answer text."""
+        return bool(self.text) and self.after_tools
+
+    def _call(self, call: ToolCall) -> None:
+        if call.client:
+            self.handed_over.append(call)
+            return
+        shown = {"id": call.id, "name": call.name, "arguments": call.arguments} | server_field(call.server)
+        self.tool_calls[call.id] = {**shown, "result": None, "is_error": False}
+        last = self.records[-1] if self.records else {}
+        if last.get("role") == "assistant" and "tool_calls" in last and not self.segment and not self.thought:
+            last["tool_calls"].append(shown)  # another call of the same model reply
+        else:
+            self._record(content="".join(self.segment) or None, tool_calls=[shown])
+        self.after_tools = True
+
+    def _result(self, result: ToolResult) -> None:
+        if result.call_id in self.tool_calls:
+            self.tool_calls[result.call_id].update(result=result.content, is_error=result.is_error)
+        body = {"call_id": result.call_id, "name": result.name, "content": result.content, "is_error": result.is_error}
+        body |= server_field(result.server) | ({"approval": str(result.approval)} if result.approval else {})
+        self.records.append({"role": "tool", **body, "created_at": utc_now()})
+
+    def _record(self, **body: Any) -> None:
+        if self.thought:
+            body["thought"] = "".join(self.thought)
+        self.records.append({"role": "assistant", **body, "created_at": utc_now()})
+        self.segment, self.thought = [], []
+
+
+def server_field(server: str | None) -> dict[str, str]:
+    return {"server": server} if server else {}
+
+
+def usage_fields(tokens: Tokens) -> dict[str, int]:
+    """A turn's usage in the /api faces, summed over its model calls."""
+    return {
+        "prompt_tokens": tokens.prompt,
+        "completion_tokens": tokens.completion,
+        "cached_tokens": tokens.cached,
+        "reasoning_tokens": tokens.reasoning,
+    }
+
+
+async def fold(events: AsyncIterator[TurnEvent], conversation_id: str) -> Reply:
+    """A turn's events folded into its Reply."""
+    reply = Reply(conversation_id)
+    async for event in events:
+        reply.add(event)
+    return reply
+
+
+# ---------------------------------------------------------------------------
+# The turn: leases, the gate, and its life
+# ---------------------------------------------------------------------------
+
+
+class LeaseState(enum.Enum):
+    HELD = "held"
+    RELEASING = "releasing"
+    RELEASED = "released"  # deleted, by a release or by the save of the turn
+
+
+class Lease:
+    """A turn's hold on its conversation: the rule of one turn at a time, across processes and
+    instances, kept by the database. HELD from take() until release(), which deletes it in a
+    task of its own that cancelling the turn cannot stop, retried while the database fails
+    until it would have expired anyway; or until the turn's save deletes it."""
+
+    def __init__(self, ctx: AppContext, conversation_id: str, owner: str) -> None:
+        self.ctx, self.conversation_id, self.owner = ctx, conversation_id, owner
+        self.state = LeaseState.HELD
         self.releasing: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def take(cls, ctx: AppContext, conversation_id: str) -> Lease | None:
+        """The conversation's lease, or None while another turn holds it. A turn here that holds
+        it may be one its client stopped a moment ago ("stop, then resend"): the closed
+        connection can reach the server after the resend. It gets HANDOVER_SECONDS to end."""
+        lease = cls(ctx, conversation_id, uuid.uuid4().hex)
+        if await ctx.store.acquire_lease(conversation_id, lease.owner, ctx.settings.lease_seconds):
+            return lease
+        holder = next((turn for turn in ctx.turns if turn.job.conversation_id == conversation_id), None)
+        if holder is None:
+            return None
+        await asyncio.wait([holder.task], timeout=HANDOVER_SECONDS)
+        held = await ctx.store.acquire_lease(conversation_id, lease.owner, ctx.settings.lease_seconds)
+        return lease if held else None
+
+    async def renew(self) -> bool:
+        """Whether the lease is still this turn's, renewed."""
+        return await self.ctx.store.renew_lease(self.conversation_id, self.owner, self.ctx.settings.lease_seconds)
+
+    def saved(self) -> None:
+        """The save deleted the lease, in its transaction."""
+        self._move(LeaseState.RELEASED)
+
+    def release(self) -> asyncio.Future[None]:
+        """Delete the lease, once; the future is done after the first try."""
+        if self.releasing is None and self.state is LeaseState.RELEASED:
+            self.releasing = asyncio.get_running_loop().create_future()
+            self.releasing.set_result(None)
+        elif self.releasing is None:
+            self._move(LeaseState.RELEASING)
+            self.releasing = asyncio.ensure_future(self._delete())
+        return self.releasing
+
+    async def _delete(self) -> None:
+        try:
+            await self.ctx.store.release_lease(self.conversation_id, self.owner)
+        except DatabaseUnavailable:
+            logger.warning("could not release the lease of conversation %s: retrying", self.conversation_id)
+            retrying = asyncio.create_task(self._keep_deleting())
+            self.ctx.releases.add(retrying)
+            retrying.add_done_callback(self.ctx.releases.discard)
+            return
+        except Exception:
+            logger.exception("could not release the lease of conversation %s", self.conversation_id)
+        self._move(LeaseState.RELEASED)
+
+    async def _keep_deleting(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ctx.settings.lease_seconds
+        while loop.time() < deadline:
+            await asyncio.sleep(min(1.0, self.ctx.settings.lease_seconds / 10))  # a pause between tries
+            with suppress(DatabaseUnavailable):
+                await self.ctx.store.release_lease(self.conversation_id, self.owner)
+                break
+        self._move(LeaseState.RELEASED)  # deleted, or expired by now
+
+    def _move(self, to: LeaseState) -> None:
+        allowed = {
+            LeaseState.HELD: {LeaseState.RELEASING, LeaseState.RELEASED},
+            LeaseState.RELEASING: {LeaseState.RELEASED},
+        }
+        assert to in allowed.get(self.state, set()), f"lease: {self.state.value} -> {to.value}"
+        self.state = to
+
+
+class Approvals(enum.Enum):
+    """What a face does with a tool call that needs a person's approval."""
+
+    ASK = "ask"  # the SSE stream: approval_required, then a decision posted, or the time-out
+    REFUSE = "refuse"  # faces whose clients never see the call id (/api/chat, /v1): not run
+    HAND_OVER = "hand_over"  # AG-UI: the run ends with an interrupt naming the call
+
+
+class TurnGate:
+    """The gate of one turn's tool calls (see Gate): its face's Approvals, and what was decided."""
+
+    def __init__(
+        self, policy: Approvals, emit: Callable[[TurnEvent], None], ctx: AppContext, conversation_id: str
+    ) -> None:
+        self.policy, self.emit, self.ctx, self.conversation_id = policy, emit, ctx, conversation_id
+        self.handed_over: list[FunctionCall] = []
+        self.decisions: dict[str, Approval] = {}
+
+    async def approve(self, call: FunctionCall, spec: ToolSpec) -> str | None:
+        if self.policy is Approvals.HAND_OVER:
+            self.hand_over(call)
+            return "(waiting for a person's approval)"
+        if self.policy is Approvals.REFUSE:
+            return "This tool needs a person's approval, which this client cannot give: the call was not run."
+        return await self._ask(call, spec)
+
+    async def _ask(self, call: FunctionCall, spec: ToolSpec) -> str | None:
+        raise NotImplementedError
+
+    def hand_over(self, call: FunctionCall) -> None:
+        self.handed_over.append(call)
+
+
+class TurnState(enum.Enum):
+    RUNNING = "running"  # the agent runs
+    STOPPING = "stopping"  # stop() cancelled it; its error event follows
+    SAVING = "saving"  # the agent is done; the save is in flight (bounded by the database's time limit)
+    ENDING = "ending"  # the last event is made: the lease goes, then the event; nothing may stop it now
+    CLOSED = "closed"
+
+
+TURN_MOVES = {
+    TurnState.RUNNING: {TurnState.STOPPING, TurnState.SAVING, TurnState.ENDING, TurnState.CLOSED},
+    TurnState.STOPPING: {TurnState.ENDING, TurnState.CLOSED},
+    TurnState.SAVING: {TurnState.ENDING, TurnState.CLOSED},
+    TurnState.ENDING: {TurnState.CLOSED},
+    TurnState.CLOSED: set(),
+}
+
+
+@dataclass(frozen=True)
+class TurnJob:
+    """What a face asks of a turn."""
+
+    conversation_id: str
+    message: Content | None  # None: go on from the history (the results of the client's tools)
+    history: list[LLMMessage] | None = None  # stateless: the agent starts from it; None: the stored conversation
+    options: ModelOptions = field(default_factory=ModelOptions)
+    approvals: Approvals = Approvals.REFUSE
+    face: str = "api_stream"  # for the logs and the metrics
+
+
+class Turn:
+    """One job run through the agent in its own task, its events queued for the response. A
+    stored conversation's turn holds its lease until it ends, and saves only if it completes;
+    a stateless one takes no lease and saves nothing."""
+
+    def __init__(self, ctx: AppContext, job: TurnJob, lease: Lease | None) -> None:
+        self.ctx, self.job, self.lease = ctx, job, lease
+        self.state = TurnState.RUNNING
+        self.stop_reason = "internal_error"
+        self.events: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
+        self.reply = Reply(job.conversation_id)
+        if isinstance(job.message, str):
+            self.reply.records.append({"role": "user", "content": job.message, "created_at": utc_now()})
+        self.token = CancellationToken()
+        self.gate = TurnGate(job.approvals, self.emit, ctx, job.conversation_id)
         self.renewal: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
@@ -1434,48 +2295,52 @@ class Turn:
         self.task = asyncio.create_task(self._pump())
         ctx.turns.add(self)
 
+    def _move(self, to: TurnState) -> None:
+        """The one place the turn's state changes."""
+        assert to in TURN_MOVES[self.state], f"turn: {self.state.value} -> {to.value}"
+        self.state = to
+
+    def emit(self, event: TurnEvent) -> None:
+        """An event of the turn, for its response and its Reply."""
+        if isinstance(event, TextDelta) and self.reply.needs_separator():
+            self.emit(TextDelta(SEPARATOR, separator=True))
+        self.reply.add(event)
+        self.events.put_nowait(event)
+        self.last_event = self.loop.time()
+
     def stop(self, reason: str) -> None:
-        """End the turn early; the client gets an error event with this code. A turn that has
-        its last event already is left to deliver it."""
-        if not self.task.done() and not self.ending:
+        """End the turn early; the client gets an error event with this code. A turn that is
+        saving or has its last event already is left to finish: the client is told what happened."""
+        if self.state is TurnState.RUNNING:
+            self._move(TurnState.STOPPING)
             self.stop_reason = reason
             self.token.cancel()
             self.task.cancel()
 
     async def close(self) -> None:
-        """Cancel the turn if still running, wait until it has unwound, release the lease."""
+        """Cancel the turn if it has not reached its end, wait until it has unwound, release the lease."""
         try:
-            if not self.task.done():
+            if not self.task.done() and self.state is not TurnState.ENDING:
                 self.token.cancel()
                 self.task.cancel()
                 # A cancelled turn saves nothing, so its lease need not wait for it to unwind
                 # (the model request closing): a client that stops and resends at once gets in.
-                self._start_release()
-                # On disconnect Starlette cancels the response's anyio scope, which re-delivers
-                # the cancellation at every await: shield the wait for the turn to unwind.
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait([self.task])
+                self._release()
+            # On disconnect Starlette cancels the response's anyio scope, which re-delivers
+            # the cancellation at every await: shield the wait for the turn to unwind.
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([self.task])
         finally:
             self.timer.cancel()
             if self.renewal is not None:
                 self.renewal.cancel()
             self.ctx.turns.discard(self)
-            self._start_release()  # for a task cancelled before it ever ran
+            self._release()  # for a task cancelled before it ever ran
+            if self.state is not TurnState.CLOSED:
+                self._move(TurnState.CLOSED)
 
-    def _start_release(self) -> asyncio.Future[None]:
-        """Release the lease once, in a task of its own: cancelling the turn cannot stop it."""
-        if self.releasing is None:
-            if self.saved or self.lease is None:  # the save deleted it, or there is none
-                self.releasing = self.loop.create_future()
-                self.releasing.set_result(None)
-            else:
-                self.releasing = release_lease(self.ctx, self.conversation_id, self.lease)
-        return self.releasing
-
-    async def _release(self) -> None:
-        releasing = self._start_release()
-        if not releasing.done():
-            await asyncio.wait([releasing])
+    def _release(self) -> asyncio.Future[None] | None:
+        return self.lease.release() if self.lease is not None else None
 
     def _next_tick(self) -> float:
         settings = self.ctx.settings
@@ -1488,213 +2353,136 @@ class Turn:
         if now - self.last_event >= settings.ping_interval:
             self.events.put_nowait(PING)
             self.last_event = now
-        if (
-            now - self.renewed >= settings.lease_seconds / 3
-            and self.lease is not None
-            and (self.renewal is None or self.renewal.done())
-        ):
-            self.renewal = asyncio.create_task(self._renew())
+        renewing = self.renewal is not None and not self.renewal.done()
+        if now - self.renewed >= settings.lease_seconds / 3 and self.lease is not None and not renewing:
+            self.renewal = asyncio.create_task(self._renew(self.lease))
             self.renewed = now
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
 
-    async def _renew(self) -> None:
+    async def _renew(self, lease: Lease) -> None:
         try:
-            owned = await self.ctx.store.renew_lease(self.conversation_id, self.lease, self.ctx.settings.lease_seconds)
+            owned = await lease.renew()
         except DatabaseUnavailable:
-            logger.warning("could not renew the lease of conversation %s", self.conversation_id)
+            logger.warning("could not renew the lease of conversation %s", self.job.conversation_id)
             return
-        if not owned and not self.saving:  # a save in flight has deleted it, or finds it gone itself
-            logger.warning("conversation %s was taken over by another turn: stopping this one", self.conversation_id)
+        if not owned and self.state is TurnState.RUNNING:  # a save finds the lease gone itself
+            logger.warning(
+                "conversation %s was taken over by another turn: stopping this one", self.job.conversation_id
+            )
             self.stop("turn_superseded")
 
     async def _pump(self) -> None:
-        SAMPLING.set(self.sampling)  # this task's context only
         try:
-            async for event in self._run():
-                if event[0] in LAST_EVENTS:
-                    # Before the client can read it: a client that sends its next message as
-                    # soon as it reads the last event never meets this turn's lease. Nothing may
-                    # stop the turn meanwhile (a renewal finding the lease gone, shutdown's grace
-                    # running out), or the last event would be lost.
-                    self.ending = True
-                    self.timer.cancel()
-                    await self._release()
-                self.events.put_nowait(event)
-                self.last_event = self.loop.time()
+            await self._run()
         finally:
             self.timer.cancel()  # no ping or renewal follows the end
             try:
-                await self._release()
+                if (releasing := self._release()) is not None and not releasing.done():
+                    await asyncio.wait([releasing])
             finally:
                 self.events.put_nowait(None)
 
-    async def _run(self) -> AsyncIterator[Event]:
-        yield "status", {"status": "started", "conversation_id": self.conversation_id}
-        MODEL_CALLS.set(calls := ModelCalls())
+    async def _run(self) -> None:
+        self.emit(Started(self.job.conversation_id))
         try:
-            agent = await self._agent()
-            task = self._task()
-            events = agent.run_stream(task=task, cancellation_token=self.token, output_task_messages=False)
-            try:
-                async for event in events:
-                    for item in self._translate(event):
-                        yield item
-            finally:
-                await events.aclose()
-                await calls.close()
-            if self.lease is not None:
-                state = await agent.save_state()
-                self.saving = True
-                await self.ctx.store.save_turn(self.conversation_id, state, self.records, self.lease)
-                self.saved = True
+            state = await run_agent(self.ctx, self.job, self.emit, self.gate, self.token)
+            if not self.reply.handed_over:
+                self.emit(Message("".join(self.reply.text)))
+            if self.lease is not None and state is not None:
+                self._move(TurnState.SAVING)
+                await self.ctx.store.save_turn(self.job.conversation_id, state, self.reply.records, self.lease.owner)
+                self.lease.saved()
         except asyncio.CancelledError:
-            if self.stop_reason is None:
+            if self.state is not TurnState.STOPPING:
                 raise
-            yield "error", ApiError(self.stop_reason).body()
+            await self._end(Failed(ApiError(self.stop_reason)))
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of the turn becomes its error event
-            error = upstream_error(exc, self.ctx.settings)
-            self._log_failure(error, exc)
-            yield "error", error.body()
+            await self._end(Failed(self._failure(exc)))
             return
-        finish_reason = "length" if "length" in calls.finish_reasons else "stop"
-        yield "done", {"conversation_id": self.conversation_id, "usage": self.usage, "finish_reason": finish_reason}
+        reply = self.reply
+        await self._end(Finished(self.job.conversation_id, reply.tokens, reply.finish_reason, tuple(reply.handed_over)))
 
-    def _task(self) -> TextMessage | MultiModalMessage:
-        if isinstance(self.message, str):
-            return TextMessage(content=self.message, source="user")
-        return MultiModalMessage(content=self.message, source="user")
+    async def _end(self, event: Finished | Failed) -> None:
+        """The last event. Before the client can read it, the lease goes: a client that sends its
+        next message as soon as it reads the last event never meets this turn's lease."""
+        self._move(TurnState.ENDING)
+        self.timer.cancel()
+        if (releasing := self._release()) is not None and not releasing.done():
+            await asyncio.wait([releasing])
+        self.emit(event)
 
-    async def _agent(self) -> AssistantAgent:
-        settings, tools = self.ctx.settings, self.ctx.tools
-        agent = AssistantAgent(
-            "assistant",
-            model_client=self.ctx.client,  # type: ignore[arg-type]
-            tools=tools or None,
-            system_message=settings.system_message,
-            model_client_stream=True,
-            reflect_on_tool_use=bool(tools),
-            model_context=HistoryWindow(settings.max_history_messages, initial_messages=self.history),
-        )
-        state = None if self.history is not None else await self.ctx.store.load_state(self.conversation_id)
-        if state is not None:
-            await agent.load_state(state)
-        return agent
-
-    def _translate(self, event: Any) -> Iterator[Event]:
-        """AutoGen's run_stream events as the API's events; records what gets saved."""
-        if isinstance(event, ModelClientStreamingChunkEvent):
-            if event.full_message_id != self.stream_id:
-                self.stream_id, self.splitter = event.full_message_id, ThinkSplitter()
-            yield from self._texts(self.splitter.feed(event.content))
-        elif isinstance(event, ToolCallRequestEvent):
-            yield from self._texts(self.splitter.flush())
-            calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in event.content]
-            self._record(event, content=None, tool_calls=calls)
-            yield "status", {"status": "calling_tool"}
-            for call in calls:
-                yield "tool_call", call
-        elif isinstance(event, ToolCallExecutionEvent):
-            for result in event.content:
-                data = {
-                    "call_id": result.call_id,
-                    "name": result.name,
-                    "content": result.content,
-                    "is_error": bool(result.is_error),
-                }
-                self.records.append({"role": "tool", **data, "created_at": utc_now()})
-                yield "tool_result", data
-            yield "status", {"status": "responding"}
-        elif isinstance(event, TextMessage | ToolCallSummaryMessage) and event.source != "user":
-            yield from self._texts(self.splitter.flush())
-            content = without_thought(event.content)
-            self._record(event, content=content)
-            yield "message", {"content": content, "source": event.source}
-
-    def _texts(self, parts: list[tuple[str, str]]) -> Iterator[Event]:
-        for kind, text in parts:
-            if kind == "thought":
-                self.thought.append(text)
-            yield kind, {"content": text}
-
-    def _record(self, event: Any, **body: Any) -> None:
-        if event.models_usage is not None:
-            self.usage["prompt_tokens"] += event.models_usage.prompt_tokens
-            self.usage["completion_tokens"] += event.models_usage.completion_tokens
-        if self.thought:
-            body["thought"], self.thought = "".join(self.thought), []
-        self.records.append({"role": "assistant", **body, "created_at": utc_now()})
-
-    def _log_failure(self, error: ApiError, exc: Exception) -> None:
+    def _failure(self, exc: Exception) -> ApiError:
+        error = upstream_error(exc, self.ctx.settings)
         if error.code == "internal_error":
-            logger.exception("turn of conversation %s failed", self.conversation_id)
-            return
-        status = getattr(exc, "status_code", None)
-        logger.warning(
-            "turn of conversation %s failed: %s (%s%s)",
-            self.conversation_id,
-            error.code,
-            type(exc).__name__,
-            f" {status}" if status else "",
-        )
+            logger.exception("turn of conversation %s failed", self.job.conversation_id)
+        else:
+            logger.warning(
+                "turn of conversation %s failed: %s (%s)", self.job.conversation_id, error.code, failure_cause(exc)
+            )
+        return error
 
 
-# ---------------------------------------------------------------------------
-# Turns as responses: SSE events and the JSON reply
-# ---------------------------------------------------------------------------
+async def start_turn(ctx: AppContext, job: TurnJob) -> Turn:
+    """The job's turn: on its stored conversation, under the conversation's lease (409 while
+    another turn runs), or stateless."""
+    if job.history is not None:
+        return Turn(ctx, job, None)
+    lease = await Lease.take(ctx, job.conversation_id)
+    if lease is None:
+        raise ApiError("conversation_busy")
+    return Turn(ctx, job, lease)
 
 
-async def stream_turn(turn: Turn, render: Callable[[Event], bytes] = sse_event) -> AsyncIterator[bytes]:
-    """The turn's events as SSE; events that queued up while the last write was going out
-    leave together in one write, so a busy server makes fewer, larger writes."""
-    while True:
-        batch = [await turn.events.get()]
-        while batch[-1] is not None and not turn.events.empty():
-            batch.append(turn.events.get_nowait())
-        body = b"".join(render(event) for event in batch if event is not None)
-        if body:
-            yield body
-        if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
-            return
-
-
-async def turn_events(turn: Turn) -> AsyncIterator[Event]:
-    """The turn's events to its end, for a reply folded from them: an error event is raised
-    as its ApiError. Closes the turn however the reading ends."""
+async def turn_events(turn: Turn) -> AsyncIterator[TurnEvent]:
+    """The turn's events to its end, for a reply folded from them: Failed is raised as its
+    ApiError. Closes the turn however the reading ends."""
     try:
         while (event := await turn.events.get()) is not None:
-            if event[0] == "error":
-                raise ApiError(event[1]["code"], event[1]["message"], event[1].get("retry_after"))
+            if isinstance(event, Failed):
+                raise event.error
             yield event
     finally:
         await turn.close()
 
 
-async def collect_turn(turn: Turn) -> dict[str, Any]:
-    """The turn's events folded into the JSON reply of POST /api/chat."""
-    reply: dict[str, Any] = {"message": "", "conversation_id": turn.conversation_id}
-    calls: dict[str, dict[str, Any]] = {}
-    async for name, data in turn_events(turn):
-        if name == "message":
-            reply["message"] = data["content"]
-        elif name == "tool_call":
-            calls[data["id"]] = {**data, "result": None, "is_error": False}
-        elif name == "tool_result" and data["call_id"] in calls:
-            calls[data["call_id"]].update(result=data["content"], is_error=data["is_error"])
-        elif name == "done":
-            reply.update(usage=data["usage"], finish_reason=data["finish_reason"])
-    return {**reply, "status": "success", "tool_calls": list(calls.values())}
+# ---------------------------------------------------------------------------
+# Faces: what they share
+# ---------------------------------------------------------------------------
+# A face renders a turn's events as its protocol's stream, folds them (fold) into its JSON
+# reply, and answers errors in its shape. Each face is one section below, with its routes.
+
+
+class Face(Protocol):
+    name: str  # for the logs and the metrics
+    errors: ErrorShape
+
+    def render(self, event: TurnEvent) -> bytes:
+        """The event as the stream's bytes (b"" for none)."""
 
 
 class TurnStream(StreamingResponse):
-    """The SSE response of a turn; closes the turn however the response ends."""
+    """A turn rendered by a face as text/event-stream. Events that queued up while the last
+    write was going out leave together in one write, so a busy server makes fewer, larger
+    writes; the turn is closed however the response ends."""
 
-    def __init__(
-        self, turn: Turn, render: Callable[[Event], bytes] = sse_event, headers: Mapping[str, str] | None = None
-    ) -> None:
-        headers = {**SSE_HEADERS, **(headers or {})}
-        super().__init__(stream_turn(turn, render), media_type="text/event-stream", headers=headers)
+    def __init__(self, turn: Turn, face: Face, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(
+            self._body(turn, face), media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
+        )
         self.turn = turn
+
+    @staticmethod
+    async def _body(turn: Turn, face: Face) -> AsyncIterator[bytes]:
+        while True:
+            batch = [await turn.events.get()]
+            while batch[-1] is not None and not turn.events.empty():
+                batch.append(turn.events.get_nowait())
+            body = b"".join(face.render(event) for event in batch if event is not None)
+            if body:
+                yield body
+            if batch[-1] is None:  # the end marker ends the stream, whatever was queued behind it
+                return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -1703,26 +2491,51 @@ class TurnStream(StreamingResponse):
             await self.turn.close()
 
 
-# ---------------------------------------------------------------------------
-# Request parsing
-# ---------------------------------------------------------------------------
+async def json_reply(
+    request: Request, turn: Turn, reply: Callable[[Reply], dict[str, Any]], headers: Mapping[str, str] | None = None
+) -> Response:
+    """A turn's events folded into a face's JSON reply. Starlette does not cancel a plain handler
+    whose client went away, so this watches for that: the turn is cancelled, saves nothing and
+    lets go of its lease."""
+    folding = asyncio.ensure_future(fold(turn_events(turn), turn.job.conversation_id))
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait([folding, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not folding.done():
+            folding.cancel()  # turn_events closes the turn as it unwinds
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([folding])
+    if folding.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return JSONResponse(reply(folding.result()), headers=headers)
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects; only once the body has been read."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def context(request: Request) -> AppContext:
+    return request.app.state.ctx
+
 
 # curl -d sends application/x-www-form-urlencoded; a JSON body is accepted under it so the
 # five-minute curl demo works. Types that cannot hold JSON are refused with 415.
-# JSON may escape half of a UTF-16 pair ("\ud800"), which no UTF-8 text (database, model API) can hold.
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 JSON_CONTENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON; refused while reading once it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, setting: str) -> bytes:
+    """The request body; refused while reading once it passes `limit` bytes (the `setting`)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    declared_json = content_type == "application/json" or content_type.endswith("+json")
-    if not declared_json and content_type not in JSON_CONTENT_TYPES:
+    if (
+        not (content_type == "application/json" or content_type.endswith("+json"))
+        and content_type not in JSON_CONTENT_TYPES
+    ):
         raise ApiError("unsupported_media_type")
-    if not declared_json and not origin_allowed(request):
-        raise ApiError("origin_not_allowed")
-    too_large = ApiError("payload_too_large", f"The body is larger than MAX_BODY_BYTES ({limit} bytes).")
+    too_large = ApiError("payload_too_large", f"The body is larger than {setting} ({limit} bytes).")
     declared = whole_number(request.headers.get("content-length", ""))
     if declared is not None and declared > limit:
         raise too_large
@@ -1731,57 +2544,74 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise too_large
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, with no lone surrogate in any string (the error names where)."""
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except ValueError:
         raise ApiError("invalid_json") from None
     except RecursionError:
         raise ApiError("invalid_json", "The request body is nested too deeply.") from None
+    where = lone_surrogate_at(data)
+    if where is not None:
+        raise invalid(f"'{where}' holds a lone surrogate (\\ud800-\\udfff): it is not text.", where)
+    return data
 
 
-def origin_allowed(request: Request) -> bool:
-    """Whether the page that sent this may run it. A browser sends a form or text/plain
-    cross-site without asking CORS first, so for those bodies the server asks: a page of an
-    origin CORS_ORIGINS names, of this server itself, or no page at all (curl). '*' does not
-    count here: it opens JSON to every page (the browser asks CORS first), not hidden forms."""
-    origin = request.headers.get("origin")
-    if origin is None:
+def lone_surrogate_at(data: Any) -> str | None:
+    """The path of the first string holding a lone surrogate (messages[3].content), or None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and LONE_SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            stack += [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
+            stack += [(path or "body", key) for key in value]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{index}]", item) for index, item in enumerate(value)]
+    return None
+
+
+async def off_the_loop(size: int, work: Callable[..., T], *args: Any) -> T:
+    """`work` at once when `size` is small, else on a thread: a few MB of JSON take tens of ms
+    to parse and check, which would stall every stream; on a thread the loop runs meanwhile."""
+    if size <= PARSE_OFF_LOOP_BYTES:
+        return work(*args)
+    return await anyio.to_thread.run_sync(functools.partial(work, *args))
+
+
+def origin_allowed(headers: Headers, method: str, origins: Sequence[str]) -> bool:
+    """Whether the page that sent this may call: a page of this server, of an origin that
+    CORS_ORIGINS lists, or no page at all (curl). '*' opens every request a browser asks CORS
+    about first, which a form or a text/plain POST it does not: those stay refused."""
+    origin = headers.get("origin")
+    if origin is None or origin in origins or urlsplit(origin).netloc == headers.get("host"):
         return True
-    return origin in context(request).settings.cors_origins or urlsplit(origin).netloc == request.headers.get("host")
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    asked_first = method not in {"GET", "HEAD", "POST"} or content_type == "application/json"
+    return "*" in origins and (method in {"GET", "HEAD"} or asked_first)
 
 
-CHAT_REQUEST_FIELDS = {"message", "conversation_id"}
+async def turn_body(request: Request, limit: int | None = None, setting: str = "MAX_BODY_BYTES") -> bytes:
+    """The body of a request for a turn, which needs the model configured and the server not
+    shutting down."""
+    ctx = context(request)
+    if ctx.model_api is None:
+        raise ApiError("not_configured")
+    body = await read_body(request, limit or ctx.settings.max_body_bytes, setting)
+    if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
+        raise ApiError("server_shutting_down")
+    return body
 
 
-def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
-    """(message, conversation_id) from a chat body; a new id when none is given."""
-    if not isinstance(data, dict):
-        raise ApiError("validation_error", 'The body must be a JSON object: {"message": "..."}.')
-    unknown = sorted(set(data) - CHAT_REQUEST_FIELDS)
-    if unknown:  # a misspelt conversation_id would otherwise start a new conversation
-        raise ApiError(
-            "validation_error", f"Unknown field(s) {unknown}; a chat body has {sorted(CHAT_REQUEST_FIELDS)}."
-        )
-    message = check_message(data.get("message"), settings.max_message_chars)
-    conversation_id = data.get("conversation_id")
-    if conversation_id is None:
-        return message, str(uuid.uuid4())
-    return message, check_conversation_id(conversation_id)
-
-
-def check_message(value: Any, limit: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ApiError("validation_error", "'message' must be a string with more than white space.")
-    if len(value) > limit:
-        raise ApiError("validation_error", f"'message' is longer than MAX_MESSAGE_CHARS ({limit}).")
-    if LONE_SURROGATE.search(value):
-        raise ApiError("validation_error", "'message' holds a lone surrogate (\\ud800-\\udfff): it is not text.")
-    return value
-
-
-def check_conversation_id(value: Any) -> str:
-    if not isinstance(value, str) or not CONVERSATION_ID_PATTERN.fullmatch(value):
-        raise ApiError("validation_error", "'conversation_id' must match ^[A-Za-z0-9_.:-]{1,128}$.")
+def check_conversation_id(value: Any, param: str = "conversation_id") -> str:
+    if not isinstance(value, str) or not CONVERSATION_ID_PATTERN.fullmatch(value) or value in {".", ".."}:
+        raise invalid(CONVERSATION_ID_RULE.replace("'conversation_id'", f"'{param}'") + ".", param)
     return value
 
 
@@ -1791,137 +2621,118 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
         return default
     value = whole_number(raw)
     if value is None or not low <= value <= high:
-        raise ApiError("validation_error", f"'{name}' must be a whole number from {low} to {high}.")
+        raise invalid(f"'{name}' must be a whole number from {low} to {high}.", name)
     return value
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # ---------------------------------------------------------------------------
-# Handlers
+# Face: /api (named SSE events, JSON, stored conversations)
 # ---------------------------------------------------------------------------
 
-
-def context(request: Request) -> AppContext:
-    return request.app.state.ctx
+CHAT_REQUEST_FIELDS = {"message", "conversation_id"}
 
 
-async def index(request: Request) -> JSONResponse:
-    settings = context(request).settings
-    return JSONResponse(
-        {
-            "name": "autogen-chat",
-            "version": __version__,
-            "model": settings.model_name,
-            "base_url_host": urlsplit(settings.base_url).hostname,
-            "endpoints": {
-                "chat": "POST /api/chat",
-                "chat_stream": "POST /api/chat/stream",
-                "conversations": "GET /api/conversations",
-                "conversation": "GET|DELETE /api/conversations/{conversation_id}",
-                "health": "GET /health",
-                "openai_chat": "POST /v1/chat/completions",
-                "openai_models": "GET /v1/models",
-            },
-            "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
-            "chat_page": "/chat",
+class ApiFace:
+    """The service's own face. Its stream names each event: status, thought, chunk, tool_call,
+    approval_required, tool_result, message, done or error, and ': ping' comments."""
+
+    errors = API_ERRORS
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def render(self, event: TurnEvent) -> bytes:
+        match event:
+            case TextDelta(text=text):
+                return sse_text("chunk", text)
+            case ReasoningDelta(text=text):
+                return sse_text("thought", text)
+            case Ping():
+                return SSE_PING
+            case Started(conversation_id=conversation_id):
+                return sse("status", {"status": "started", "conversation_id": conversation_id})
+            case Status(status=status):
+                return sse("status", {"status": status})
+            case ToolCall(client=False):
+                return sse(
+                    "tool_call",
+                    {"id": event.id, "name": event.name, "arguments": event.arguments} | server_field(event.server),
+                )
+            case ApprovalNeeded():
+                return sse(
+                    "approval_required",
+                    {"id": event.id, "name": event.name, "arguments": event.arguments} | server_field(event.server),
+                )
+            case ToolResult():
+                return sse("tool_result", tool_result_fields(event))
+            case Message(content=content):
+                return sse("message", {"content": content, "source": "assistant"})
+            case Finished():
+                return sse(
+                    "done",
+                    {
+                        "conversation_id": event.conversation_id,
+                        "usage": usage_fields(event.tokens),
+                        "finish_reason": event.finish_reason,
+                    },
+                )
+            case Failed(error=error):
+                return sse("error", error.detail())
+        return b""
+
+    @staticmethod
+    def reply(reply: Reply) -> dict[str, Any]:
+        """POST /api/chat's answer."""
+        return {
+            "status": "success",
+            "message": "".join(reply.text),
+            "conversation_id": reply.conversation_id,
+            "tool_calls": list(reply.tool_calls.values()),
+            "usage": usage_fields(reply.tokens),
+            "finish_reason": reply.finish_reason,
         }
-    )
 
 
-async def health(request: Request) -> JSONResponse:
+API_STREAM, API_JSON = ApiFace("api_stream"), ApiFace("api_json")
+
+
+def tool_result_fields(result: ToolResult) -> dict[str, Any]:
+    fields = {"call_id": result.call_id, "name": result.name, "content": result.content, "is_error": result.is_error}
+    return fields | server_field(result.server) | ({"approval": str(result.approval)} if result.approval else {})
+
+
+def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
+    """(message, conversation_id) from a chat body; a new id when none is given."""
+    if not isinstance(data, dict):
+        raise invalid('The body must be a JSON object: {"message": "..."}.')
+    unknown = sorted(set(data) - CHAT_REQUEST_FIELDS)
+    if unknown:  # a misspelt conversation_id would otherwise start a new conversation
+        raise invalid(f"Unknown field(s) {unknown}; a chat body has {sorted(CHAT_REQUEST_FIELDS)}.")
+    message = data.get("message")
+    if not isinstance(message, str) or not message.strip():
+        raise invalid("'message' must be a string with more than white space.", "message")
+    if len(message) > settings.max_message_chars:
+        raise invalid(f"'message' is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).", "message")
+    conversation_id = data.get("conversation_id")
+    return message, str(uuid.uuid4()) if conversation_id is None else check_conversation_id(conversation_id)
+
+
+async def api_turn(request: Request, face: ApiFace, approvals: Approvals) -> Turn:
     ctx = context(request)
-    database = await ctx.store.ping()
-    reasons = []
-    if ctx.client is None:
-        reasons.append("model not configured: set API_KEY in .env")
-    if not database:
-        reasons.append("database not answering")
-    if ctx.shutting_down:
-        reasons.append("shutting down")
-    body = {
-        "status": "degraded" if reasons else "ok",
-        "reasons": reasons,
-        "model": ctx.settings.model_name,
-        "agent_ready": ctx.client is not None and not ctx.shutting_down,
-        "database": database,
-        "open_turns": len(ctx.turns),
-    }
-    return JSONResponse(body, status_code=200 if database else 503)
-
-
-async def turn_body(request: Request) -> Any:
-    """The JSON body of a request for a turn, which needs the model configured and the
-    server not shutting down."""
-    ctx = context(request)
-    if ctx.client is None:
-        raise ApiError("not_configured")
-    data = await read_json(request, ctx.settings.max_body_bytes)
-    if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
-        raise ApiError("server_shutting_down")
-    return data
-
-
-async def stored_turn(
-    ctx: AppContext, conversation_id: str, message: str, sampling: Mapping[str, Any] | None = None
-) -> Turn:
-    """A turn on the stored conversation, holding its lease; 409 while another turn runs."""
-    lease = uuid.uuid4().hex
-    if not await take_lease(ctx, conversation_id, lease):
-        raise ApiError("conversation_busy")
-    return Turn(ctx, conversation_id, message, lease, sampling=sampling)
-
-
-async def start_turn(request: Request) -> Turn:
-    message, conversation_id = parse_chat_request(await turn_body(request), context(request).settings)
-    return await stored_turn(context(request), conversation_id, message)
-
-
-async def take_lease(ctx: AppContext, conversation_id: str, lease: str) -> bool:
-    """The conversation's lease for a new turn. A turn here that holds it may be one its
-    client stopped a moment ago ("stop, then resend"): the closed connection can reach the
-    server after the resend. Such a turn gets HANDOVER_SECONDS to end (its lease goes first)."""
-    if await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
-        return True
-    holder = next((turn for turn in ctx.turns if turn.conversation_id == conversation_id), None)
-    if holder is None:
-        return False
-    await asyncio.wait([holder.task], timeout=HANDOVER_SECONDS)
-    return await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds)
-
-
-async def chat(request: Request) -> Response:
-    turn = await start_turn(request)
-    return await json_reply(request, collect_turn(turn))
-
-
-async def json_reply(
-    request: Request, collect: Coroutine[Any, Any, dict[str, Any]], headers: Mapping[str, str] | None = None
-) -> Response:
-    """A turn's JSON reply. Starlette does not cancel a plain handler whose client went away, so
-    this watches for that: the turn is cancelled, saves nothing and lets go of its lease."""
-    reply = asyncio.ensure_future(collect)
-    gone = asyncio.ensure_future(client_gone(request))
-    try:
-        await asyncio.wait([reply, gone], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not reply.done():
-            reply.cancel()  # collect_turn closes the turn as it unwinds
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([reply])
-    if reply.cancelled():
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    return JSONResponse(reply.result(), headers=headers)
-
-
-async def client_gone(request: Request) -> None:
-    """Returns when the client disconnects; only once the body has been read."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    message, conversation_id = parse_chat_request(parse_json(await turn_body(request)), ctx.settings)
+    return await start_turn(ctx, TurnJob(conversation_id, message, approvals=approvals, face=face.name))
 
 
 async def chat_stream(request: Request) -> TurnStream:
-    turn = await start_turn(request)
-    return TurnStream(turn)
+    return TurnStream(await api_turn(request, API_STREAM, Approvals.ASK), API_STREAM)
+
+
+async def chat(request: Request) -> Response:
+    return await json_reply(request, await api_turn(request, API_JSON, Approvals.REFUSE), API_JSON.reply)
 
 
 async def list_conversations(request: Request) -> JSONResponse:
@@ -1943,85 +2754,21 @@ async def conversation(request: Request) -> Response:
 
 
 async def delete_conversation(ctx: AppContext, conversation_id: str) -> Response:
-    # Taking the lease means a running turn cannot save the conversation back afterwards.
-    lease = uuid.uuid4().hex
-    if not await ctx.store.acquire_lease(conversation_id, lease, ctx.settings.lease_seconds):
+    # Under the conversation's lease: a running turn cannot save the conversation back afterwards.
+    lease = await Lease.take(ctx, conversation_id)
+    if lease is None:
         raise ApiError("conversation_busy")
     try:
         deleted = await ctx.store.delete_conversation(conversation_id)
     finally:
-        await asyncio.wait([release_lease(ctx, conversation_id, lease)])
+        await asyncio.wait([lease.release()])
     if not deleted:
         raise ApiError("not_found", f"No conversation {conversation_id!r}.")
     return Response(status_code=204)
 
 
-async def openapi_json(request: Request) -> Response:
-    return Response(context(request).openapi, media_type="application/json")
-
-
-async def api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return refuse(request, exc)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "internal_error")
-    response = refuse(request, ApiError(code))
-    response.headers.update(exc.headers or {})
-    return response
-
-
-def refuse(request: Request, error: ApiError) -> Response:
-    """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
-    if error.status_code < 500:
-        logger.info("%s %s -> %s %s", request.method, request.url.path, error.status_code, error.code)
-    return error_response(request.scope, error)
-
-
-async def database_error(request: Request, exc: Exception) -> Response:
-    logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
-    return error_response(request.scope, ApiError("database_unavailable"))
-
-
-async def server_error(request: Request, exc: Exception) -> Response:
-    return error_response(request.scope, ApiError("internal_error"))
-
-
-def error_response(scope: Scope, error: ApiError) -> Response:
-    """The error in the shape of the face the request came to."""
-    return v1_error_response(error) if on_v1(scope) else error.response()
-
-
-class RequireServerKey:
-    """A route's guard: with SERVER_API_KEY set, the route needs 'Authorization: Bearer <key>'.
-
-    Applied per route (``middleware=SECURED``), never by path prefix: behind
-    ``--root-path`` uvicorn puts the prefix into ``scope["path"]``, the router strips it.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = scope["app"].state.settings.server_api_key
-        if key and not bearer_matches(dict(scope["headers"]).get(b"authorization", b""), key):
-            raise ApiError("unauthorized")
-        await self.app(scope, receive, send)
-
-
-def bearer_matches(header: bytes, key: str) -> bool:
-    """Whether the header carries the key; the scheme is case-insensitive (RFC 7235)."""
-    scheme, _, token = header.partition(b" ")
-    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
-
-
-SECURED = [Middleware(RequireServerKey)]
-
-
 # ---------------------------------------------------------------------------
-# OpenAI-compatible /v1 face: reading a request
+# Face: /v1, OpenAI-compatible (chat apps, SDKs): reading a request
 # ---------------------------------------------------------------------------
 
 V1_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -2029,19 +2776,18 @@ V1_TEXT_PARTS = {"text", "input_text"}
 V1_IMAGE_PARTS = {"image_url"}
 NO_VISION = "this model cannot read images (MODEL_VISION)"
 # Sampling fields sent with each model call of the turn, with their bounds. Every other field
-# (n, logprobs, logit_bias, response_format, reasoning_effort, tools, tool_choice, user, ...)
-# is accepted and ignored.
+# (n, logprobs, logit_bias, reasoning_effort, tools, tool_choice, user, ...) is accepted and ignored.
 V1_NUMBERS = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
-# The face's tool lines in reasoning_content, found again when an app sends them back in content.
-FACADE_TOOL_LINES = re.compile(r"^(?:>[ \t]*)*🔧 [A-Za-z_][\w.-]*(?:\(| → ).*(?:\n|$)", re.MULTILINE)
 # Reasoning that apps fold into the content they send back: <think> (R1 style), Open WebUI's
 # <details type="reasoning">, NextChat's <!--THINKING--> quote.
-FOLDED_REASONING = re.compile(
-    r"<think>.*?</think>|<details type=\"reasoning\".*?</details>|<!--THINKING-->.*?<!--/THINKING-->", re.DOTALL
-)
-
-
-Content = str | list[str | Image]  # a user message's images come with its text, in order
+FOLDED_REASONING = {
+    "<think>": "</think>",
+    '<details type="reasoning"': "</details>",
+    "<!--THINKING-->": "<!--/THINKING-->",
+}
+# The face's own tool lines in reasoning_content ("🔧 name(arguments)", "🔧 name → result"), found
+# again when an app sends them back in content, quoted or not.
+TOOL_LINE = re.compile(r"🔧 [A-Za-z_][\w.-]*(?:\(| → )")
 
 
 @dataclass(frozen=True)
@@ -2053,48 +2799,65 @@ class V1Request:
     conversation_id: str | None
     stream: bool
     include_usage: bool
-    sampling: dict[str, Any]
+    options: ModelOptions
     model: str
 
 
-def invalid(message: str) -> ApiError:
-    return ApiError("validation_error", message)
-
-
-def parse_v1_request(data: Any, conversation_header: str | None, settings: Settings) -> V1Request:
+def parse_v1_request(body: bytes, conversation_header: str | None, settings: Settings) -> V1Request:
+    """The request, checked; linear in its size (it may be several MB: see off_the_loop)."""
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise invalid("The body must be a JSON object with 'messages'.")
     message, history = v1_conversation(data.get("messages"), settings)
     # The header wins; a body's conversation_id must be valid all the same.
-    named = [check_conversation_id(v) for v in (conversation_header, data.get("conversation_id")) if v is not None]
+    given = (("X-Conversation-Id", conversation_header), ("conversation_id", data.get("conversation_id")))
+    named = [check_conversation_id(value, param) for param, value in given if value is not None]
     if named and not isinstance(message, str):
-        raise invalid("Images are read only without a conversation id: a stored conversation keeps text.")
+        raise invalid("Images are read only without a conversation id: a stored conversation keeps text.", "messages")
     options = {} if data.get("stream_options") is None else data["stream_options"]
-    if not isinstance(options, dict) or not _optional(bool, data.get("stream"), options.get("include_usage")):
-        raise invalid("'stream' and 'stream_options.include_usage' must be true or false.")
-    if not _optional(str, data.get("model")):
-        raise invalid("'model' must be a string.")
+    if not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object.", "stream_options")
+    for param, value in (
+        ("stream", data.get("stream")),
+        ("stream_options.include_usage", options.get("include_usage")),
+    ):
+        if not _optional(bool, value):
+            raise invalid(f"'{param}' must be true or false.", param)
     return V1Request(
         message=message,
         history=history,
         conversation_id=named[0] if named else None,
         stream=data.get("stream") is True,
         include_usage=options.get("include_usage") is True,
-        sampling=v1_sampling(data),
-        model=data.get("model") or settings.agent_model_id,
+        options=ModelOptions(sampling=v1_sampling(data), response_format=v1_response_format(data, settings)),
+        model=v1_model(data.get("model"), settings),
     )
+
+
+def v1_model(model: Any, settings: Settings) -> str:
+    """The model id the reply echoes: any the client names (apps name the one they listed)."""
+    if not _optional(str, model) or len(model or "") > MAX_MODEL_FIELD_CHARS:
+        raise invalid(f"'model' must be a string of at most {MAX_MODEL_FIELD_CHARS} characters.", "model")
+    return model or settings.agent_model_id
 
 
 def v1_conversation(messages: Any, settings: Settings) -> tuple[Content, list[LLMMessage]]:
     """The last user message, the turn's, and the history before it."""
     if not isinstance(messages, list) or not messages:
-        raise invalid("'messages' must be a non-empty list.")
+        raise invalid("'messages' must be a non-empty list.", "messages")
     vision = bool(settings.model_info["vision"])
     parsed = [v1_message(message, index, vision) for index, message in enumerate(messages)]
     last = max((i for i, (role, content) in enumerate(parsed) if role == "user" and has_content(content)), default=None)
     if last is None:
-        raise invalid("'messages' has no user message with text or an image.")
-    return v1_turn_message(parsed[last][1], settings), v1_history(parsed, last)
+        raise invalid("'messages' has no user message with text or an image.", "messages")
+    content = parsed[last][1]
+    text = content if isinstance(content, str) else "\n".join(part for part in content if isinstance(part, str))
+    if len(text) > settings.max_message_chars:
+        raise invalid(
+            f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).",
+            f"messages[{last}].content",
+        )
+    return content, v1_history(parsed, last)
 
 
 def _optional(kind: type, *values: Any) -> bool:
@@ -2103,9 +2866,11 @@ def _optional(kind: type, *values: Any) -> bool:
 
 def v1_message(message: Any, index: int, vision: bool) -> tuple[str, Content]:
     """(role, content) of a message; developer counts as system, tool messages are not read."""
-    role = message.get("role") if isinstance(message, dict) else None
+    if not isinstance(message, dict):
+        raise invalid(f"messages[{index}] must be an object with a 'role'.", f"messages[{index}]")
+    role = message.get("role")
     if role not in V1_ROLES:
-        raise invalid(f"messages[{index}].role must be one of {', '.join(V1_ROLES)}.")
+        raise invalid(f"messages[{index}].role must be one of {', '.join(V1_ROLES)}.", f"messages[{index}].role")
     content = message.get("content")
     if role in {"tool", "function"} and (content is None or isinstance(content, str | list)):
         return role, ""
@@ -2117,55 +2882,58 @@ def v1_content(content: Any, index: int, no_images: str | None) -> Content:
     """The string; or the text parts joined, or with images (unless `no_images` says why not)
     the parts in order."""
     if content is None or isinstance(content, str):
-        return v1_text(content or "", index)
+        return content or ""
+    where = f"messages[{index}].content"
     if not isinstance(content, list):
-        raise invalid(f"messages[{index}].content must be a string or a list of content parts.")
+        raise invalid(f"{where} must be a string or a list of content parts.", where)
     parts: list[str | Image] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         kind = kind if isinstance(kind, str) else None  # a list or an object names no kind (and is unhashable)
         if kind in V1_TEXT_PARTS and isinstance(part.get("text"), str):
-            parts.append(v1_text(part["text"], index))
+            parts.append(part["text"])
         elif kind in V1_IMAGE_PARTS and no_images is None:
-            parts.append(v1_image(part, index))
+            parts.append(client_image(part.get("image_url"), where))
         elif kind in V1_IMAGE_PARTS:
-            raise invalid(f"messages[{index}] holds an image: {no_images}.")
+            raise invalid(f"messages[{index}] holds an image: {no_images}.", where)
         else:
-            raise invalid(f"messages[{index}].content has a part of type {kind!r}; only text and image parts are read.")
+            raise invalid(f"{where} has a part of type {kind!r}; only text and image parts are read.", where)
     texts = [part for part in parts if isinstance(part, str)]
     return "\n".join(texts) if len(texts) == len(parts) else parts
 
 
-def v1_text(text: str, index: int) -> str:
-    if LONE_SURROGATE.search(text):
-        raise invalid(f"messages[{index}] holds a lone surrogate (\\ud800-\\udfff): it is not text.")
-    return text
+IMAGE_DATA_URI = re.compile(r"data:image/(png|jpeg|jpg|gif|webp);base64")
 
 
-def v1_image(part: dict[str, Any], index: int) -> Image:
-    url = part.get("image_url")
+def client_image(url: Any, where: str) -> ClientImage:
+    """An image part's data: URI, checked without decoding the picture: its header names a
+    size within MAX_IMAGE_PIXELS and a format matching its media type."""
     url = url.get("url") if isinstance(url, dict) else url
     head, _, data = url.partition(",") if isinstance(url, str) else ("", "", "")
-    if not re.fullmatch(r"data:image/[\w.+-]+;base64", head):
-        raise invalid(f"messages[{index}] has an image that is not a base64 data: URI (the server fetches no URL).")
+    kind = IMAGE_DATA_URI.fullmatch(head)
+    if kind is None:
+        raise invalid(
+            f"{where} has an image that is not a base64 data: URI of a PNG, JPEG, GIF or WebP"
+            " (the server fetches no URL).",
+            where,
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # PIL only warns of a decompression bomb up to 178M pixels
-            return Image.from_base64(data)
+            picture = PILImage.open(io.BytesIO(base64.b64decode(data, validate=True)))
+            picture.verify()
     except Exception:  # noqa: BLE001 - PIL fails on a broken file with many kinds of error
-        raise invalid(f"messages[{index}] has an image that cannot be read.") from None
+        raise invalid(f"{where} has an image that cannot be read.", where) from None
+    if picture.width * picture.height > MAX_IMAGE_PIXELS or (picture.format or "").lower() != kind[1].replace(
+        "jpg", "jpeg"
+    ):
+        raise invalid(f"{where} has an image over {MAX_IMAGE_PIXELS} pixels, or not of its media type.", where)
+    return ClientImage(url, picture.size)
 
 
 def has_content(content: Content) -> bool:
     """Text that is not only white space, or an image."""
     return not isinstance(content, str) or bool(content.strip())
-
-
-def v1_turn_message(content: Content, settings: Settings) -> Content:
-    text = content if isinstance(content, str) else "\n".join(p for p in content if isinstance(p, str))
-    if len(text) > settings.max_message_chars:
-        raise invalid(f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).")
-    return content
 
 
 def v1_history(parsed: list[tuple[str, Content]], last: int) -> list[LLMMessage]:
@@ -2176,14 +2944,33 @@ def v1_history(parsed: list[tuple[str, Content]], last: int) -> list[LLMMessage]
     for role, content in parsed[:last]:
         if role == "user" and has_content(content):
             history.append(UserMessage(content=content, source="user"))
-        elif role == "assistant" and (answer := without_facade_marks(str(content))):
+        elif role == "assistant" and (answer := without_face_marks(str(content))):
             history.append(AssistantMessage(content=answer, source="assistant"))
     return history
 
 
-def without_facade_marks(text: str) -> str:
+def without_face_marks(text: str) -> str:
     """An earlier answer without what the face or the app added: folded reasoning, tool lines."""
-    return FACADE_TOOL_LINES.sub("", FOLDED_REASONING.sub("", text)).strip()
+    lines = without_folded_reasoning(text).split("\n")
+    return "\n".join(line for line in lines if not TOOL_LINE.match(line.lstrip("> \t"))).strip()
+
+
+def without_folded_reasoning(text: str) -> str:
+    """The text less each folded block (an opening mark to its closing one), in linear time:
+    every search of a mark starts past where the last search of that mark ended, and a mark
+    with no closing one after it is looked for no more."""
+    kept, position = [], 0
+    opens = {mark: text.find(mark) for mark in FOLDED_REASONING}
+    while live := [(at, mark) for mark, at in opens.items() if at >= 0]:
+        at, mark = min(live)
+        end = text.find(FOLDED_REASONING[mark], at + len(mark))
+        if end < 0:
+            opens[mark] = -1
+            continue
+        kept.append(text[position:at])
+        position = end + len(FOLDED_REASONING[mark])
+        opens = {m: (text.find(m, position) if 0 <= a < position else a) for m, a in opens.items()}
+    return "".join(kept) + text[position:]
 
 
 def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
@@ -2191,137 +2978,146 @@ def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
     for name, (low, high) in V1_NUMBERS.items():
         value = data.get(name)
         if value is not None:
-            if not _is_number(value) or not low <= value <= high:
-                raise invalid(f"'{name}' must be a number from {low} to {high}.")
+            if not is_number(value) or not low <= value <= high:
+                raise invalid(f"'{name}' must be a number from {low} to {high}.", name)
             sampling[name] = value
     # max_completion_tokens wins, sent as max_tokens: the name DeepSeek and local servers read.
     for name, low in (("max_tokens", 1), ("max_completion_tokens", 1), ("seed", -(2**63))):
         value = data.get(name)
         if value is not None:
-            if not _is_number(value) or value != int(value) or value < low:
-                raise invalid(f"'{name}' must be a whole number of at least {low}.")
+            if not is_number(value) or value != int(value) or value < low:
+                raise invalid(f"'{name}' must be a whole number of at least {low}.", name)
             sampling["max_tokens" if name == "max_completion_tokens" else name] = int(value)
     stop = data.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None:
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-            raise invalid("'stop' must be a string or a list of up to 4 strings.")
+            raise invalid("'stop' must be a string or a list of up to 4 strings.", "stop")
         sampling["stop"] = stop
     return sampling
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def v1_response_format(data: dict[str, Any], settings: Settings) -> dict[str, Any] | None:
+    """response_format for the answer: JSON, or JSON of a schema, where the model can."""
+    given = data.get("response_format")
+    if given is None or (isinstance(given, dict) and given.get("type") == "text"):
+        return None
+    kind = given.get("type") if isinstance(given, dict) else None
+    needs = (
+        {"json_object": "json_output", "json_schema": "structured_output"}.get(kind) if isinstance(kind, str) else None
+    )
+    if needs is None or (kind == "json_schema" and not isinstance(given.get("json_schema"), dict)):
+        raise invalid(
+            '\'response_format\' must be {"type": "text" | "json_object" | "json_schema", ...}.', "response_format"
+        )
+    if not settings.model_info[needs]:
+        flag = next(name for name, key in MODEL_INFO_FLAGS.items() if key == needs)
+        raise invalid(f"This model cannot answer in {kind} ({flag}=false).", "response_format")
+    return given
 
 
 # ---------------------------------------------------------------------------
-# OpenAI-compatible /v1 face: replies and routes
+# Face: /v1, OpenAI-compatible: replies and routes
 # ---------------------------------------------------------------------------
 
-V1_STATUS = {415: 400, 422: 400}  # OpenAI answers every malformed request with 400
-V1_DELTA_FIELDS = {"chunk": "content", "thought": "reasoning_content"}
 V1_DONE = b"data: [DONE]\n\n"
-MAX_TOOL_RESULT_SHOWN = 500
 
 
-def on_v1(scope: Scope) -> bool:
-    path = scope["path"].removeprefix(scope.get("root_path", ""))
-    return path == "/v1" or path.startswith("/v1/")
+def v1_usage(tokens: Tokens) -> dict[str, Any]:
+    return {
+        "prompt_tokens": tokens.prompt,
+        "completion_tokens": tokens.completion,
+        "total_tokens": tokens.prompt + tokens.completion,
+        "prompt_tokens_details": {"cached_tokens": tokens.cached},
+        "completion_tokens_details": {"reasoning_tokens": tokens.reasoning},
+    }
 
 
-def v1_error_body(code: str, message: str) -> dict[str, Any]:
-    status = ERRORS[code][0]
-    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def v1_error_response(error: ApiError) -> JSONResponse:
-    status = V1_STATUS.get(error.status_code, error.status_code)
-    return JSONResponse(v1_error_body(error.code, error.message), status_code=status, headers=error.headers())
-
-
-def v1_delta(event: Event) -> tuple[str, str] | None:
-    """The delta field and text an event adds to the answer or the reasoning: the model's
-    reasoning, and a readable line for each tool call and result."""
-    name, data = event
-    if name in V1_DELTA_FIELDS:
-        return V1_DELTA_FIELDS[name], data["content"]
-    if name == "tool_call":
-        return "reasoning_content", f"\n\n🔧 {data['name']}({data['arguments']})\n\n"
-    if name == "tool_result":
-        result = " ".join(data["content"].split())
-        if len(result) > MAX_TOOL_RESULT_SHOWN:
-            result = result[:MAX_TOOL_RESULT_SHOWN] + "…"
-        return "reasoning_content", f"🔧 {data['name']} → {'⚠️ ' if data['is_error'] else ''}{result}\n\n"
-    return None
-
-
-def v1_usage(usage: Mapping[str, int]) -> dict[str, int]:
-    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def tool_line(event: ToolCall | ToolResult) -> str:
+    """A readable line for an agent's tool call or result, shown in reasoning_content."""
+    if isinstance(event, ToolCall):
+        return f"\n\n🔧 {event.name}({event.arguments})\n\n"
+    result = " ".join(event.content.split())
+    if len(result) > MAX_TOOL_RESULT_SHOWN:
+        result = result[:MAX_TOOL_RESULT_SHOWN] + "…"
+    return f"🔧 {event.name} → {'⚠️ ' if event.is_error else ''}{result}\n\n"
 
 
 class V1Completion:
     """One chat completion: the turn's events rendered as chat.completion.chunk frames, or
-    folded into a chat.completion; either way with one id, created and model. Frames are
-    `data:` lines only, no event names or comments: some clients' parsers break on both."""
+    folded into a chat.completion; either way with one id, created and model. The answer is
+    the content; the reasoning, and a line for each of the agent's tool calls and results,
+    are the reasoning_content. Frames are `data:` lines only, no event names or comments:
+    some clients' parsers break on both. As OpenAI does, usage comes once, on a last chunk
+    with no choices, and every other chunk has "usage": null, when the client asks for it."""
+
+    name = "v1"
+    errors = OPENAI_ERRORS
 
     def __init__(self, model: str, include_usage: bool) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
         head = dumps(self._object("chat.completion.chunk"))[:-1]
         self.text_head = f'data: {head},"choices":[{{"index":0,"delta":{{'  # a text delta skips the encoder
 
     def _object(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
 
-    def render(self, event: Event) -> bytes:
-        name, data = event
-        delta = v1_delta(event)
-        if delta is not None:
-            return self._text(*delta)
-        if name == "ping":  # an empty delta: apps and proxies see a live stream
-            return self._text("content", "")
-        if name == "status" and data["status"] == "started":
-            return self._frame([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        if name == "done":
-            return self._finish(data)
-        if name == "error":
-            return f"data: {dumps(v1_error_body(data['code'], data['message']))}\n\n".encode() + V1_DONE
+    def render(self, event: TurnEvent) -> bytes:
+        match event:
+            case TextDelta(text=text):
+                return self._text("content", text)
+            case ReasoningDelta(text=text):
+                return self._text("reasoning_content", text)
+            case ToolCall(client=False) | ToolResult():
+                return self._text("reasoning_content", tool_line(event))
+            case Ping():  # an empty delta: apps and proxies see a live stream
+                return self._text("content", "")
+            case Started():
+                return self._frame([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            case Finished():
+                return self._finish(event)
+            case Failed(error=error):
+                return f"data: {dumps(openai_error(error))}\n\n".encode() + V1_DONE
         return b""
 
     def _text(self, field_name: str, text: str) -> bytes:
-        return f'{self.text_head}"{field_name}":{encode_basestring(text)}}},"finish_reason":null}}]}}\n\n'.encode()
+        return f'{self.text_head}"{field_name}":{encode_basestring(text)}}},"finish_reason":null}}]{self.tail}'.encode()
 
-    def _frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+    def _frame(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         chunk = self._object("chat.completion.chunk", choices=choices)
-        if usage is not None:
+        if self.include_usage:
             chunk["usage"] = usage
         return f"data: {dumps(chunk)}\n\n".encode()
 
-    def _finish(self, done: dict[str, Any]) -> bytes:
-        # Usage also on the finish chunk: some apps close the message at the finish reason.
-        usage = v1_usage(done["usage"]) if self.include_usage else None
-        finish = [{"index": 0, "delta": {}, "finish_reason": done["finish_reason"]}]
-        frames = self._frame(finish, usage)
-        return frames + (self._frame([], usage) if usage else b"") + V1_DONE
+    def _finish(self, done: Finished) -> bytes:
+        frames = self._frame([{"index": 0, "delta": {}, "finish_reason": done.finish_reason}])
+        return frames + (self._frame([], v1_usage(done.tokens)) if self.include_usage else b"") + V1_DONE
 
-    async def collect(self, turn: Turn) -> dict[str, Any]:
-        """The turn folded into one chat.completion; its error raised as an ApiError."""
-        texts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
-        done: dict[str, Any] = {}
-        async for event in turn_events(turn):
-            if (delta := v1_delta(event)) is not None:
-                texts[delta[0]].append(delta[1])
-            elif event[0] == "done":
-                done = event[1]
-        reasoning = "".join(texts["reasoning_content"]).strip()
-        message = {"role": "assistant", "content": "".join(texts["content"]), "reasoning_content": reasoning or None}
-        choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
-        return self._object("chat.completion", choices=[choice], usage=v1_usage(done["usage"]))
+    def reply(self, reply: Reply) -> dict[str, Any]:
+        """The chat.completion."""
+        reasoning = v1_reasoning(reply).strip()
+        message = {"role": "assistant", "content": "".join(reply.text), "reasoning_content": reasoning or None}
+        choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason, "logprobs": None}
+        return self._object("chat.completion", choices=[choice], usage=v1_usage(reply.tokens))
+
+
+def v1_reasoning(reply: Reply) -> str:
+    """The reasoning_content the stream sends, from the records it was folded into (in order:
+    each model call's reasoning, then its tool calls, then their results)."""
+    parts: list[str] = []
+    for record in reply.records:
+        if record["role"] == "assistant":
+            parts.append(record.get("thought") or "")
+            parts += [tool_line(ToolCall(c["id"], c["name"], c["arguments"])) for c in record.get("tool_calls") or ()]
+        elif record["role"] == "tool":
+            parts.append(
+                tool_line(ToolResult(record["call_id"], record["name"], record["content"], record["is_error"]))
+            )
+    return "".join(parts) + "".join(reply.thought)
 
 
 async def v1_models(request: Request) -> JSONResponse:
@@ -2333,24 +3129,30 @@ async def v1_models(request: Request) -> JSONResponse:
 async def v1_chat_completions(request: Request) -> Response:
     """Stateless by default; with X-Conversation-Id (or conversation_id) exactly /api/chat's turn."""
     ctx = context(request)
-    chat = parse_v1_request(await turn_body(request), request.headers.get("x-conversation-id"), ctx.settings)
+    body = await turn_body(request, ctx.settings.v1_max_body_bytes, "V1_MAX_BODY_BYTES")
+    chat = await off_the_loop(len(body), parse_v1_request, body, request.headers.get("x-conversation-id"), ctx.settings)
     completion = V1Completion(chat.model, chat.include_usage)
-    headers: dict[str, str] = {}
-    if chat.conversation_id is None:
-        turn = Turn(ctx, completion.id, chat.message, None, history=chat.history, sampling=chat.sampling)
-    else:
-        turn = await stored_turn(ctx, chat.conversation_id, chat.message, chat.sampling)
-        headers["X-Conversation-Id"] = chat.conversation_id
+    stateless = chat.conversation_id is None
+    job = TurnJob(
+        chat.conversation_id or completion.id,
+        chat.message,
+        chat.history if stateless else None,
+        chat.options,
+        face="v1",
+    )
+    turn = await start_turn(ctx, job)
+    headers = {} if stateless else {"X-Conversation-Id": job.conversation_id}
     if chat.stream:
-        return TurnStream(turn, completion.render, headers)
-    return await json_reply(request, completion.collect(turn), headers)
+        return TurnStream(turn, completion, headers)
+    return await json_reply(request, turn, completion.reply, headers)
 
 
 # ---------------------------------------------------------------------------
-# Static files and documentation pages
+# Face: the chat page, static files and the API documents
 # ---------------------------------------------------------------------------
 
-STATIC_DIR = Path(__file__).resolve().with_name("static")
+STATIC_DIR = HERE / "static"
+OPENAPI_PATH = HERE / "openapi.json"
 # Vendored packages sit in directories named with their version, so their URLs change with it.
 IMMUTABLE = "public, max-age=31536000, immutable"
 CONTENT_TYPES = {
@@ -2382,7 +3184,7 @@ def load_asset(path: Path, mtime_ns: int, size: int) -> Asset:
     """Read and compress a file once per version of it (the stat arguments key the cache)."""
     body = path.read_bytes()
     gzipped = gzip.compress(body, 9, mtime=0) if path.suffix in COMPRESSIBLE else None
-    versioned = path.relative_to(STATIC_DIR).parts[0] == "vendor"
+    versioned = path.is_relative_to(STATIC_DIR / "vendor")
     return Asset(
         body=body,
         gzipped=gzipped if gzipped is not None and len(gzipped) < len(body) else None,
@@ -2433,6 +3235,12 @@ def page_policy(html: bytes) -> str:
     )
 
 
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """Whether If-None-Match names this representation: '*', or its tag (weakly compared)."""
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
 async def static_response(request: Request, relative: str) -> Response:
     """A file under static/ with its content type, caching headers, and gzip where accepted."""
     asset = await anyio.to_thread.run_sync(find_asset, relative)
@@ -2446,15 +3254,22 @@ async def static_response(request: Request, relative: str) -> Response:
             body, etag = asset.gzipped, etag[:-1] + '-gzip"'  # another representation, another tag
             headers["Content-Encoding"] = "gzip"
     headers["ETag"] = etag
-    if asset.content_type.startswith("text/html"):  # the chat page, also under /static/
+    if asset.content_type.startswith("text/html"):
         headers["Content-Security-Policy"] = page_policy(asset.body)
-    if etag in (tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")):
+    if etag_matches(request.headers.get("if-none-match", ""), etag):
         return Response(status_code=304, headers=headers)
     return Response(body, headers=headers, media_type=asset.content_type)
 
 
 async def static_file(request: Request) -> Response:
-    return await static_response(request, request.path_params["path"])
+    relative = request.path_params["path"]
+    if relative.lower().endswith(".html"):  # the chat page's API paths are relative to /chat: served there only
+        raise ApiError("not_found", "No such static file.")
+    return await static_response(request, relative)
+
+
+async def chat_page(request: Request) -> Response:
+    return await static_response(request, "chat.html")
 
 
 def vendored(pattern: str) -> str:
@@ -2472,46 +3287,34 @@ DOCS_CSP = (
     "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
 )
 
-SWAGGER_UI_HTML = f"""<!doctype html>
+
+@functools.cache
+def docs_pages() -> dict[str, str]:
+    """Swagger UI's and ReDoc's pages, for the vendored versions (found once, when first served)."""
+    icon = f'<link rel="icon" type="image/png" href="{vendored("swagger-ui-dist-*/favicon-32x32.png")}">'
+    swagger = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>AutoGen chat backend - Swagger UI</title>
-<link rel="icon" type="image/png" href="{vendored("swagger-ui-dist-*/favicon-32x32.png")}">
+{icon}
 <link rel="stylesheet" href="{vendored("swagger-ui-dist-*/swagger-ui.css")}">
 </head><body><div id="swagger-ui"></div>
 <script src="{vendored("swagger-ui-dist-*/swagger-ui-bundle.js")}"></script>
 <script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
 </body></html>"""
-
-REDOC_HTML = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title></head>
+    redoc = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoGen chat backend - ReDoc</title>
+{icon}</head>
 <body><redoc spec-url="/openapi.json"></redoc>
 <script src="{vendored("redoc-*/bundles/redoc.standalone.js")}"></script>
 </body></html>"""
+    return {"/docs": swagger, "/redoc": redoc}
 
 
-async def swagger_ui(request: Request) -> HTMLResponse:
-    return HTMLResponse(SWAGGER_UI_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+async def docs_page(request: Request) -> HTMLResponse:
+    page = docs_pages()[request.url.path.removeprefix(request.scope.get("root_path", ""))]
+    return HTMLResponse(page, headers={"Content-Security-Policy": DOCS_CSP})
 
 
-async def redoc(request: Request) -> HTMLResponse:
-    return HTMLResponse(REDOC_HTML, headers={"Content-Security-Policy": DOCS_CSP})
-
-
-# ---------------------------------------------------------------------------
-# The chat page
-# ---------------------------------------------------------------------------
-
-
-async def chat_page(request: Request) -> Response:
-    return await static_response(request, "chat.html")
-
-
-# ---------------------------------------------------------------------------
-# OpenAPI document
-# ---------------------------------------------------------------------------
-
-
-OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-SECURED_PREFIXES = ("/api/", "/v1/")  # where the routes have middleware=SECURED
+SECURED_PREFIXES = ("/api/", "/v1/")  # where the routes are guarded (see Guard)
 
 
 def openapi_document(settings: Settings) -> bytes:
@@ -2530,9 +3333,76 @@ def openapi_document(settings: Settings) -> bytes:
     return dumps(document).encode()
 
 
+async def openapi_json(request: Request) -> Response:
+    return Response(context(request).openapi, media_type="application/json")
+
+
+# ---------------------------------------------------------------------------
+# Face: the service itself (/ and /health)
+# ---------------------------------------------------------------------------
+
+
+async def index(request: Request) -> JSONResponse:
+    settings = context(request).settings
+    return JSONResponse(
+        {
+            "name": "autogen-chat",
+            "version": __version__,
+            "model": settings.model_name,
+            "base_url_host": urlsplit(settings.base_url).hostname,
+            "endpoints": {
+                "chat": "POST /api/chat",
+                "chat_stream": "POST /api/chat/stream",
+                "conversations": "GET /api/conversations",
+                "conversation": "GET|DELETE /api/conversations/{conversation_id}",
+                "health": "GET /health",
+                "openai_chat": "POST /v1/chat/completions",
+                "openai_models": "GET /v1/models",
+            },
+            "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
+            "chat_page": "/chat",
+        }
+    )
+
+
+async def health(request: Request) -> JSONResponse:
+    ctx = context(request)
+    database = await ctx.store.health()
+    reasons = [database] if database else []
+    if ctx.model_api is None:
+        reasons.append("model not configured: set API_KEY in .env")
+    if ctx.shutting_down:
+        reasons.append("shutting down")
+    body = {
+        "status": "degraded" if reasons else "ok",
+        "reasons": reasons,
+        "model": ctx.settings.model_name,
+        "agent_ready": ctx.model_api is not None and not ctx.shutting_down,
+        "database": database is None,
+        "open_turns": len(ctx.turns),
+    }
+    return JSONResponse(body, status_code=200 if database is None else 503)
+
+
 # ---------------------------------------------------------------------------
 # Lifespan and shutdown
 # ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class AppContext:
+    """What the lifespan creates and the handlers share, kept on app.state.ctx: the long-lived
+    things live from the lifespan's start to its end."""
+
+    settings: Settings
+    store: Store
+    model_api: ModelAPI | None
+    tools: list[ToolSpec]
+    openapi: bytes = b""
+    turns: set[Turn] = field(default_factory=set)
+    releases: set[asyncio.Task[None]] = field(default_factory=set)
+    shutting_down: bool = False
+    started: int = field(default_factory=lambda: int(time.time()))
 
 
 def begin_shutdown(ctx: AppContext) -> None:
@@ -2576,37 +3446,183 @@ def watch_for_shutdown(ctx: AppContext) -> Callable[[], None]:
     return restore
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def log_config(level: str) -> dict[str, Any]:
     """uvicorn's logging plus the app's lines on stderr; uvicorn applies it in every worker."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["formatters"]["app"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["formatters"]["app"] = {"format": LOG_FORMAT}
     config["handlers"]["app"] = {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"}
     config["root"] = {"handlers": ["app"], "level": level}
     return config
 
 
-def serve(app: Starlette, settings: Settings) -> None:
-    """Run uvicorn as `python server.py` does: WORKERS processes, the busy rule holding across
-    them through the database's leases."""
-    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level.lower()}
-    options["log_config"] = log_config(settings.log_level)
-    if settings.workers == 1:
-        uvicorn.run(app, **options)
-        return
-    # Workers import the app by its import string. The process that starts them needs none of
-    # it: it goes on as a fresh interpreter with only uvicorn, about 85 MiB less than this one.
-    options |= {"workers": settings.workers, "app_dir": str(Path(__file__).parent)}
-    code = "import json, sys, uvicorn; uvicorn.run('server:app', **json.loads(sys.argv[1]))"
-    os.execv(sys.executable, [sys.executable, "-c", code, json.dumps(options)])
+def use_logging(settings: Settings) -> None:
+    """The app's lines with their level and time also under `uvicorn server:app`, whose logging
+    configures only its own loggers."""
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(settings.log_level)
+    logging.getLogger("autogen_core").setLevel(logging.WARNING)  # its INFO events log whole prompts
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per model call
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def log_start(settings: Settings) -> None:
+    """One line of what the server runs with, and a warning for each thing to fix."""
+    for note in settings.notes:
+        logger.warning(note)
+    if settings.api_key is None:
+        logger.warning("API_KEY is not set: chat answers 503 until it is set in .env")
+    if retired_model_note(settings.model_name):
+        logger.warning(retired_model_note(settings.model_name))
+    if "*" in settings.cors_origins and not settings.server_api_key:
+        logger.warning("CORS_ORIGINS=* and no SERVER_API_KEY: any web page can read and run conversations here")
+    logger.info(
+        "model %s at %s, database %s, settings from %s",
+        settings.model_name,
+        urlsplit(settings.base_url).hostname,
+        database_name(settings),
+        settings.env_file or "the environment (no .env beside server.py)",
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    use_logging(settings)
+    check_autogen()
+    store = open_store(settings)
+    await store.open()
+    model_api = ModelAPI(settings) if settings.api_key else None
+    tools = built_in_tools(settings.tools) if settings.model_info["function_calling"] else []
+    ctx = app.state.ctx = AppContext(settings, store, model_api, tools, openapi_document(settings))
+    log_start(settings)
+    restore_signals = watch_for_shutdown(ctx)
+    # What start-up built lives as long as the process. Frozen, it is left out of the garbage
+    # collector's full passes: about 1 ms instead of 70 ms, a pause every open stream would feel.
+    gc.collect()
+    gc.freeze()
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        yield
+    finally:
+        restore_signals()
+        stop_turns(ctx)
+        await asyncio.gather(*(turn.close() for turn in list(ctx.turns)))
+        for task in list(ctx.releases):
+            task.cancel()  # a lease left behind expires by itself
+        await asyncio.gather(*ctx.releases, return_exceptions=True)
+        if model_api is not None:
+            await model_api.close()
+        await store.close()
+
+
+# ---------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------
+
+
+class Guard:
+    """A route's guard, for every /api and /v1 route: a page of an origin that may not call is
+    refused (see origin_allowed), and with SERVER_API_KEY set the route needs
+    'Authorization: Bearer <key>'. Applied per route (``middleware=GUARDED``), never by path
+    prefix: behind ``--root-path`` uvicorn puts the prefix into ``scope["path"]``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings: Settings = scope["app"].state.settings
+        headers = Headers(scope=scope)
+        if not origin_allowed(headers, scope["method"], settings.cors_origins):
+            raise ApiError("origin_not_allowed")
+        key = settings.server_api_key
+        if key and not bearer_matches(headers.get("authorization", ""), key):
+            raise ApiError("unauthorized")
+        await self.app(scope, receive, send)
+
+
+def bearer_matches(header: str, key: str) -> bool:
+    """Whether the header carries the key; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+GUARDED = [Middleware(Guard)]
+
+
+def face_route(path: str, endpoint: Callable[..., Any], errors: ErrorShape, **options: Any) -> Route:
+    """A route whose errors come in `errors`' shape."""
+    route = Route(path, endpoint, **options)
+    route.errors = errors  # type: ignore[attr-defined]
+    return route
+
+
+routes = [
+    face_route("/", index, API_ERRORS),
+    face_route("/health", health, API_ERRORS),
+    face_route("/api/chat", chat, API_ERRORS, methods=["POST"], middleware=GUARDED),
+    face_route("/api/chat/stream", chat_stream, API_ERRORS, methods=["POST"], middleware=GUARDED),
+    face_route("/api/conversations", list_conversations, API_ERRORS, middleware=GUARDED),
+    face_route(
+        "/api/conversations/{conversation_id}", conversation, API_ERRORS, methods=["GET", "DELETE"], middleware=GUARDED
+    ),
+    face_route("/v1/models", v1_models, OPENAI_ERRORS, middleware=GUARDED),
+    face_route("/v1/chat/completions", v1_chat_completions, OPENAI_ERRORS, methods=["POST"], middleware=GUARDED),
+    face_route("/openapi.json", openapi_json, API_ERRORS),
+    face_route("/docs", docs_page, API_ERRORS),
+    face_route("/redoc", docs_page, API_ERRORS),
+    face_route("/chat", chat_page, API_ERRORS),
+    face_route("/static/{path:path}", static_file, API_ERRORS),
+]
+
+
+def error_shape(scope: Scope) -> ErrorShape:
+    """The shape of the face a request came to: its route's, or for a path no route has, by
+    its prefix (a client of /v1 reads OpenAI's shape even for a 404)."""
+    route = scope.get("route")
+    if route is not None and hasattr(route, "errors"):
+        return route.errors
+    path = scope["path"].removeprefix(scope.get("root_path", ""))
+    return OPENAI_ERRORS if path == "/v1" or path.startswith("/v1/") else API_ERRORS
+
+
+def refuse(request: Request, error: ApiError) -> Response:
+    """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
+    shape = error_shape(request.scope)
+    if error.status_code < 500:
+        logger.info("%s %s -> %s %s", request.method, request.url.path, shape.status(error), error.code)
+    return shape.response(error)
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return refuse(request, exc)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "internal_error")
+    response = refuse(request, ApiError(code))
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def database_error(request: Request, exc: Exception) -> Response:
+    logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
+    return error_shape(request.scope).response(ApiError("database_unavailable"))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return error_shape(request.scope).response(ApiError("internal_error"))
+
+
+# ---------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------
 
 
 class StartupErrorInOneLine:
@@ -2621,7 +3637,7 @@ class StartupErrorInOneLine:
             await self.app(scope, receive, send)
             return
 
-        async def send_one_line(message: Message) -> None:
+        async def send_one_line(message: ASGIMessage) -> None:
             error = sys.exc_info()[1]  # Starlette sends the failure while handling the error
             if message["type"] == "lifespan.startup.failed" and isinstance(error, SettingsError):
                 message = {**message, "message": f"Configuration error: {error}"}
@@ -2630,65 +3646,9 @@ class StartupErrorInOneLine:
         await self.app(scope, receive, send_one_line)
 
 
-@asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    logging.getLogger("autogen_core").setLevel(logging.WARNING)  # its INFO events log whole prompts
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per model call
-    store = open_store(settings)
-    await store.open()
-    client = make_client(settings) if settings.api_key else None
-    tools = build_tools(settings.tools) if settings.model_info["function_calling"] else []
-    ctx = app.state.ctx = AppContext(settings, store, client, tools, openapi_document(settings))
-    if client is None:
-        logger.warning("API_KEY is not set: chat answers 503 until it is set in .env")
-    if retired_model_note(settings.model_name):
-        logger.warning(retired_model_note(settings.model_name))
-    if not settings.server_api_key and not is_loopback(settings.host):
-        logger.warning("HOST=%s is reachable from other machines and SERVER_API_KEY is not set", settings.host)
-    restore_signals = watch_for_shutdown(ctx)
-    logger.info(
-        "model %s at %s, database %s",
-        settings.model_name,
-        urlsplit(settings.base_url).hostname,
-        database_name(settings),
-    )
-    try:
-        yield
-    finally:
-        restore_signals()
-        stop_turns(ctx)
-        await asyncio.gather(*(turn.close() for turn in list(ctx.turns)))
-        for task in list(ctx.releases):
-            task.cancel()  # a lease left behind expires by itself
-        await asyncio.gather(*ctx.releases, return_exceptions=True)
-        if client is not None:
-            await client.close()
-        await store.close()
-
-
-# ---------------------------------------------------------------------------
-# Application
-# ---------------------------------------------------------------------------
-
-routes = [
-    Route("/", index),
-    Route("/health", health),
-    Route("/api/chat", chat, methods=["POST"], middleware=SECURED),
-    Route("/api/chat/stream", chat_stream, methods=["POST"], middleware=SECURED),
-    Route("/api/conversations", list_conversations, middleware=SECURED),
-    Route("/api/conversations/{conversation_id}", conversation, methods=["GET", "DELETE"], middleware=SECURED),
-    Route("/v1/models", v1_models, middleware=SECURED),
-    Route("/v1/chat/completions", v1_chat_completions, methods=["POST"], middleware=SECURED),
-    Route("/openapi.json", openapi_json),
-    Route("/docs", swagger_ui),
-    Route("/redoc", redoc),
-    Route("/chat", chat_page),
-    Route("/static/{path:path}", static_file),
-]
-
-
 def create_app(settings: Settings | None = None) -> Starlette:
+    """The app for these settings (else the environment's and .env's); nothing runs until its
+    lifespan starts."""
     settings = settings or load_settings()
     wildcard = "*" in settings.cors_origins
     middleware = [
@@ -2715,20 +3675,89 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
-try:
-    app = create_app()
-except SettingsError as exc:
-    raise SystemExit(f"Configuration error: {exc}") from None
-# What the imports built lives as long as the process. Frozen, it is left out of the garbage
-# collector's full passes: about 1 ms instead of 70 ms, a pause every open stream would feel.
-gc.collect()
-gc.freeze()
+class LazyApp:
+    """`uvicorn server:app`'s app: built from the settings when the server first calls it (its
+    lifespan's start), so that importing this module reads no file and starts nothing."""
+
+    def __init__(self) -> None:
+        self.app: Starlette | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is None:
+            try:
+                self.app = create_app()
+            except SettingsError as exc:
+                if scope["type"] != "lifespan":
+                    raise
+                await receive()
+                await send({"type": "lifespan.startup.failed", "message": f"Configuration error: {exc}"})
+                return
+        await self.app(scope, receive, send)
+
+
+app = LazyApp()
+
+
+# ---------------------------------------------------------------------------
+# python server.py
+# ---------------------------------------------------------------------------
+
+
+def serve(settings: Settings) -> None:
+    """Run uvicorn as `python server.py` does: WORKERS processes, the busy rule holding across
+    them through the database's leases."""
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level.lower()}
+    options["log_config"] = log_config(settings.log_level)
+    if exposed := exposure_warning(settings):
+        logging.config.dictConfig(options["log_config"])
+        logger.warning(exposed)
+    port_free(settings)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # Workers import the app by its import string. The process that starts them needs none of
+    # it: it goes on as a fresh interpreter with only uvicorn, about 85 MiB less than this one.
+    options |= {"workers": settings.workers, "app_dir": str(HERE)}
+    code = "import json, sys, uvicorn; uvicorn.run('server:app', **json.loads(sys.argv[1]))"
+    os.execv(sys.executable, [sys.executable, "-c", code, json.dumps(options)])
+
+
+def port_free(settings: Settings) -> None:
+    """SettingsError naming PORT (and HOST) when the server could not listen there."""
+    try:
+        with socket.create_server((settings.host, settings.port)):
+            pass
+    except OSError as exc:
+        raise SettingsError(
+            f"PORT={settings.port} on HOST={settings.host} cannot be listened on: {exc.strerror}"
+        ) from None
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """What `python server.py` warns of when it listens beyond this machine with no key."""
+    if settings.server_api_key or is_loopback(settings.host):
+        return None
+    return f"HOST={settings.host} is reachable from other machines and SERVER_API_KEY is not set"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+        check_autogen()
+        asyncio.run(check_store(settings))  # one clear line before uvicorn, not a traceback
+        serve(settings)
+    except SettingsError as exc:
+        raise SystemExit(f"Configuration error: {exc}") from None
 
 
 if __name__ == "__main__":
-    settings: Settings = app.state.settings
-    try:
-        asyncio.run(check_store(settings))  # one clear line before uvicorn, not a traceback
-    except SettingsError as exc:
-        raise SystemExit(f"Configuration error: {exc}") from None
-    serve(app, settings)
+    main()

@@ -229,6 +229,11 @@ OPENAI_MESSAGE_FIELDS = {
 }
 
 
+# OpenAI's answer for a model it does not know.
+OPENAI_UNKNOWN_MODEL = {"error": {"message": "The model `x` does not exist or you do not have access to it.",
+                                  "type": "invalid_request_error", "param": None, "code": "model_not_found"}}  # fmt: skip
+
+
 def deepseek_refusal(body: dict[str, Any], produced: dict[str, str]) -> str | None:
     """What DeepSeek V4's API would refuse this request for, if anything."""
     if body.get("model") not in DEEPSEEK_MODELS:
@@ -494,6 +499,12 @@ def names(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return [name for name, _ in events]
 
 
+def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, int]:
+    """A turn's usage as the /api faces give it."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached,
+            "reasoning_tokens": reasoning}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------
 # openapi.json as a test oracle
 # ---------------------------------------------------------------------------
@@ -674,7 +685,7 @@ def test_stream_sends_status_chunks_message_and_done_in_order(service: ServerThr
     assert started["status"] == "started" and started["conversation_id"] == done["conversation_id"]
     assert "".join(d["content"] for n, d in events if n == "chunk") == "你好 世界 from the model"
     assert events[-2][1] == {"content": "你好 世界 from the model", "source": "assistant"}
-    assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 7} and done["finish_reason"] == "stop"
+    assert done["usage"] == usage(11, 7) and done["finish_reason"] == "stop"
 
 
 def test_stream_events_are_one_line_json_with_readable_chinese(service: ServerThread, upstream: FakeModelAPI) -> None:
@@ -700,7 +711,7 @@ def test_chat_answers_json_with_message_usage_and_conversation_id(client: TestCl
     body = response.json()
     assert body["status"] == "success"
     assert body["message"] == "Paris is the capital."
-    assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
+    assert body["usage"] == usage(11, 7)
     assert body["tool_calls"] == [] and body["finish_reason"] == "stop"
     assert len(body["conversation_id"]) == 36
 
@@ -732,7 +743,7 @@ def test_calculate_tool_runs_end_to_end_and_its_result_reaches_the_model(
     assert result == {"call_id": "call_0", "name": "calculate", "content": "80", "is_error": False}
     tool_message = upstream.requests[1]["messages"][-1]
     assert tool_message == {"role": "tool", "tool_call_id": "call_0", "content": "80"}
-    assert events[-1][1]["usage"] == {"prompt_tokens": 22, "completion_tokens": 14}
+    assert events[-1][1]["usage"] == usage(22, 14)
 
 
 def test_chat_json_lists_tool_calls_with_their_results(client: TestClient, upstream: FakeModelAPI) -> None:
@@ -778,14 +789,14 @@ def test_think_tags_in_the_content_of_local_r1_models_become_thought_events(
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 1000], ids=lambda size: f"pieces-of-{size}")
-def test_think_splitter_gives_the_same_parts_however_the_text_is_cut(size: int) -> None:
+def test_think_tags_give_the_same_parts_however_the_text_is_cut(size: int) -> None:
     text = "  <think>plan: 1 < 2 </thin k></think>\n\nThe answer <think> stays text."
-    splitter, parts = server.ThinkSplitter(), []
+    tags, parts = server.ThinkTags(), []
     for start in range(0, len(text), size):
-        parts += splitter.feed(text[start : start + size])
-    parts += splitter.flush()
-    assert "".join(t for kind, t in parts if kind == "thought") == "plan: 1 < 2 </thin k>"
-    assert "".join(t for kind, t in parts if kind == "chunk") == "The answer <think> stays text."
+        parts += tags.feed(text[start : start + size])
+    parts += tags.flush()
+    assert "".join(t for kind, t in parts if kind == "reasoning") == "plan: 1 < 2 </thin k>"
+    assert "".join(t for kind, t in parts if kind == "text") == "The answer <think> stays text."
 
 
 @BOTH_DATABASES
@@ -1003,7 +1014,7 @@ def test_the_next_message_can_follow_as_soon_as_the_last_event_is_read(
     answered, close = threading.Event(), server.Turn.close
 
     async def close_after_the_next_message(turn: server.Turn) -> None:
-        if turn.message == "one":
+        if turn.job.message == "one":
             await asyncio.get_running_loop().run_in_executor(None, answered.wait, 10)
         await close(turn)
 
@@ -1061,13 +1072,13 @@ def test_client_disconnect_cancels_the_turn_closes_the_model_request_and_saves_n
     assert [m["content"] for m in upstream.requests[-1]["messages"][1:]] == ["first", "saved", "second"]
 
 
-def test_a_failure_in_the_event_translation_closes_the_model_request(
+def test_a_failure_while_reading_the_model_stream_closes_the_model_request(
     service: ServerThread, upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_translate(turn: server.Turn, event: Any) -> Any:
-        raise RuntimeError("scripted failure in the translation")
+    def broken_feed(reply: server.ModelReply, chunk: Any) -> None:
+        raise RuntimeError("scripted failure while reading a chunk")
 
-    monkeypatch.setattr(server.Turn, "_translate", broken_translate)
+    monkeypatch.setattr(server.ModelReply, "feed", broken_feed)
     upstream.reset(Reply(content="a b c d e", fault="hang"))
     _, events = stream(service.url, {"message": "hi", "conversation_id": "broken"})
     assert events[-1][1]["code"] == "internal_error"
@@ -1123,19 +1134,24 @@ def chat_turns(settings: server.Settings, texts: list[str], restart: bool = Fals
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["one-server", "restart-before-each-turn"])
+@pytest.mark.parametrize(
+    "env", [{"REASONING_EFFORT": "high"}, {}], ids=["deepseek-fields-set", "behind-a-gateway-nothing-set"]
+)
 def test_with_deepseek_thinking_a_tool_turn_and_the_turns_after_it_complete(
-    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, restart: bool
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, restart: bool, env: dict[str, str]
 ) -> None:
+    # The fake is at a loopback URL, as a gateway (One API, LiteLLM) would be: the reasoning goes
+    # back because the API streamed it, whatever the host and whether or not THINKING is set.
     upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), *tool_turn("7*8", "56."), strict="deepseek")
-    settings = settings_for(REASONING_EFFORT="high")  # no THINKING: the API thinks by default
-    *turns, stored = chat_turns(settings, ["What is 6*7?", "Sure?", "And 7*8?"], restart)
+    *turns, stored = chat_turns(settings_for(**env), ["What is 6*7?", "Sure?", "And 7*8?"], restart)
     assert [names(events)[-1] for events in turns] == ["done", "done", "done"]
     assert "".join(d["content"] for n, d in turns[0] if n == "thought") == DEFAULT_REASONING * 2
     assert [m.get("thought") for m in stored if m["role"] == "assistant"] == [DEFAULT_REASONING] * 5
     sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
     assert [m.get("reasoning_content") for m in sent] == [DEFAULT_REASONING, DEFAULT_REASONING, None, DEFAULT_REASONING]
     assert sent[0]["content"] is None  # the reasoning is not sent as the tool call's content
-    assert {r.get("reasoning_effort") for r in upstream.requests} == {"high"} and len(upstream.requests) == 5
+    assert {r.get("reasoning_effort") for r in upstream.requests} == {env.get("REASONING_EFFORT")}
+    assert len(upstream.requests) == 5
 
 
 def test_thinking_disabled_is_sent_and_yields_no_thought_events(
@@ -1173,15 +1189,11 @@ def test_the_history_window_never_cuts_an_assistant_message_from_its_reasoning_o
 def test_nothing_of_deepseek_reaches_an_api_that_refuses_unknown_fields(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
-    # An API that streams reasoning_content yet, like OpenAI's, refuses fields it does not know.
-    upstream.reset(
-        Reply(reasoning="the plan: think", tool_calls=[("calculate", {"expression": "6*7"})]),
-        Reply(reasoning="the answer: think", content="42."),
-        Reply(reasoning="the end: think", content="Yes."),
-        strict="openai",
-    )
+    # OpenAI's API streams no reasoning_content and refuses fields it does not know.
+    upstream.reset(*tool_turn("6*7", "42."), Reply(content="Yes."), strict="openai")
     *turns, _ = chat_turns(settings_for(MODEL_NAME="gpt-4o-mini"), ["What is 6*7?", "Sure?"])
     assert [names(events)[-1] for events in turns] == ["done", "done"] and len(upstream.requests) == 3
+    assert not any("reasoning_content" in m for r in upstream.requests for m in r["messages"])
 
 
 @pytest.mark.parametrize(
@@ -1299,7 +1311,7 @@ def test_the_documents_error_codes_are_the_servers_each_under_its_status() -> No
     assert schemas["ErrorDetail"]["properties"]["code"]["enum"] == list(server.ERRORS)
     listed = set(schemas["ErrorEventData"]["allOf"][1]["properties"]["code"]["enum"])
     for path, item in OPENAPI["paths"].items():
-        face_status = server.V1_STATUS if path.startswith("/v1/") else {}
+        face_status = server.OPENAI_ERRORS.statuses if path.startswith("/v1/") else {}
         for operation in item.values():
             for status, response in operation["responses"].items():
                 codes = error_codes(response)
@@ -1382,17 +1394,21 @@ def test_every_response_the_document_lists_is_given_and_validates(
         given += [http.get("/api/conversations"), http.get("/api/conversations/c"), http.get("/api/conversations/x")]
         given += [http.delete("/api/conversations/x"), http.get("/v1/models")]
         given += turn_requests(http, headers={"Content-Type": "text/plain", "Origin": "https://elsewhere.example"})
+        elsewhere = {"Origin": "https://elsewhere.example"}
+        given += [http.request(method, path, headers=elsewhere) for method, path in (
+            ("GET", "/api/conversations"), ("GET", "/api/conversations/c"), ("DELETE", "/api/conversations/c"),
+            ("GET", "/v1/models"))]  # fmt: skip
         upstream.reset(Reply(content="a b c d", fault="hang"))
         with held_stream(service.url, {"message": "wait", "conversation_id": "c"}, upstream):
             given += turn_requests(http, "c") + [http.delete("/api/conversations/c")]
         assert wait_until(lambda: not service.app_ctx.turns)
         given.append(http.delete("/api/conversations/c"))
-        monkeypatch.setattr(server.Turn, "_agent", a_bug)
+        monkeypatch.setattr(server, "run_agent", a_bug)
         given += turn_requests(http)
         service.app_ctx.shutting_down = True
         given += turn_requests(http)
         # Every SQLite statement is interrupted from now on, as on a failing disk.
-        for connection in (service.app_ctx.store.db, service.app_ctx.store.quick):
+        for connection in (service.app_ctx.store.blocking, service.app_ctx.store.quick):
             connection.set_progress_handler(lambda: 1, 1)
         given += [http.get("/health"), http.get("/api/conversations"), http.get("/api/conversations/c")]
         given.append(http.delete("/api/conversations/c"))
@@ -1408,7 +1424,7 @@ def test_every_response_the_document_lists_is_given_and_validates(
     seen = {(r.request.method, r.request.url.path, r.status_code) for r in given}
     seen |= {(method, path.split("?")[0], status) for _, method, path, _, status, _ in BAD_REQUESTS}
     seen |= {("POST", "/api/chat", status) for *_, status in FAULTS}
-    seen |= {("POST", "/v1/chat/completions", status) for *_, status, _ in V1_BAD_REQUESTS}
+    seen |= {("POST", "/v1/chat/completions", status) for _, _, status, _, _ in V1_BAD_REQUESTS}
     given_by_operation = {(method, template_of(method, path), status) for method, path, status in seen}
     listed = {
         (method.upper(), path, int(status)) for method, path in OPERATIONS for status in responses_of(method, path)
@@ -1450,7 +1466,7 @@ def docs_assets(client: TestClient) -> list[str]:
 
 def test_docs_pages_load_every_asset_from_the_app_and_forbid_other_hosts(client: TestClient) -> None:
     urls = docs_assets(client)
-    assert len(urls) == 4 and all(url.startswith("/static/vendor/") for url in urls), urls
+    assert len(set(urls)) == 4 and all(url.startswith("/static/vendor/") for url in urls), urls
     for path in ("/docs", "/redoc"):
         assert "//" not in client.get(path).text
         assert "default-src 'self'" in client.get(path).headers["content-security-policy"]
@@ -1480,22 +1496,33 @@ def test_vendored_assets_are_served_with_type_long_caching_and_gzip(client: Test
     ["%2e%2e/server.py", "%2E%2E%2Fserver.py", "%2Fetc%2Fpasswd", "vendor", "", "vendor/none.js", "a%00b"],
     ids=["dot-dot", "encoded-slash", "absolute", "directory", "root", "missing", "nul"],
 )
-def test_only_files_inside_static_are_served(client: TestClient, path: str) -> None:
+def test_only_files_inside_static_are_served(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, path: str
+) -> None:
+    (tmp_path / "static" / "vendor").mkdir(parents=True)
+    (tmp_path / "server.py").write_text("a secret beside static/", encoding="utf-8")
+    monkeypatch.setattr(server, "STATIC_DIR", tmp_path / "static")
     response = client.get(f"/static/{path}")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert b"secret" not in response.content
 
 
 def test_an_unversioned_static_file_is_revalidated_and_served_anew_when_it_changes(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(server, "STATIC_DIR", tmp_path)
-    (tmp_path / "page.html").write_text("<p>one</p>", encoding="utf-8")
-    first = client.get("/static/page.html")
-    (tmp_path / "page.html").write_text("<p>two, longer</p>", encoding="utf-8")
-    second = client.get("/static/page.html", headers={"If-None-Match": first.headers["etag"]})
-    assert first.headers["cache-control"] == "no-cache" and first.text == "<p>one</p>"
-    assert first.headers["content-type"] == "text/html; charset=utf-8"
-    assert second.status_code == 200 and second.text == "<p>two, longer</p>"
+    (tmp_path / "notes.txt").write_text("one", encoding="utf-8")
+    first = client.get("/static/notes.txt")
+    (tmp_path / "notes.txt").write_text("two, longer", encoding="utf-8")
+    second = client.get("/static/notes.txt", headers={"If-None-Match": first.headers["etag"]})
+    assert first.headers["cache-control"] == "no-cache" and first.text == "one"
+    assert first.headers["content-type"] == "text/plain; charset=utf-8"
+    assert second.status_code == 200 and second.text == "two, longer"
+
+
+def test_if_none_match_star_revalidates_any_static_file(client: TestClient) -> None:
+    response = client.get("/static/screenshot.png", headers={"If-None-Match": "*"})
+    assert response.status_code == 304 and response.content == b""
 
 
 def documented_operations(service: ServerThread) -> set[tuple[str, str]]:
@@ -1586,8 +1613,31 @@ def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
 def test_dotenv_is_read_and_the_real_environment_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("MODEL_NAME=from-dotenv\nPORT=9001\n", encoding="utf-8")
     monkeypatch.setenv("PORT", "9002")
-    settings = server.load_settings()
+    settings = server.load_settings(tmp_path / ".env")
     assert settings.model_name == "from-dotenv" and settings.port == 9002
+    assert settings.env_file == str(tmp_path / ".env")
+
+
+def test_the_dotenv_beside_server_py_is_found_from_any_working_directory(tmp_path: Path) -> None:
+    home, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(HERE / "server.py", home)
+    (home / ".env").write_text("MODEL_NAME=from-dotenv\nDATABASE_PATH=data/chat.db\n", encoding="utf-8")
+    code = "import server; s = server.load_settings(); print(s.model_name, s.database_path, s.env_file)"
+    env = {name: value for name, value in os.environ.items() if name not in ENV_NAMES}
+    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env={**env, "PYTHONPATH": str(home)},
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert out == ["from-dotenv", str(home / "data" / "chat.db"), str(home / ".env")]
+
+
+def test_a_misspelt_setting_in_dotenv_is_warned_about_naming_the_right_one(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("APIKEY=sk-1\nMODEL=gpt-4o\nGITHUB_TOKEN=x\n", encoding="utf-8")
+    notes = server.load_settings(tmp_path / ".env").notes
+    assert [note.split(" in ")[0] + " -> " + note.rsplit(" ", 1)[1] for note in notes] == [
+        "APIKEY -> API_KEY?",
+        "MODEL -> MODEL_NAME?",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -1694,7 +1744,8 @@ FAULTS = [
     ("error-event", Reply(content="a b c d", fault="error_event"), "upstream_error", 502),
     ("no-first-byte", Reply(fault="stall"), "upstream_timeout", 504),
     ("no-next-chunk", Reply(content="a b c d", fault="hang"), "upstream_timeout", 504),
-    ("model-404", Reply(status=404), "model_not_found", 502),
+    ("model-404", Reply(status=404, error_body=OPENAI_UNKNOWN_MODEL), "model_not_found", 502),
+    ("path-404", Reply(status=404), "upstream_error", 502),
 ]
 
 
@@ -1758,9 +1809,20 @@ def test_rate_limit_passes_the_wait_on(client: TestClient, upstream: FakeModelAP
 
 
 def test_model_not_found_names_the_model_setting(client: TestClient, upstream: FakeModelAPI) -> None:
-    upstream.reset(Reply(status=404))
+    upstream.reset(Reply(status=404, error_body=OPENAI_UNKNOWN_MODEL))
     error = client.post("/api/chat", json={"message": "hi"}).json()["error"]
-    assert "MODEL_NAME='deepseek-flash'" in error["message"]
+    assert error["code"] == "model_not_found" and "MODEL_NAME='deepseek-flash'" in error["message"]
+
+
+@pytest.mark.parametrize("path, hint", [("", True), ("/other/v1", False)], ids=["without-v1", "with-v1"])
+def test_a_base_url_with_no_chat_completions_is_named_with_a_hint_about_v1(
+    settings_for: Callable[..., server.Settings], _upstream_server: Any, path: str, hint: bool
+) -> None:
+    base_url = _upstream_server[1].url + path
+    with TestClient(server.create_app(settings_for(BASE_URL=base_url))) as client:
+        error = client.post("/api/chat", json={"message": "hi"}).json()["error"]
+    assert error["code"] == "upstream_error" and f"BASE_URL={base_url}" in error["message"]
+    assert ("does it end in /v1?" in error["message"]) is hint
 
 
 @pytest.mark.parametrize(
@@ -1853,7 +1915,7 @@ def test_a_slow_reader_does_not_hold_up_other_streams(service: ServerThread, ups
         assert wait_until(lambda: len(upstream.requests) == 1)
         _, events = stream(service.url, {"message": "quick one", "conversation_id": "fast"})
         assert names(events)[-1] == "done"
-        assert any(turn.conversation_id == "slow" for turn in service.app_ctx.turns), (
+        assert any(turn.job.conversation_id == "slow" for turn in service.app_ctx.turns), (
             "the slow reader was not actually held back"
         )
     finally:
@@ -2037,17 +2099,19 @@ def test_server_key_guards_the_api_of_a_service_behind_a_root_path(
     [("0.0.0.0", "", True), ("0.0.0.0", SERVER_KEY, False), ("127.0.0.1", "", False), ("::1", "", False)],
     ids=["exposed", "exposed-with-key", "loopback", "loopback-v6"],
 )
-def test_start_up_warns_when_exposed_without_a_server_key(
+def test_python_server_py_warns_when_it_listens_beyond_this_machine_without_a_server_key(
     settings_for: Callable[..., server.Settings],
     caplog: pytest.LogCaptureFixture,
     host: str,
     server_key: str,
     warned: bool,
 ) -> None:
+    settings = settings_for(HOST=host, SERVER_API_KEY=server_key)
+    assert (server.exposure_warning(settings) is not None) is warned
     caplog.set_level(logging.WARNING, logger="autogen_chat")
-    with TestClient(server.create_app(settings_for(HOST=host, SERVER_API_KEY=server_key))):
+    with TestClient(server.create_app(settings)):  # as under `uvicorn server:app`, which chooses its own host
         pass
-    assert any("SERVER_API_KEY" in r.getMessage() for r in caplog.records) is warned
+    assert not any("HOST" in r.getMessage() for r in caplog.records)
 
 
 def test_cors_preflight_works_from_an_allowed_origin_and_fails_from_another(
@@ -2067,43 +2131,52 @@ def test_cors_preflight_works_from_an_allowed_origin_and_fails_from_another(
 
 
 EVIL, APP, FORM = "https://evil.example", "https://app.example", "application/x-www-form-urlencoded"
+JSON = "application/json"
 ORIGIN_CASES = [
-    ("form-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": FORM}, 403),
-    ("text-from-another-site", "/api/chat/stream", APP, {"Origin": EVIL, "Content-Type": "text/plain"}, 403),
-    ("no-type-from-another-site", "/api/chat", APP, {"Origin": EVIL}, 403),
-    ("sandboxed-page", "/api/chat", APP, {"Origin": "null", "Content-Type": "text/plain"}, 403),
-    ("text-from-an-allowed-origin", "/api/chat", APP, {"Origin": APP, "Content-Type": "text/plain"}, 200),
-    ("text-from-this-server", "/api/chat", APP, {"Origin": "http://testserver", "Content-Type": "text/plain"}, 200),
-    ("json-from-another-site", "/api/chat", APP, {"Origin": EVIL, "Content-Type": "application/json"}, 200),
-    ("curl-sends-no-origin", "/api/chat", APP, {"Content-Type": FORM}, 200),
-    ("wildcard-opens-json-not-forms", "/api/chat", "*", {"Origin": EVIL, "Content-Type": FORM}, 403),
-    ("wildcard-opens-json", "/api/chat", "*", {"Origin": EVIL, "Content-Type": "application/json"}, 200),
-]
+    ("form-from-another-site", "/api/chat", APP, "", {"Origin": EVIL, "Content-Type": FORM}, 403),
+    ("text-from-another-site", "/api/chat/stream", APP, "", {"Origin": EVIL, "Content-Type": "text/plain"}, 403),
+    ("no-type-from-another-site", "/api/chat", APP, "", {"Origin": EVIL}, 403),
+    ("sandboxed-page", "/api/chat", APP, "", {"Origin": "null", "Content-Type": "text/plain"}, 403),
+    ("text-from-an-allowed-origin", "/api/chat", APP, "", {"Origin": APP, "Content-Type": "text/plain"}, 200),
+    ("text-from-this-server", "/api/chat", APP, "", {"Origin": "http://testserver", "Content-Type": "text/plain"}, 200),
+    ("json-from-another-site", "/api/chat", APP, "", {"Origin": EVIL, "Content-Type": JSON}, 403),
+    ("json-from-another-site-by-default", "/api/chat", "", "", {"Origin": EVIL, "Content-Type": JSON}, 403),
+    ("read-from-another-site-by-default", "/api/conversations", "", "", {"Origin": EVIL}, 403),
+    ("curl-sends-no-origin", "/api/chat", APP, "", {"Content-Type": FORM}, 200),
+    ("wildcard-opens-json-not-forms", "/api/chat", "*", "", {"Origin": EVIL, "Content-Type": FORM}, 403),
+    ("wildcard-opens-json", "/api/chat", "*", "", {"Origin": EVIL, "Content-Type": JSON}, 200),
+    ("with-a-key-any-page-may-call-with-it", "/api/chat", "", SERVER_KEY, {"Origin": EVIL, "Content-Type": JSON}, 200),
+    ("with-a-key-not-without-it", "/api/chat", "", SERVER_KEY, {"Origin": EVIL, "Content-Type": JSON}, 401),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "path, allowed, headers, status", [c[1:] for c in ORIGIN_CASES], ids=[c[0] for c in ORIGIN_CASES]
+    "path, allowed, key, headers, status", [c[1:] for c in ORIGIN_CASES], ids=[c[0] for c in ORIGIN_CASES]
 )
-def test_a_page_of_an_origin_cors_does_not_allow_cannot_post_a_form_or_text_turn(
+def test_a_page_of_another_origin_gets_nothing_it_could_not_get_without_a_key(
     settings_for: Callable[..., server.Settings],
     upstream: FakeModelAPI,
     path: str,
     allowed: str,
+    key: str,
     headers: dict[str, str],
     status: int,
 ) -> None:
-    with TestClient(server.create_app(settings_for(CORS_ORIGINS=allowed))) as client:
+    auth = {"Authorization": f"Bearer {key}"} if key and status != 401 else {}
+    with TestClient(server.create_app(settings_for(CORS_ORIGINS=allowed, SERVER_API_KEY=key))) as client:
         body = b'{"message": "spend the credit", "conversation_id": "victim"}'
-        response = client.post(path, content=body, headers=headers)
-        stored = client.get("/api/conversations/victim")
+        response = client.request("GET" if path == "/api/conversations" else "POST", path, content=body,
+                                  headers={**headers, **auth})  # fmt: skip
+        stored = client.get("/api/conversations/victim", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == status
-    if status == 403:
-        assert response.json()["error"]["code"] == "origin_not_allowed"
+    if status >= 400:
+        assert response.json()["error"]["code"] == ("unauthorized" if status == 401 else "origin_not_allowed")
         assert upstream.requests == [] and stored.status_code == 404
 
 
-def test_cors_wildcard_never_allows_credentials(client: TestClient) -> None:
-    response = client.get("/health", headers={"Origin": "https://any.example"})
+def test_cors_wildcard_never_allows_credentials(settings_for: Callable[..., server.Settings]) -> None:
+    with TestClient(server.create_app(settings_for(CORS_ORIGINS="*"))) as client:
+        response = client.get("/health", headers={"Origin": "https://any.example"})
     assert response.headers["access-control-allow-origin"] == "*"
     assert "access-control-allow-credentials" not in response.headers
 
@@ -2128,9 +2201,29 @@ def test_keys_never_reach_a_response_an_event_or_the_logs(
             texts.append(http.get("/api/conversations", headers={"Authorization": "Bearer nope"}).text)
     logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
     assert "upstream_auth" in texts[0] and "upstream_error" in texts[2]
-    for secret in (SERVICE_KEY, SERVER_KEY, "Incorrect API key"):
+    assert "Incorrect API key provided: ***" in texts[2]  # the provider's words, less the key
+    for secret in (SERVICE_KEY, SERVER_KEY):
         assert all(secret not in text for text in texts), secret
         assert secret not in logged, secret
+    assert "Incorrect API key" not in logged
+
+
+@pytest.mark.parametrize(
+    "said, shown",
+    [
+        ("max_tokens must be at most 8192", "max_tokens must be at most 8192"),
+        ("bad key sk-proj-AbCdEf0123456789 given", "bad key *** given"),
+        ("header Bearer abc.def-ghi refused", "header *** refused"),
+        (f"token {'x' * 40} expired", "token *** expired"),
+    ],
+    ids=["plain", "openai-key", "bearer", "long-secret"],
+)
+def test_an_upstream_error_with_no_code_of_its_own_passes_on_the_providers_words_redacted(
+    client: TestClient, upstream: FakeModelAPI, said: str, shown: str
+) -> None:
+    upstream.reset(Reply(status=400, error_body={"error": {"message": said, "type": "invalid_request_error"}}))
+    error = client.post("/api/chat", json={"message": "hi"}).json()["error"]
+    assert error == {"code": "upstream_error", "message": f"The model API answered 400: {shown}"}
 
 
 def test_settings_never_show_the_keys_in_their_repr() -> None:
@@ -2148,13 +2241,13 @@ def test_a_turn_stopped_as_it_lets_go_of_its_lease_still_delivers_its_last_event
 ) -> None:
     # The window, widened: shutdown's grace runs out just as the failed turn lets go of its
     # lease, before its error event is queued.
-    release = server.release_lease
+    release = server.Lease.release
 
-    def stop_the_turns_then_release(ctx: server.AppContext, conversation_id: str, lease: str) -> asyncio.Task[None]:
-        server.stop_turns(ctx)
-        return release(ctx, conversation_id, lease)
+    def stop_the_turns_then_release(lease: server.Lease) -> asyncio.Future[None]:
+        server.stop_turns(lease.ctx)
+        return release(lease)
 
-    monkeypatch.setattr(server, "release_lease", stop_the_turns_then_release)
+    monkeypatch.setattr(server.Lease, "release", stop_the_turns_then_release)
     upstream.reset(Reply(status=500))
     response = client.post(path, json={**body, "conversation_id": "c"})
     assert response.status_code == 502 and "upstream_error" in response.text
@@ -2344,7 +2437,8 @@ def test_python_server_py_refuses_a_bad_setting_with_one_clear_line(tmp_path: Pa
     result = subprocess.run([sys.executable, str(HERE / "server.py")], check=False, cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.startswith(f"Configuration error: {name}={value!r}")
+    shown = str(HERE / value) if name == "DATABASE_PATH" else value  # a relative path is taken from server.py's folder
+    assert result.stderr.startswith(f"Configuration error: {name}={shown!r}")
     assert "Traceback" not in result.stderr
 
 
@@ -2377,7 +2471,7 @@ def test_an_unreachable_postgresql_stops_start_up_with_one_line_and_no_password(
 
 def test_health_is_degraded_when_the_database_stops_answering(client: TestClient) -> None:
     store = client.app.state.ctx.store  # type: ignore[attr-defined]
-    store.db.close()
+    store.blocking.close()
     store.quick.close()
     response = client.get("/health")
     assert response.status_code == 503
@@ -2458,7 +2552,7 @@ def test_a_turn_whose_lease_was_taken_over_saves_nothing(service: ServerThread, 
     httpx.post(service.url + "/api/chat", json={"message": "first", "conversation_id": "taken"}, timeout=10)
     with held_stream(service.url, {"message": "lost", "conversation_id": "taken"}, upstream) as (seen, rest):
         [turn], store = service.app_ctx.turns, service.app_ctx.store
-        service.call(store.release_lease("taken", turn.lease))  # as if it expired while the process was paused
+        service.call(store.release_lease("taken", turn.lease.owner))  # as if it expired while the process was paused
         assert service.call(store.acquire_lease("taken", "another-process", 90))
         upstream.end_hang()
         seen += "".join(rest)
@@ -2476,7 +2570,7 @@ def test_a_renewal_that_finds_the_lease_taken_stops_the_turn(
     with ServerThread(server.create_app(settings_for(LEASE_SECONDS="0.3"))) as service:
         with held_stream(service.url, {"message": "x", "conversation_id": "renew"}, upstream) as (seen, rest):
             [turn], store = service.app_ctx.turns, service.app_ctx.store
-            service.call(store.release_lease("renew", turn.lease))
+            service.call(store.release_lease("renew", turn.lease.owner))
             assert service.call(store.acquire_lease("renew", "another-process", 90))
             seen += "".join(rest)  # ends while the model is still answering
         assert upstream.disconnected.wait(5), "the model request was not closed"
@@ -2538,7 +2632,7 @@ def test_four_instances_started_at_once_on_an_empty_database_all_come_up(
     with psycopg.connect(database["DATABASE_URL"]) as connection:
         versions = connection.execute("SELECT version FROM schema_version").fetchall()
     assert statuses == [200] * 4
-    assert versions == [(server.POSTGRES_SCHEMA_VERSION,)]
+    assert versions == [(server.SCHEMA_VERSION,)]
 
 
 @BOTH_DATABASES
@@ -2601,7 +2695,7 @@ def test_postgresql_stopped_and_started_under_a_running_server(
 @ON_POSTGRESQL
 def test_stores_opening_together_on_an_empty_database_create_the_schema_once(database: dict[str, str]) -> None:
     async def open_together() -> None:
-        stores = [server.PostgresStore(database["DATABASE_URL"], 1) for _ in range(8)]
+        stores = [server.PostgresStore(database["DATABASE_URL"], 1, 5.0) for _ in range(8)]
         try:
             await asyncio.gather(*(store.open() for store in stores))
         finally:
@@ -2610,7 +2704,7 @@ def test_stores_opening_together_on_an_empty_database_create_the_schema_once(dat
     asyncio.run(open_together())
     with psycopg.connect(database["DATABASE_URL"]) as connection:
         versions = connection.execute("SELECT version FROM schema_version").fetchall()
-    assert versions == [(server.POSTGRES_SCHEMA_VERSION,)]
+    assert versions == [(server.SCHEMA_VERSION,)]
 
 
 # ---------------------------------------------------------------------------
@@ -2683,8 +2777,9 @@ def test_v1_stream_sends_role_first_then_content_one_finish_usage_and_done(
     assert (first.role, first.content) == ("assistant", "")
     assert joined(chunks, "content") == "你好 世界 from the model"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    # As OpenAI places it: once, on a last chunk with no choices; every other chunk has usage null.
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 18
-    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-2].usage == chunks[-1].usage
+    assert chunks[-2].choices[0].finish_reason == "stop" and all(c.usage is None for c in chunks[:-1])
     assert {(c.id, c.object, c.created, c.model) for c in chunks} == {
         (chunks[0].id, "chat.completion.chunk", chunks[0].created, "m")
     }
@@ -2775,9 +2870,10 @@ def test_v1_an_upstream_fault_raises_the_sdks_error_in_openais_shape(
     with pytest.raises(openai.APIError) as streamed:
         list(sdk.chat.completions.create(model="m", messages=ASK, stream=True))
     assert answered.value.status_code == status  # type: ignore[attr-defined]
-    body = {"message": server.ERRORS[code][1], "type": answered.value.body["type"], "param": None, "code": code}  # type: ignore[attr-defined]
+    # An error the server has no code for says what the provider said.
+    message = "The model API answered 500: scripted failure" if code == "upstream_error" else server.ERRORS[code][1]
+    body = {"message": message, "type": answered.value.body["type"], "param": None, "code": code}  # type: ignore[attr-defined]
     assert answered.value.body == body and streamed.value.body == body  # type: ignore[attr-defined]
-    assert "scripted failure" not in str(answered.value.body) + str(streamed.value.body)
     if status == 429:
         assert answered.value.response.headers["retry-after"] == "7"  # type: ignore[attr-defined]
 
@@ -3059,57 +3155,59 @@ def test_v1_a_decompression_bomb_is_refused_before_it_is_decoded(client: TestCli
 
 
 V1_BAD_REQUESTS = [
-    ("body-not-json", {"content": b"{nope"}, 400, "invalid_json"),
-    ("json-not-object", {"json": ["hi"]}, 400, INVALID),
-    ("no-messages", {"json": {"model": "m"}}, 400, INVALID),
-    ("messages-empty", {"json": {"messages": []}}, 400, INVALID),
-    ("no-user-message", {"json": {"messages": [{"role": "system", "content": "hi"}]}}, 400, INVALID),
-    ("bad-role", {"json": {"messages": [{"role": "wizard", "content": "hi"}, *ASK]}}, 400, INVALID),
-    ("message-not-object", {"json": {"messages": ["hi"]}}, 400, INVALID),
-    ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID),
-    ("image-not-readable", {"json": {"messages": [image_message("data:image/png;base64,AA==")]}}, 400, INVALID),
-    ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}}, 400, INVALID),
+    ("body-not-json", {"content": b"{nope"}, 400, "invalid_json", None),
+    ("json-not-object", {"json": ["hi"]}, 400, INVALID, None),
+    ("no-messages", {"json": {"model": "m"}}, 400, INVALID, 'messages'),
+    ("messages-empty", {"json": {"messages": []}}, 400, INVALID, 'messages'),
+    ("no-user-message", {"json": {"messages": [{"role": "system", "content": "hi"}]}}, 400, INVALID, 'messages'),
+    ("bad-role", {"json": {"messages": [{"role": "wizard", "content": "hi"}, *ASK]}}, 400, INVALID, 'messages[0].role'),
+    ("message-not-object", {"json": {"messages": ["hi"]}}, 400, INVALID, 'messages[0]'),
+    ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID, 'messages[0].content'),
+    ("image-not-readable", {"json": {"messages": [image_message("data:image/png;base64,AA==")]}}, 400, INVALID, 'messages[0].content'),
+    ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}}, 400, INVALID, 'messages[0].content'),
     ("image-url-not-text", {"json": {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": 5}}]}]}}, 400, INVALID),
+        {"type": "image_url", "image_url": {"url": 5}}]}]}}, 400, INVALID, 'messages[0].content'),
     ("part-type-an-object", {"json": {"messages": [{"role": "user", "content": [{"type": {}, "text": "hi"}]}]}}, 400,
-     INVALID),
+     INVALID, 'messages[0].content'),
     ("image-in-assistant-message", {"json": {"messages": [
-        {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID),
+        {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID, 'messages[0].content'),
     ("image-with-conversation-id", {"json": {"messages": [image_message(PIXEL)], "conversation_id": "c"}},
-     400, INVALID),
-    ("audio-part", {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}}, 400, INVALID),
-    ("last-user-message-empty", {"json": {"messages": [{"role": "user", "content": " "}]}}, 400, INVALID),
-    ("stream-not-bool", {"json": {"messages": ASK, "stream": "yes"}}, 400, INVALID),
-    ("include-usage-not-bool", {"json": {"messages": ASK, "stream_options": {"include_usage": 1}}}, 400, INVALID),
-    ("model-not-string", {"json": {"messages": ASK, "model": 5}}, 400, INVALID),
-    ("tool-content-not-text", {"json": {"messages": [{"role": "tool", "content": 5}, *ASK]}}, 400, INVALID),
-    ("temperature-out-of-range", {"json": {"messages": ASK, "temperature": 5}}, 400, INVALID),
-    ("max-tokens-not-whole", {"json": {"messages": ASK, "max_tokens": 1.5}}, 400, INVALID),
-    ("stop-not-strings", {"json": {"messages": ASK, "stop": [1]}}, 400, INVALID),
-    ("bad-conversation-id", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": "../x"}}, 400, INVALID),
-    ("message-too-long", {"json": {"messages": [{"role": "user", "content": "x" * 32001}]}}, 400, INVALID),
-    ("stream-options-not-object", {"json": {"messages": ASK, "stream_options": False}}, 400, INVALID),
+     400, INVALID, 'messages'),
+    ("audio-part", {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}}, 400, INVALID, 'messages[0].content'),
+    ("last-user-message-empty", {"json": {"messages": [{"role": "user", "content": " "}]}}, 400, INVALID, 'messages'),
+    ("stream-not-bool", {"json": {"messages": ASK, "stream": "yes"}}, 400, INVALID, 'stream'),
+    ("include-usage-not-bool", {"json": {"messages": ASK, "stream_options": {"include_usage": 1}}}, 400, INVALID, 'stream_options.include_usage'),
+    ("model-not-string", {"json": {"messages": ASK, "model": 5}}, 400, INVALID, 'model'),
+    ("tool-content-not-text", {"json": {"messages": [{"role": "tool", "content": 5}, *ASK]}}, 400, INVALID, 'messages[0].content'),
+    ("temperature-out-of-range", {"json": {"messages": ASK, "temperature": 5}}, 400, INVALID, 'temperature'),
+    ("max-tokens-not-whole", {"json": {"messages": ASK, "max_tokens": 1.5}}, 400, INVALID, 'max_tokens'),
+    ("stop-not-strings", {"json": {"messages": ASK, "stop": [1]}}, 400, INVALID, 'stop'),
+    ("bad-conversation-id", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": "../x"}}, 400, INVALID, 'X-Conversation-Id'),
+    ("message-too-long", {"json": {"messages": [{"role": "user", "content": "x" * 32001}]}}, 400, INVALID, 'messages[0].content'),
+    ("stream-options-not-object", {"json": {"messages": ASK, "stream_options": False}}, 400, INVALID, 'stream_options'),
     ("max-tokens-bad-beside-max-completion-tokens",
-     {"json": {"messages": ASK, "max_completion_tokens": 5, "max_tokens": "x"}}, 400, INVALID),
-    ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}}, 400, INVALID),
+     {"json": {"messages": ASK, "max_completion_tokens": 5, "max_tokens": "x"}}, 400, INVALID, 'max_tokens'),
+    ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}}, 400, INVALID, 'X-Conversation-Id'),
     ("bad-body-conversation-id-under-a-header",
-     {"json": {"messages": ASK, "conversation_id": ""}, "headers": {"X-Conversation-Id": "ok"}}, 400, INVALID),
-    ("lone-surrogate", {"content": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'}, 400, INVALID),
+     {"json": {"messages": ASK, "conversation_id": ""}, "headers": {"X-Conversation-Id": "ok"}}, 400, INVALID, 'conversation_id'),
+    ("lone-surrogate", {"content": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'}, 400, INVALID, 'messages[0].content'),
     ("lone-surrogate-in-a-part", {"content": b'{"messages": [{"role": "user", "content": [{"type": "text", '
-                                             b'"text": "\\udfff"}]}]}'}, 400, INVALID),
-    ("body-too-large", {"content": b"x" * 300_000}, 413, "payload_too_large"),
+                                             b'"text": "\\udfff"}]}]}'}, 400, INVALID, 'messages[0].content[0].text'),
+    ("body-too-large", {"content": b"x" * (8 * 2**20 + 1)}, 413, "payload_too_large", None),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kwargs, status, code", [b[1:] for b in V1_BAD_REQUESTS], ids=[b[0] for b in V1_BAD_REQUESTS])
-def test_v1_bad_input_gets_openais_error_shape_and_changes_nothing(
-    client: TestClient, upstream: FakeModelAPI, kwargs: dict[str, Any], status: int, code: str
+@pytest.mark.parametrize(
+    "kwargs, status, code, param", [b[1:] for b in V1_BAD_REQUESTS], ids=[b[0] for b in V1_BAD_REQUESTS]
+)
+def test_v1_bad_input_gets_openais_error_shape_naming_the_field_and_changes_nothing(
+    client: TestClient, upstream: FakeModelAPI, kwargs: dict[str, Any], status: int, code: str, param: str | None
 ) -> None:
     response = client.post("/v1/chat/completions", **kwargs)
     assert response.status_code == status
     error = response.json()["error"]
     assert response.json() == {
-        "error": {"message": error["message"], "type": "invalid_request_error", "param": None, "code": code}
+        "error": {"message": error["message"], "type": "invalid_request_error", "param": param, "code": code}
     }
     assert error["message"] and upstream.requests == []
     assert client.get("/api/conversations").json()["total"] == 0
@@ -3193,8 +3291,8 @@ def stored_messages(url: str, conversation_id: str) -> list[dict[str, Any]]:
     return httpx.get(f"{url}/api/conversations/{conversation_id}", timeout=10).json()["messages"]
 
 
-@pytest.mark.parametrize("path", ["/chat", "/static/chat.html"])
-def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client: TestClient, path: str) -> None:
+def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client: TestClient) -> None:
+    path = "/chat"
     response = client.get(path)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert response.headers["cache-control"] == "no-cache"
@@ -3203,6 +3301,11 @@ def test_chat_page_is_served_with_a_policy_that_runs_only_its_own_script(client:
     again = client.get(path, headers={"If-None-Match": response.headers["etag"]})
     assert again.status_code == 304 and again.headers["content-security-policy"] == policy
     assert client.get("/").json()["chat_page"] == "/chat"
+
+
+def test_the_chat_page_is_not_served_under_static_where_its_api_paths_would_break(client: TestClient) -> None:
+    # Its API paths are relative to the page: under /static/ they would be /static/api/...
+    assert client.get("/static/chat.html").status_code == 404
 
 
 def test_page_shows_the_answer_while_the_model_is_still_streaming(
@@ -3542,7 +3645,7 @@ def test_a_malformed_conversation_link_gets_a_clear_message(tab: Tab, service: S
     page = tab.page
     page.goto(tab.url + "/chat?c=not%20an%20id")
     expect(page.locator(".notice.error")).to_have_text(
-        "The request was not accepted: 'conversation_id' must match ^[A-Za-z0-9_.:-]{1,128}$."
+        "The request was not accepted: 'conversation_id' must match ^[A-Za-z0-9_.:-]{1,128}$ and be neither '.' nor '..'."
     )
 
 
@@ -3627,7 +3730,7 @@ def test_markdown_renders_the_common_forms_and_never_html(tab: Tab, service: Ser
 @pytest.mark.parametrize(
     "reply, notice, saved",
     [
-        (Reply(content="a b c d", fault="error_event"), "The model API failed to answer.", False),
+        (Reply(content="a b c d", fault="error_event"), "The model API failed: overloaded", False),
         (Reply(content="a b c d", finish_reason="length"), "The answer was cut off at the model's length limit.", True),
     ],
     ids=["error-event", "cut-at-the-length-limit"],
