@@ -230,8 +230,14 @@ OPENAI_MESSAGE_FIELDS = {
 
 
 # OpenAI's answer for a model it does not know.
-OPENAI_UNKNOWN_MODEL = {"error": {"message": "The model `x` does not exist or you do not have access to it.",
-                                  "type": "invalid_request_error", "param": None, "code": "model_not_found"}}  # fmt: skip
+OPENAI_UNKNOWN_MODEL = {
+    "error": {
+        "message": "The model `x` does not exist or you do not have access to it.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "model_not_found",
+    }
+}
 
 
 def deepseek_refusal(body: dict[str, Any], produced: dict[str, str]) -> str | None:
@@ -3157,42 +3163,52 @@ def test_v1_a_decompression_bomb_is_refused_before_it_is_decoded(client: TestCli
 V1_BAD_REQUESTS = [
     ("body-not-json", {"content": b"{nope"}, 400, "invalid_json", None),
     ("json-not-object", {"json": ["hi"]}, 400, INVALID, None),
-    ("no-messages", {"json": {"model": "m"}}, 400, INVALID, 'messages'),
-    ("messages-empty", {"json": {"messages": []}}, 400, INVALID, 'messages'),
-    ("no-user-message", {"json": {"messages": [{"role": "system", "content": "hi"}]}}, 400, INVALID, 'messages'),
-    ("bad-role", {"json": {"messages": [{"role": "wizard", "content": "hi"}, *ASK]}}, 400, INVALID, 'messages[0].role'),
-    ("message-not-object", {"json": {"messages": ["hi"]}}, 400, INVALID, 'messages[0]'),
-    ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID, 'messages[0].content'),
-    ("image-not-readable", {"json": {"messages": [image_message("data:image/png;base64,AA==")]}}, 400, INVALID, 'messages[0].content'),
-    ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}}, 400, INVALID, 'messages[0].content'),
+    ("no-messages", {"json": {"model": "m"}}, 400, INVALID, "messages"),
+    ("messages-empty", {"json": {"messages": []}}, 400, INVALID, "messages"),
+    ("no-user-message", {"json": {"messages": [{"role": "system", "content": "hi"}]}}, 400, INVALID, "messages"),
+    ("bad-role", {"json": {"messages": [{"role": "wizard", "content": "hi"}, *ASK]}}, 400, INVALID, "messages[0].role"),
+    ("message-not-object", {"json": {"messages": ["hi"]}}, 400, INVALID, "messages[0]"),
+    ("content-not-text", {"json": {"messages": [{"role": "user", "content": 5}]}}, 400, INVALID, "messages[0].content"),
+    ("image-not-readable", {"json": {"messages": [image_message("data:image/png;base64,AA==")]}},
+     400, INVALID, "messages[0].content"),
+    ("image-by-url", {"json": {"messages": [image_message("https://example.com/a.png")]}},
+     400, INVALID, "messages[0].content"),
     ("image-url-not-text", {"json": {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": 5}}]}]}}, 400, INVALID, 'messages[0].content'),
+        {"type": "image_url", "image_url": {"url": 5}}]}]}}, 400, INVALID, "messages[0].content"),
     ("part-type-an-object", {"json": {"messages": [{"role": "user", "content": [{"type": {}, "text": "hi"}]}]}}, 400,
-     INVALID, 'messages[0].content'),
+     INVALID, "messages[0].content"),
     ("image-in-assistant-message", {"json": {"messages": [
-        {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID, 'messages[0].content'),
+        {**image_message(PIXEL), "role": "assistant"}, *ASK]}}, 400, INVALID, "messages[0].content"),
     ("image-with-conversation-id", {"json": {"messages": [image_message(PIXEL)], "conversation_id": "c"}},
-     400, INVALID, 'messages'),
-    ("audio-part", {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}}, 400, INVALID, 'messages[0].content'),
-    ("last-user-message-empty", {"json": {"messages": [{"role": "user", "content": " "}]}}, 400, INVALID, 'messages'),
-    ("stream-not-bool", {"json": {"messages": ASK, "stream": "yes"}}, 400, INVALID, 'stream'),
-    ("include-usage-not-bool", {"json": {"messages": ASK, "stream_options": {"include_usage": 1}}}, 400, INVALID, 'stream_options.include_usage'),
-    ("model-not-string", {"json": {"messages": ASK, "model": 5}}, 400, INVALID, 'model'),
-    ("tool-content-not-text", {"json": {"messages": [{"role": "tool", "content": 5}, *ASK]}}, 400, INVALID, 'messages[0].content'),
-    ("temperature-out-of-range", {"json": {"messages": ASK, "temperature": 5}}, 400, INVALID, 'temperature'),
-    ("max-tokens-not-whole", {"json": {"messages": ASK, "max_tokens": 1.5}}, 400, INVALID, 'max_tokens'),
-    ("stop-not-strings", {"json": {"messages": ASK, "stop": [1]}}, 400, INVALID, 'stop'),
-    ("bad-conversation-id", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": "../x"}}, 400, INVALID, 'X-Conversation-Id'),
-    ("message-too-long", {"json": {"messages": [{"role": "user", "content": "x" * 32001}]}}, 400, INVALID, 'messages[0].content'),
-    ("stream-options-not-object", {"json": {"messages": ASK, "stream_options": False}}, 400, INVALID, 'stream_options'),
+     400, INVALID, "messages"),
+    ("audio-part", {"json": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}},
+     400, INVALID, "messages[0].content"),
+    ("last-user-message-empty", {"json": {"messages": [{"role": "user", "content": " "}]}}, 400, INVALID, "messages"),
+    ("stream-not-bool", {"json": {"messages": ASK, "stream": "yes"}}, 400, INVALID, "stream"),
+    ("include-usage-not-bool", {"json": {"messages": ASK, "stream_options": {"include_usage": 1}}},
+     400, INVALID, "stream_options.include_usage"),
+    ("model-not-string", {"json": {"messages": ASK, "model": 5}}, 400, INVALID, "model"),
+    ("tool-content-not-text", {"json": {"messages": [{"role": "tool", "content": 5}, *ASK]}},
+     400, INVALID, "messages[0].content"),
+    ("temperature-out-of-range", {"json": {"messages": ASK, "temperature": 5}}, 400, INVALID, "temperature"),
+    ("max-tokens-not-whole", {"json": {"messages": ASK, "max_tokens": 1.5}}, 400, INVALID, "max_tokens"),
+    ("stop-not-strings", {"json": {"messages": ASK, "stop": [1]}}, 400, INVALID, "stop"),
+    ("bad-conversation-id", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": "../x"}},
+     400, INVALID, "X-Conversation-Id"),
+    ("message-too-long", {"json": {"messages": [{"role": "user", "content": "x" * 32001}]}},
+     400, INVALID, "messages[0].content"),
+    ("stream-options-not-object", {"json": {"messages": ASK, "stream_options": False}}, 400, INVALID, "stream_options"),
     ("max-tokens-bad-beside-max-completion-tokens",
-     {"json": {"messages": ASK, "max_completion_tokens": 5, "max_tokens": "x"}}, 400, INVALID, 'max_tokens'),
-    ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}}, 400, INVALID, 'X-Conversation-Id'),
+     {"json": {"messages": ASK, "max_completion_tokens": 5, "max_tokens": "x"}}, 400, INVALID, "max_tokens"),
+    ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}},
+     400, INVALID, "X-Conversation-Id"),
     ("bad-body-conversation-id-under-a-header",
-     {"json": {"messages": ASK, "conversation_id": ""}, "headers": {"X-Conversation-Id": "ok"}}, 400, INVALID, 'conversation_id'),
-    ("lone-surrogate", {"content": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'}, 400, INVALID, 'messages[0].content'),
+     {"json": {"messages": ASK, "conversation_id": ""}, "headers": {"X-Conversation-Id": "ok"}},
+     400, INVALID, "conversation_id"),
+    ("lone-surrogate", {"content": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'},
+     400, INVALID, "messages[0].content"),
     ("lone-surrogate-in-a-part", {"content": b'{"messages": [{"role": "user", "content": [{"type": "text", '
-                                             b'"text": "\\udfff"}]}]}'}, 400, INVALID, 'messages[0].content[0].text'),
+                                             b'"text": "\\udfff"}]}]}'}, 400, INVALID, "messages[0].content[0].text"),
     ("body-too-large", {"content": b"x" * (8 * 2**20 + 1)}, 413, "payload_too_large", None),
 ]  # fmt: skip
 
@@ -3645,7 +3661,8 @@ def test_a_malformed_conversation_link_gets_a_clear_message(tab: Tab, service: S
     page = tab.page
     page.goto(tab.url + "/chat?c=not%20an%20id")
     expect(page.locator(".notice.error")).to_have_text(
-        "The request was not accepted: 'conversation_id' must match ^[A-Za-z0-9_.:-]{1,128}$ and be neither '.' nor '..'."
+        "The request was not accepted: 'conversation_id' must match ^[A-Za-z0-9_.:-]{1,128}$"
+        " and be neither '.' nor '..'."
     )
 
 
