@@ -1170,6 +1170,10 @@ class PostgresStore:
             min_size=pool_size,
             max_size=pool_size,
             timeout=timeout,
+            # A connection that cannot be made is given up at once, not retried with a growing
+            # back-off (1 s, 2 s, 4 s, ...): a call that needs one makes the pool try again then,
+            # so the first call after the database comes back finds it.
+            reconnect_timeout=0,
             # No prepared statements: they do not survive PgBouncer in transaction mode.
             kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": POSTGRES_CONNECT_SECONDS},
             open=False,
@@ -1558,8 +1562,8 @@ class ModelReply:
         call = self.calls.setdefault(delta.index, {"id": "", "name": "", "arguments": []})
         call["id"] = delta.id or call["id"]
         if delta.function is not None:
-            call["name"] += delta.function.name or ""
-            call["arguments"].append(delta.function.arguments or "")
+            call["name"] += as_text(delta.function.name or "")
+            call["arguments"].append(as_text(delta.function.arguments or ""))
 
     def result(self) -> CreateResult:
         """What AutoGen's agent reads; UpstreamIncomplete if the stream ended without a reason."""
@@ -2303,7 +2307,10 @@ class Turn:
     def emit(self, event: TurnEvent) -> None:
         """An event of the turn, for its response and its Reply."""
         if isinstance(event, TextDelta) and self.reply.needs_separator():
-            self.emit(TextDelta(SEPARATOR, separator=True))
+            self._deliver(TextDelta(SEPARATOR, separator=True))
+        self._deliver(event)
+
+    def _deliver(self, event: TurnEvent) -> None:
         self.reply.add(event)
         self.events.put_nowait(event)
         self.last_event = self.loop.time()

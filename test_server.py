@@ -12,8 +12,10 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import email.utils
 import functools
 import gc
+import importlib.metadata
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ import warnings
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self
 
@@ -79,6 +82,9 @@ class Reply:
     fault: str | None = None  # drop, truncate, bad_json, error_event, hang, stall, hold
     finish_reason: str | None = None  # None: "tool_calls" or "stop"
     usage: tuple[int, int] = (11, 7)
+    cached_tokens: int | None = None  # reported as OpenAI and DeepSeek do, when given
+    reasoning_tokens: int | None = None
+    usage_on_finish: bool = False  # usage on the finish chunk, not on a chunk of its own
     call_ids: tuple[str, ...] = ()  # default: call_0, call_1, ...
 
 
@@ -151,7 +157,7 @@ class FakeModelAPI:
 
     async def _stream(self, body: dict[str, Any], reply: Reply) -> Any:
         model = body["model"]
-        if reply.content is None:
+        if reply.content is None and not reply.tool_calls:
             reply.content = "echo: " + last_user_text(body)
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -162,7 +168,7 @@ class FakeModelAPI:
         yield chunk({"role": "assistant", "content": ""})
         for piece in _pieces(reply.reasoning):
             yield chunk({"reasoning_content": piece, "content": None})
-        for index, piece in enumerate(_pieces(reply.content if not reply.tool_calls else "")):
+        for index, piece in enumerate(_pieces(reply.content or "")):  # with tool calls: the text beside them
             if index == 2 and reply.fault in {"drop", "truncate", "bad_json", "error_event", "hang"}:
                 async for part in self._fault(reply.fault):
                     yield part
@@ -178,13 +184,28 @@ class FakeModelAPI:
             text = json.dumps(arguments)
             for part in (text[: len(text) // 2], text[len(text) // 2 :]):
                 yield chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]})
-        yield chunk({}, reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop"))
-        if body.get("stream_options", {}).get("include_usage"):
-            usage = {"prompt_tokens": reply.usage[0], "completion_tokens": reply.usage[1]}
-            usage["total_tokens"] = sum(reply.usage)
+        finish = reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
+        usage = self._usage(reply) if body.get("stream_options", {}).get("include_usage") else None
+        if usage is not None and reply.usage_on_finish:
+            yield chunk({}, finish)[:-3] + b',"usage":' + json.dumps(usage).encode() + b"}\n\n"
+        else:
+            yield chunk({}, finish)
+        if usage is not None and not reply.usage_on_finish:
             data = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model}
             yield f"data: {json.dumps({**data, 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
+
+    def _usage(self, reply: Reply) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": reply.usage[0], "completion_tokens": reply.usage[1]}
+        usage["total_tokens"] = sum(reply.usage)
+        if reply.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": reply.cached_tokens}
+            if self.strict == "deepseek":  # DeepSeek also reports the hits and misses on their own
+                usage["prompt_cache_hit_tokens"] = reply.cached_tokens
+                usage["prompt_cache_miss_tokens"] = reply.usage[0] - reply.cached_tokens
+        if reply.reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": reply.reasoning_tokens}
+        return usage
 
     def _deepseek_reply(self, body: dict[str, Any], reply: Reply) -> Reply:
         """As DeepSeek V4 answers: thinking unless told not to, remembering what it thought."""
@@ -408,6 +429,28 @@ class PostgresCluster:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", "data", "-w", "-m", "fast", "stop")
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children."""
+        postmaster = int((self.dir / "data" / "postmaster.pid").read_text().split()[0])
+        return [postmaster, *child_processes(postmaster, b"postgres")]
+
+    def freeze(self) -> None:
+        """Stop every process of the cluster, as a frozen host: its kernel still acknowledges."""
+        self.frozen = self.processes()
+        for pid in self.frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in getattr(self, "frozen", []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.frozen = []
+
+    def sql(self, statement: str, database: str = "postgres") -> None:
+        admin = f"postgresql://postgres:{POSTGRES_PASSWORD}@127.0.0.1:{self.port}/{database}"
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(statement)  # type: ignore[arg-type]
 
     def remove(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
@@ -803,6 +846,109 @@ def test_think_tags_give_the_same_parts_however_the_text_is_cut(size: int) -> No
     parts += tags.flush()
     assert "".join(t for kind, t in parts if kind == "reasoning") == "plan: 1 < 2 </thin k>"
     assert "".join(t for kind, t in parts if kind == "text") == "The answer <think> stays text."
+
+
+def test_reasoning_with_a_closing_think_tag_in_it_stays_reasoning_and_the_answer_stays_clean(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(reasoning="is </think> a tag? no", content="Plain answer."))
+    _, events = stream(service.url, {"message": "hi"})
+    assert "".join(d["content"] for n, d in events if n == "thought") == "is </think> a tag? no"
+    assert "".join(d["content"] for n, d in events if n == "chunk") == "Plain answer."
+
+
+def test_an_answer_that_starts_with_a_think_tag_is_kept_whole_where_the_api_streams_reasoning_apart(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(reasoning="the user wants a tag", content="<think> is an HTML-like tag."))
+    answer = sdk.chat.completions.create(model="m", messages=ASK).choices[0].message
+    assert answer.content == "<think> is an HTML-like tag."
+    assert answer.reasoning_content == "the user wants a tag"  # type: ignore[attr-defined]
+
+
+def answers_on_every_face(url: str, upstream: FakeModelAPI, reply: Reply, turns: int = 1) -> dict[str, str]:
+    """The answer text as each face gives it: the joined chunks, the message event, the JSON
+    reply, /v1 streamed and not, and the stored messages (their content joined as the turn's answer)."""
+    upstream.reset(*[dataclasses.replace(reply) for _ in range(6 * turns)])
+    _, events = stream(url, {"message": "hi", "conversation_id": "same"})
+    found = {"chunks": "".join(d["content"] for n, d in events if n == "chunk")}
+    found["message"] = next(d["content"] for n, d in events if n == "message")
+    found["json"] = httpx.post(url + "/api/chat", json={"message": "hi"}, timeout=10).json()["message"]
+    with openai.OpenAI(base_url=url + "/v1", api_key="any", max_retries=0) as sdk:
+        found["v1"] = sdk.chat.completions.create(model="m", messages=ASK).choices[0].message.content or ""
+        found["v1_stream"] = joined(list(sdk.chat.completions.create(model="m", messages=ASK, stream=True)), "content")
+    stored = httpx.get(url + "/api/conversations/same", timeout=10).json()["messages"]
+    found["stored"] = "\n\n".join(m["content"] for m in stored if m["role"] == "assistant" and m["content"])
+    return found
+
+
+@pytest.mark.parametrize("text", ["  two spaces first", "\nA line first", "plain"], ids=["spaces", "newline", "plain"])
+def test_every_face_gives_the_same_answer_leading_white_space_included(
+    service: ServerThread, upstream: FakeModelAPI, text: str
+) -> None:
+    found = answers_on_every_face(service.url, upstream, Reply(content=text))
+    assert found == dict.fromkeys(found, text)
+
+
+def test_text_beside_a_tool_call_is_kept_in_order_on_every_face_and_in_the_models_context(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    script = [Reply(content="Let me check.", tool_calls=[("calculate", {"expression": "6*7"})]), Reply(content="42.")]
+    upstream.reset(*script * 5)
+    _, events = stream(service.url, {"message": "6*7?", "conversation_id": "beside"})
+    chunks = "".join(d["content"] for n, d in events if n == "chunk")
+    message = next(d["content"] for n, d in events if n == "message")
+    reply = httpx.post(service.url + "/api/chat", json={"message": "6*7?"}, timeout=10).json()
+    with openai.OpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0) as sdk:
+        v1 = sdk.chat.completions.create(model="m", messages=ASK).choices[0].message.content
+        v1_stream = joined(list(sdk.chat.completions.create(model="m", messages=ASK, stream=True)), "content")
+    stored = httpx.get(service.url + "/api/conversations/beside", timeout=10).json()["messages"]
+    assert {chunks, message, reply["message"], v1, v1_stream} == {"Let me check.\n\n42."}
+    assert [(m["role"], m.get("content")) for m in stored] == [
+        ("user", "6*7?"), ("assistant", "Let me check."), ("tool", "42"), ("assistant", "42.")
+    ]  # fmt: skip
+    sent = [m for m in upstream.requests[1]["messages"] if m["role"] == "assistant"]
+    assert sent[0]["content"] == "Let me check." and sent[0]["tool_calls"][0]["function"]["name"] == "calculate"
+    upstream.reset(Reply(content="Yes."))
+    stream(service.url, {"message": "Sure?", "conversation_id": "beside"})
+    later = [m for m in upstream.requests[0]["messages"] if m["role"] == "assistant"]
+    assert [m["content"] for m in later] == ["Let me check.", "42."]
+
+
+def test_a_lone_surrogate_in_the_models_output_still_ends_the_stream_with_done(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="half \ud800 a pair"))
+    response, events = stream(service.url, {"message": "hi", "conversation_id": "half"})
+    assert names(events)[-1] == "done"
+    assert "".join(d["content"] for n, d in events if n == "chunk") == "half \ufffd a pair"
+    stored = httpx.get(service.url + "/api/conversations/half", timeout=10).json()["messages"]
+    assert stored[-1]["content"] == "half \ufffd a pair"
+
+
+@pytest.mark.parametrize("placement", ["own-chunk", "finish-chunk"])
+@pytest.mark.parametrize("strict", [None, "deepseek"], ids=["openai-shaped", "deepseek"])
+def test_cached_and_reasoning_tokens_reach_every_face_and_the_stored_turn(
+    service: ServerThread, upstream: FakeModelAPI, placement: str, strict: str | None
+) -> None:
+    reply = Reply(content="Cached.", usage=(1000, 300), cached_tokens=900, reasoning_tokens=200,
+                  usage_on_finish=placement == "finish-chunk")  # fmt: skip
+    expected = usage(1000, 300, cached=900, reasoning=200)
+    upstream.reset(*[dataclasses.replace(reply) for _ in range(4)], strict=strict)
+    model = "deepseek-flash"
+    _, events = stream(service.url, {"message": "hi", "conversation_id": "tokens"})
+    assert events[-1][1]["usage"] == expected
+    assert httpx.post(service.url + "/api/chat", json={"message": "hi"}, timeout=10).json()["usage"] == expected
+    stored = httpx.get(service.url + "/api/conversations/tokens", timeout=10).json()["messages"]
+    assert stored[-1]["usage"] == expected
+    with openai.OpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0) as sdk:
+        answered = sdk.chat.completions.create(model=model, messages=ASK).usage
+        chunks = list(sdk.chat.completions.create(model=model, messages=ASK, stream=True,
+                                                  stream_options={"include_usage": True}))  # fmt: skip
+    for got in (answered, chunks[-1].usage):
+        assert (got.prompt_tokens, got.completion_tokens, got.total_tokens) == (1000, 300, 1300)
+        assert got.prompt_tokens_details.cached_tokens == 900
+        assert got.completion_tokens_details.reasoning_tokens == 200
 
 
 @BOTH_DATABASES
@@ -1646,6 +1792,30 @@ def test_a_misspelt_setting_in_dotenv_is_warned_about_naming_the_right_one(tmp_p
     ]
 
 
+def test_importing_server_reads_no_file_and_starts_nothing(tmp_path: Path) -> None:
+    # A .env that would stop start-up, and a database path that would be created.
+    home = tmp_path / "app"
+    home.mkdir()
+    shutil.copy(HERE / "server.py", home)
+    (home / ".env").write_text("PORT=eighty\n", encoding="utf-8")
+    code = "import gc, threading, server; print(gc.get_freeze_count(), threading.active_count(), server.app.app)"
+    env = {name: value for name, value in os.environ.items() if name not in ENV_NAMES}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(home)},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.split() == ["0", "1", "None"] and out.stderr == ""
+    assert not [path for path in home.rglob("*.db")]
+
+
+def test_another_autogen_version_stops_start_up_naming_it(
+    settings_for: Callable[..., server.Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.8.0" if name == "autogen-ext" else real(name))
+    with pytest.raises(server.SettingsError, match=r"autogen-ext 0\.8\.0 is installed; this server needs 0\.7\.5"):
+        with TestClient(server.create_app(settings_for())):
+            pass
+
+
 @pytest.mark.parametrize(
     "env, expected",
     [
@@ -1964,6 +2134,9 @@ BAD_REQUESTS = [
     ("deep-nesting", "POST", "/api/chat", {"content": b"[" * 100_000}, 400, "invalid_json"),
     ("deep-nesting-closed", "POST", "/api/chat", {"content": b"[" * 100_000 + b"]" * 100_000}, 400, "invalid_json"),
     ("lone-surrogate", "POST", "/api/chat", {"content": b'{"message": "hi \\ud800"}'}, 422, INVALID),
+    ("id-dot", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "."}}, 422, INVALID),
+    ("id-dot-dot", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": ".."}}, 422, INVALID),
+    ("path-id-dot-dot", "GET", "/api/conversations/%2E%2E", {}, 422, INVALID),
 ]  # fmt: skip
 
 
@@ -2352,13 +2525,14 @@ def process_env(settings_for: Callable[..., server.Settings], **overrides: str) 
             "DATABASE_URL": settings.database_url or "", "MAX_RETRIES": "0", **overrides}  # fmt: skip
 
 
-def child_processes(pid: int) -> list[int]:
+def child_processes(pid: int, marker: bytes = b"spawn_main") -> list[int]:
+    """The children of a process whose command line holds `marker`."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             if (
                 int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
-                and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+                and marker in (stat.parent / "cmdline").read_bytes()
             ):
                 children.append(int(stat.parent.name))
     return children
@@ -2523,6 +2697,28 @@ def test_a_locked_sqlite_file_never_stalls_the_event_loop(
     assert names(parse_sse(seen))[-1] == "done"
 
 
+async def stop_turns(ctx: server.AppContext) -> None:
+    server.stop_turns(ctx)
+
+
+def test_shutdown_during_a_save_that_waits_for_the_sqlite_lock_tells_the_client_what_was_stored(
+    upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="stall"))
+    settings = settings_for()
+    with ServerThread(server.create_app(settings)) as service:
+        with held_stream(service.url, {"message": "x", "conversation_id": "saving"}, upstream) as (seen, rest):
+            with sqlite_write_lock(settings.database_path):
+                upstream.end_hang()
+                saving = lambda: any(t.state is server.TurnState.SAVING for t in service.app_ctx.turns)  # noqa: E731
+                assert wait_until(saving), "the turn never waited to save"
+                service.call(stop_turns(service.app_ctx))  # shutdown's grace runs out
+            seen += "".join(rest)
+        stored = httpx.get(service.url + "/api/conversations/saving", timeout=10)
+    assert names(parse_sse(seen))[-1] == "done"  # the save went through once the lock went: so the client is told
+    assert stored.status_code == 200 and stored.json()["messages"][-1]["content"] == "a b c d"
+
+
 def test_a_database_that_cannot_be_written_answers_503_saves_nothing_and_keeps_no_lease(
     monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
@@ -2681,11 +2877,18 @@ def test_postgresql_stopped_and_started_under_a_running_server(
                 seen += "".join(rest)  # the answer streams, then its save fails
             index = http.get("/")
             cluster.start()
-            assert wait_until(lambda: health_status(url) == 200, timeout=60), "no recovery after the restart"
             upstream.reset()
-            body = {"message": "again", "conversation_id": "pg"}
-            assert wait_until(lambda: http.post("/api/chat", json=body).status_code == 200, timeout=30)
+            # The first call (on another conversation: the failed turn's lease goes once its release is retried).
+            again = http.post("/api/chat", json={"message": "again", "conversation_id": "pg2"})
+            upstream.reset(Reply(content="a b c d", fault="stall"))
+            upstream.release = None  # a new hang: the first one was ended
+            with held_stream(url, {"message": "across", "conversation_id": "pg2"}, upstream) as (across, rest):
+                cluster.stop()
+                cluster.start()
+                upstream.end_hang()  # the save of an answer that streamed in full is the first call after the restart
+                across += "".join(rest)
             stored = http.get("/api/conversations/pg").json()["messages"]
+            stored += http.get("/api/conversations/pg2").json()["messages"]
     finally:
         cluster.remove()
     assert health.status_code == 503 and health.json()["status"] == "degraded" and health.json()["database"] is False
@@ -2693,9 +2896,105 @@ def test_postgresql_stopped_and_started_under_a_running_server(
     events = parse_sse(seen)
     assert "message" in names(events) and names(events).count("error") == 1
     assert events[-1][0] == "error" and events[-1][1]["code"] == "database_unavailable"
-    assert [m["content"] for m in stored] == ["first", "kept", "again", "echo: again"]
+    assert again.status_code == 200 and names(parse_sse(across))[-1] == "done"
+    assert [m["content"] for m in stored] == ["first", "kept", "again", "echo: again", "across", "a b c d"]
     for text in (index.text, health.text, refused.text, seen, log.read_text()):
         assert POSTGRES_PASSWORD not in text
+
+
+@pytest.fixture(scope="session")
+def spare_postgres() -> Iterator[PostgresCluster]:
+    """A cluster of the tests' own, to freeze, restart, or make read-only."""
+    cluster = PostgresCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def spare(spare_postgres: PostgresCluster) -> Iterator[PostgresCluster]:
+    empty_postgres(spare_postgres.url)
+    yield spare_postgres
+    spare_postgres.thaw()
+    spare_postgres.sql("ALTER DATABASE chat RESET default_transaction_read_only")
+
+
+def test_a_frozen_postgresql_never_hangs_the_server_and_sigterm_still_stops_it(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, spare: PostgresCluster, tmp_path: Path
+) -> None:
+    # As in a network partition or a frozen host: the database's kernel still acknowledges.
+    env = process_env(settings_for, DATABASE_URL=spare.url, DATABASE_TIMEOUT="1", SHUTDOWN_GRACE_SECONDS="1")
+    with service_process(env, tmp_path) as (process, url), httpx.Client(base_url=url, timeout=60) as http:
+        assert http.post("/api/chat", json={"message": "first", "conversation_id": "f"}).status_code == 200
+        spare.freeze()
+        health = http.get("/health")
+        refused = http.post("/api/chat", json={"message": "hi", "conversation_id": "f"})
+        listed = http.get("/api/conversations")
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)  # raises if the server waits on the database
+    assert health.status_code == 503 and health.json()["reasons"] == ["database not answering"]
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "database_unavailable"
+    assert listed.status_code == 503 and listed.json()["error"]["code"] == "database_unavailable"
+    assert process.returncode is not None
+
+
+def test_a_read_only_postgresql_answers_database_unavailable_and_health_says_so(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, spare: PostgresCluster
+) -> None:
+    # As after a failover to a standby, or with default_transaction_read_only set.
+    with TestClient(server.create_app(settings_for(DATABASE_URL=spare.url))):
+        pass  # the schema, while the database takes writes
+    spare.sql("ALTER DATABASE chat SET default_transaction_read_only = on")
+    with TestClient(server.create_app(settings_for(DATABASE_URL=spare.url))) as client:
+        refused = client.post("/api/chat", json={"message": "hi", "conversation_id": "ro"})
+        health = client.get("/health")
+        listed = client.get("/api/conversations")
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "database_unavailable"
+    assert health.status_code == 503 and health.json()["reasons"] == ["database is read-only"]
+    assert listed.status_code == 200  # reading still works
+    assert upstream.requests == []
+
+
+def test_a_role_that_may_only_read_and_write_the_tables_runs_the_server(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, spare: PostgresCluster
+) -> None:
+    with TestClient(server.create_app(settings_for(DATABASE_URL=spare.url))):
+        pass  # the owner creates the schema once
+    spare.sql("DROP ROLE IF EXISTS chat_app")
+    spare.sql(f"CREATE ROLE chat_app LOGIN PASSWORD '{POSTGRES_PASSWORD}'")
+    spare.sql(readme_grants(), database="chat")
+    app_url = spare.url.replace("chat:", "chat_app:", 1)
+    with TestClient(server.create_app(settings_for(DATABASE_URL=app_url))) as client:
+        answered = client.post("/api/chat", json={"message": "hi", "conversation_id": "dml"})
+        deleted = client.delete("/api/conversations/dml")
+    assert answered.status_code == 200 and deleted.status_code == 204
+
+
+def readme_grants() -> str:
+    """The grants the README gives a role that only reads and writes the tables."""
+    blocks = re.findall(r"```sql\n(.*?)```", (HERE / "README.md").read_text(encoding="utf-8"), re.DOTALL)
+    return next(block for block in blocks if "GRANT" in block)
+
+
+def test_leases_run_on_the_databases_clock_whatever_the_instances_clocks_say(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, postgres_url: str, tmp_path: Path
+) -> None:
+    # Instance B's clock is two hours ahead: on its own clock, A's lease would look expired long ago.
+    faketime = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not faketime:
+        pytest.fail("The clock test needs libfaketime: apt-get install -y faketime")
+    empty_postgres(postgres_url)
+    env = process_env(settings_for, DATABASE_URL=postgres_url)
+    ahead = {**env, "LD_PRELOAD": str(faketime[0]), "FAKETIME": "+2h", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    upstream.reset(Reply(content="a b c d", fault="stall"))
+    with service_process(env, tmp_path) as (_, a), service_process(ahead, tmp_path) as (b_process, b):
+        clock = httpx.get(b + "/health").headers["date"]
+        with held_stream(a, {"message": "held by A", "conversation_id": "clock"}, upstream):
+            taken = httpx.post(b + "/api/chat", json={"message": "B", "conversation_id": "clock"}, timeout=10)
+            upstream.end_hang()
+    assert email.utils.parsedate_to_datetime(clock) > datetime.now(UTC) + timedelta(hours=1)
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "conversation_busy"
 
 
 @ON_POSTGRESQL
@@ -3133,6 +3432,127 @@ def test_v1_a_user_image_reaches_a_vision_model_with_its_text(service: ServerThr
             assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
 
 
+class CountingText(str):
+    """A text that counts the searches made in it."""
+
+    searches = 0
+
+    def find(self, *args: Any) -> int:  # type: ignore[override]
+        CountingText.searches += 1
+        return super().find(*args)
+
+
+@pytest.mark.parametrize(
+    "text, kept",
+    [
+        ("<think>" * 37_000 + "kept", "<think>" * 37_000 + "kept"),
+        ("<think>a</think>" * 10_000 + "kept", "kept"),
+        (
+            '<details type="reasoning">' * 20_000 + "<!--THINKING-->x<!--/THINKING-->kept",
+            '<details type="reasoning">' * 20_000 + "kept",
+        ),
+    ],
+    ids=["opened-never-closed", "many-closed", "mixed"],
+)
+def test_folded_reasoning_is_stripped_in_a_number_of_searches_linear_in_the_folds(text: str, kept: str) -> None:
+    # A regex such as <think>.*?</think> takes quadratic time on the first text: 35 s on the loop.
+    CountingText.searches = 0
+    assert server.without_folded_reasoning(CountingText(text)) == kept
+    assert CountingText.searches <= 2 * text.count("</") + 8
+
+
+def test_v1_an_assistant_message_of_unclosed_think_tags_is_answered_with_its_text_kept(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    earlier = "<think>" * 37_000  # 259 kB: froze the worker for 35 s when stripped by a regex
+    sdk.chat.completions.create(model="m", messages=[*ASK, {"role": "assistant", "content": earlier}, *ASK])
+    assert [m["content"] for m in upstream.requests[0]["messages"] if m["role"] == "assistant"] == [earlier]
+
+
+def open_webui_request(history_bytes: int) -> dict[str, Any]:
+    """As Open WebUI sends a chat: its 36 built-in tool definitions and the whole history."""
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": "d" * 500,
+              "parameters": {"type": "object", "properties": {"q": {}}}}} for i in range(36)]  # fmt: skip
+    turns = []
+    while sum(len(m["content"]) for m in turns) < history_bytes:
+        turns += [{"role": "user", "content": "question " * 200}, {"role": "assistant", "content": "answer " * 400}]
+    return {"model": "autogen-agent", "messages": [*turns, *ASK], "tools": tools, "stream": True}
+
+
+def test_v1_a_long_chat_from_an_app_with_its_tool_definitions_is_accepted(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    body = open_webui_request(1_000_000)
+    assert len(json.dumps(body)) > 1_000_000
+    response = httpx.post(service.url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200 and v1_frames(response.text)[-1] == "[DONE]"
+    sent = upstream.requests[0]["messages"]
+    assert len(sent) <= 1 + 40 and sent[-1]["content"] == "2+2?"  # the server's system message and the window
+
+
+@pytest.mark.parametrize(
+    "response_format, env, status",
+    [
+        ({"type": "json_object"}, {}, 200),
+        ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}, {}, 400),
+        ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+         {"MODEL_STRUCTURED_OUTPUT": "true"}, 200),
+        ({"type": "json_object"}, {"MODEL_NAME": "qwen2.5"}, 400),
+        ({"type": "text"}, {"MODEL_NAME": "qwen2.5"}, 200),
+        ({"type": "yaml"}, {}, 400),
+    ],
+    ids=["json-object", "json-schema-unsupported", "json-schema", "json-object-unsupported", "text", "unknown"],
+)  # fmt: skip
+def test_v1_response_format_reaches_the_model_or_is_refused_naming_the_capability(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    response_format: dict[str, Any],
+    env: dict[str, str],
+    status: int,
+) -> None:
+    with TestClient(server.create_app(settings_for(**env))) as client:
+        response = client.post("/v1/chat/completions", json={"messages": ASK, "response_format": response_format})
+    assert response.status_code == status
+    if status == 400:
+        assert response.json()["error"]["param"] == "response_format" and upstream.requests == []
+    elif response_format["type"] == "text":
+        assert "response_format" not in upstream.requests[0]
+    else:
+        assert all(request["response_format"] == response_format for request in upstream.requests)
+
+
+def test_v1_a_refused_request_is_logged_with_the_status_it_was_sent(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="autogen_chat")
+    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 400
+    assert [r.getMessage() for r in caplog.records] == ["POST /v1/chat/completions -> 400 validation_error"]
+
+
+def test_autogens_own_openai_client_reads_a_v1_stream_with_its_finish_reason_and_usage(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    from autogen_core.models import UserMessage
+    from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+    async def ask() -> list[Any]:
+        info = {"vision": False, "function_calling": True, "json_output": False, "family": "unknown",
+                "structured_output": False}  # fmt: skip
+        client = OpenAIChatCompletionClient(model="autogen-agent", base_url=service.url + "/v1", api_key="any",
+                                            model_info=info, max_retries=0,
+                                            stream_options={"include_usage": True})  # fmt: skip
+        try:
+            return [item async for item in client.create_stream([UserMessage(content="2+2?", source="user")])]
+        finally:
+            await client.close()
+
+    upstream.reset(Reply(content="Four."))
+    *chunks, result = asyncio.run(ask())
+    assert "".join(chunks) == "Four." and result.content == "Four."
+    assert result.finish_reason == "stop"  # 'unknown' when usage came on the finish chunk too
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (11, 7)
+
+
 def test_v1_an_image_for_a_model_without_vision_is_refused_naming_the_setting(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
 ) -> None:
@@ -3188,6 +3608,11 @@ V1_BAD_REQUESTS = [
     ("include-usage-not-bool", {"json": {"messages": ASK, "stream_options": {"include_usage": 1}}},
      400, INVALID, "stream_options.include_usage"),
     ("model-not-string", {"json": {"messages": ASK, "model": 5}}, 400, INVALID, "model"),
+    ("model-too-long", {"json": {"messages": ASK, "model": "m" * 257}}, 400, INVALID, "model"),
+    ("model-lone-surrogate", {"content": b'{"messages": [{"role": "user", "content": "hi"}], "model": "\\ud800"}'},
+     400, INVALID, "model"),
+    ("stop-lone-surrogate", {"content": b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}'},
+     400, INVALID, "stop[0]"),
     ("tool-content-not-text", {"json": {"messages": [{"role": "tool", "content": 5}, *ASK]}},
      400, INVALID, "messages[0].content"),
     ("temperature-out-of-range", {"json": {"messages": ASK, "temperature": 5}}, 400, INVALID, "temperature"),
@@ -3744,6 +4169,37 @@ def test_markdown_renders_the_common_forms_and_never_html(tab: Tab, service: Ser
     assert rendered == [html for _, html in MARKDOWN]
 
 
+DEEP_MARKDOWN = {
+    "quotes": ">" * 100_000 + " deep",
+    "lists": "\n".join("  " * level + "- deep" for level in range(3000)),
+    "emphasis": "**_" * 20_000 + "deep" + "_**" * 20_000,
+}
+
+
+@pytest.mark.parametrize("text", DEEP_MARKDOWN.values(), ids=DEEP_MARKDOWN.keys())
+def test_deeply_nested_markdown_renders_as_text_past_a_depth_and_never_fails_the_page(
+    tab: Tab, service: ServerThread, text: str
+) -> None:
+    page = tab.page
+    page.goto(tab.url + "/chat")
+    script = "text => { const box = document.createElement('div'); box.append(renderMarkdown(text)); return box; }"
+    assert "deep" in page.evaluate_handle(script, text).evaluate("box => box.textContent")
+
+
+def test_an_answer_nested_deeper_than_the_renderer_goes_is_shown_saved_and_reopened(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    page = tab.page
+    upstream.reset(Reply(content=">" * 50_000 + " deep"))
+    page.goto(tab.url + "/chat")
+    send_message(page, "nest")
+    expect(page.locator(".answer").last).to_contain_text("deep")
+    expect(page.locator(".notice.error")).to_have_count(0)
+    expect(textbox(page)).to_have_value("")  # saved: not put back to send again
+    page.reload()
+    expect(page.locator(".answer").last).to_contain_text("deep")
+
+
 @pytest.mark.parametrize(
     "reply, notice, saved",
     [
@@ -3765,6 +4221,6 @@ def test_an_error_event_or_a_cut_answer_is_explained_in_the_conversation(
     expect(page.locator("#conversations li")).to_have_count(1 if saved else 0)
 
 
-def test_what_start_up_built_is_frozen_out_of_the_garbage_collectors_full_passes() -> None:
+def test_what_start_up_built_is_frozen_out_of_the_garbage_collectors_full_passes(client: TestClient) -> None:
     # A full pass over the ~110 000 objects of AutoGen, pydantic and the SDKs stalls every open stream for ~70 ms.
     assert gc.get_freeze_count() > 50_000
