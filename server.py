@@ -1586,9 +1586,9 @@ class ModelReply:
 
 
 # ---------------------------------------------------------------------------
-# The AutoGen adapter: the agent, its model, its memory
+# The AutoGen adapter: the agent's memory, and the messages it sends
 # ---------------------------------------------------------------------------
-# Every reach into AutoGen's private parts sits in this section, each with its reason:
+# Every reach into AutoGen's private parts sits in the adapter's two sections, each with its reason:
 # - autogen_ext.models.openai._model_info.get_info: the only way to ask what AutoGen knows of
 #   a model name (vision, function calling), so that known OpenAI models need no MODEL_* flags;
 # - ChatCompletionContext._messages: the base class's list, which its subclasses keep.
@@ -1765,6 +1765,11 @@ def openai_tool(schema: ToolSchema) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
+# ---------------------------------------------------------------------------
+# The AutoGen adapter: the agent's model, and a run of the agent
+# ---------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """What a request asks of each model call of its turn, beside the server's settings."""
@@ -1876,22 +1881,7 @@ async def run_agent(
     """Run the job through AutoGen's agent, its model's and tools' events going to `emit` as they
     happen. Returns the agent's state to save, for a stored conversation. The run ends early,
     once a round of tool calls is done, where the gate handed a call over to the client."""
-    settings = ctx.settings
-    memory = HistoryWindow(
-        settings.max_history_messages, job.history, settings.thinking_api and settings.thinking != "disabled"
-    )
-    model = AgentModel(ctx.model_api, settings, job.options, memory, emit)
-    toolbox = Toolbox(ctx.tools, job.options.client_tools, gate)
-    agent = AssistantAgent(
-        "assistant",
-        model_client=model,
-        workbench=[toolbox] if toolbox.schemas else None,
-        system_message=settings.system_message,
-        model_client_stream=True,
-        reflect_on_tool_use=bool(toolbox.schemas),
-        max_tool_iterations=settings.max_tool_rounds,
-        model_context=memory,
-    )
+    agent, model, toolbox = agent_for(ctx, job, emit, gate)
     if job.history is None and (state := await ctx.store.load_state(job.conversation_id)) is not None:
         await agent.load_state(state)
     events = agent.run_stream(task=agent_task(job.message), cancellation_token=token, output_task_messages=False)
@@ -1905,6 +1895,28 @@ async def run_agent(
         await events.aclose()
         await model.close()
     return await agent.save_state() if job.history is None else None
+
+
+def agent_for(
+    ctx: AppContext, job: TurnJob, emit: Callable[[TurnEvent], None], gate: TurnGate
+) -> tuple[AssistantAgent, AgentModel, Toolbox]:
+    """AutoGen's agent for one turn, with its model, memory and tools (cheap: built per turn)."""
+    settings = ctx.settings
+    thinking = settings.thinking_api and settings.thinking != "disabled"
+    memory = HistoryWindow(settings.max_history_messages, job.history, legacy_reasoning=thinking)
+    model = AgentModel(ctx.model_api, settings, job.options, memory, emit)  # type: ignore[arg-type]
+    toolbox = Toolbox(ctx.tools, job.options.client_tools, gate)
+    agent = AssistantAgent(
+        "assistant",
+        model_client=model,
+        workbench=[toolbox] if toolbox.schemas else None,
+        system_message=settings.system_message,
+        model_client_stream=True,
+        reflect_on_tool_use=bool(toolbox.schemas),
+        max_tool_iterations=settings.max_tool_rounds,
+        model_context=memory,
+    )
+    return agent, model, toolbox
 
 
 def agent_task(message: Content | None) -> TextMessage | MultiModalMessage | None:
@@ -2129,7 +2141,7 @@ async def fold(events: AsyncIterator[TurnEvent], conversation_id: str) -> Reply:
 
 
 # ---------------------------------------------------------------------------
-# The turn: leases, the gate, and its life
+# The turn: its lease, and the gate of its tool calls
 # ---------------------------------------------------------------------------
 
 
@@ -2246,6 +2258,11 @@ class TurnGate:
 
     def hand_over(self, call: FunctionCall) -> None:
         self.handed_over.append(call)
+
+
+# ---------------------------------------------------------------------------
+# The turn: its life
+# ---------------------------------------------------------------------------
 
 
 class TurnState(enum.Enum):
@@ -2653,43 +2670,8 @@ class ApiFace:
         self.name = name
 
     def render(self, event: TurnEvent) -> bytes:
-        match event:
-            case TextDelta(text=text):
-                return sse_text("chunk", text)
-            case ReasoningDelta(text=text):
-                return sse_text("thought", text)
-            case Ping():
-                return SSE_PING
-            case Started(conversation_id=conversation_id):
-                return sse("status", {"status": "started", "conversation_id": conversation_id})
-            case Status(status=status):
-                return sse("status", {"status": status})
-            case ToolCall(client=False):
-                return sse(
-                    "tool_call",
-                    {"id": event.id, "name": event.name, "arguments": event.arguments} | server_field(event.server),
-                )
-            case ApprovalNeeded():
-                return sse(
-                    "approval_required",
-                    {"id": event.id, "name": event.name, "arguments": event.arguments} | server_field(event.server),
-                )
-            case ToolResult():
-                return sse("tool_result", tool_result_fields(event))
-            case Message(content=content):
-                return sse("message", {"content": content, "source": "assistant"})
-            case Finished():
-                return sse(
-                    "done",
-                    {
-                        "conversation_id": event.conversation_id,
-                        "usage": usage_fields(event.tokens),
-                        "finish_reason": event.finish_reason,
-                    },
-                )
-            case Failed(error=error):
-                return sse("error", error.detail())
-        return b""
+        render = API_EVENTS.get(type(event))
+        return render(event) if render is not None else b""
 
     @staticmethod
     def reply(reply: Reply) -> dict[str, Any]:
@@ -2705,6 +2687,34 @@ class ApiFace:
 
 
 API_STREAM, API_JSON = ApiFace("api_stream"), ApiFace("api_json")
+
+
+def call_fields(call: ToolCall | ApprovalNeeded) -> dict[str, Any]:
+    return {"id": call.id, "name": call.name, "arguments": call.arguments} | server_field(call.server)
+
+
+def done_fields(done: Finished) -> dict[str, Any]:
+    return {
+        "conversation_id": done.conversation_id,
+        "usage": usage_fields(done.tokens),
+        "finish_reason": done.finish_reason,
+    }
+
+
+# Each event as the /api stream names it (none for Usage, and for a client's tool call).
+API_EVENTS: dict[type, Callable[[Any], bytes]] = {
+    TextDelta: lambda event: sse_text("chunk", event.text),
+    ReasoningDelta: lambda event: sse_text("thought", event.text),
+    Ping: lambda event: SSE_PING,
+    Started: lambda event: sse("status", {"status": "started", "conversation_id": event.conversation_id}),
+    Status: lambda event: sse("status", {"status": event.status}),
+    ToolCall: lambda event: b"" if event.client else sse("tool_call", call_fields(event)),
+    ApprovalNeeded: lambda event: sse("approval_required", call_fields(event)),
+    ToolResult: lambda event: sse("tool_result", tool_result_fields(event)),
+    Message: lambda event: sse("message", {"content": event.content, "source": "assistant"}),
+    Finished: lambda event: sse("done", done_fields(event)),
+    Failed: lambda event: sse("error", event.error.detail()),
+}
 
 
 def tool_result_fields(result: ToolResult) -> dict[str, Any]:

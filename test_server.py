@@ -1792,6 +1792,23 @@ def test_a_misspelt_setting_in_dotenv_is_warned_about_naming_the_right_one(tmp_p
     ]
 
 
+class ReadNames(dict):
+    """An environment that remembers which names were read."""
+
+    read: set[str] = set()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        ReadNames.read.add(name)
+        return super().get(name, default)
+
+
+def test_env_example_lists_exactly_the_settings_the_server_reads() -> None:
+    listed = re.findall(r"^([A-Z][A-Z0-9_]*)=", (HERE / ".env.example").read_text(encoding="utf-8"), re.MULTILINE)
+    ReadNames.read = set()
+    server.Settings.from_env(ReadNames())
+    assert len(listed) == len(set(listed)) and set(listed) == set(server.ENV_NAMES) == ReadNames.read
+
+
 def test_importing_server_reads_no_file_and_starts_nothing(tmp_path: Path) -> None:
     # A .env that would stop start-up, and a database path that would be created.
     home = tmp_path / "app"
