@@ -39,6 +39,7 @@ import hmac
 import importlib.metadata
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import logging.config
@@ -91,6 +92,7 @@ from autogen_core.models import (
 from autogen_core.tools import FunctionTool, ImageResultContent, TextResultContent, ToolSchema, Workbench
 from autogen_core.tools import ToolResult as WorkbenchResult
 from autogen_ext.models.openai import _model_info as _autogen_model_info
+from autogen_ext.tools.mcp import McpWorkbench, StdioServerParams, StreamableHttpServerParams
 from dotenv import dotenv_values
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from PIL import Image as PILImage
@@ -130,7 +132,8 @@ MAX_TOOL_RESULT_SHOWN = 500  # /v1 shows each tool result in reasoning_content c
 MAX_MODEL_FIELD_CHARS = 256  # /v1 echoes 'model' in every chunk: a longer one is refused
 MAX_IMAGE_PIXELS = 50_000_000  # an image larger than this is refused before it is decoded
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # a larger body is parsed on a thread: a few MB of JSON take tens of ms
-MAX_JSON_DEPTH = 64  # deeper JSON bodies are refused: nothing the API takes nests deeper
+MCP_START_SECONDS = 30.0  # an MCP server may take this long to start (npx fetches its package first)
+APPROVAL_POLL_SECONDS = 0.5  # a turn waiting for a decision made in another worker or instance asks this often
 
 DEFAULT_SYSTEM_MESSAGE = (
     "You are a helpful assistant. Answer in the user's language. "
@@ -169,7 +172,7 @@ ENV_NAMES = (
     "HOST", "PORT", "WORKERS", "SERVER_API_KEY", "CORS_ORIGINS", "SYSTEM_MESSAGE", "TOOLS", "MAX_TOOL_ROUNDS",
     "DATABASE_PATH", "DATABASE_URL", "DATABASE_POOL_SIZE", "DATABASE_TIMEOUT", "MAX_HISTORY_MESSAGES",
     "REQUEST_TIMEOUT", "MAX_RETRIES", "MAX_MESSAGE_CHARS", "MAX_BODY_BYTES", "V1_MAX_BODY_BYTES", "PING_INTERVAL",
-    "SHUTDOWN_GRACE_SECONDS", "LEASE_SECONDS", "LOG_LEVEL", "AGENT_MODEL_ID",
+    "SHUTDOWN_GRACE_SECONDS", "LEASE_SECONDS", "LOG_LEVEL", "AGENT_MODEL_ID", "MCP_CONFIG", "APPROVAL_TIMEOUT_SECONDS",
 )  # fmt: skip
 
 
@@ -321,6 +324,9 @@ class Settings:
     reasoning_effort: str | None = None
     thinking_api: bool = True
     agent_model_id: str = "autogen-agent"
+    mcp_config: str | None = None  # the MCP_CONFIG file read, if any
+    mcp_servers: tuple[McpServer, ...] = ()
+    approval_timeout: float = 300.0
     env_file: str | None = None  # the .env that was read, if any
     notes: tuple[str, ...] = ()  # warnings found while reading, logged at start-up
 
@@ -331,6 +337,7 @@ class Settings:
         thinking = _env_choice(env, "THINKING", THINKING_MODES)
         effort = _env_choice(env, "REASONING_EFFORT", REASONING_EFFORTS)
         server_api_key = env.get("SERVER_API_KEY", "").strip() or None
+        mcp_config, servers = mcp_servers(env)
         return cls(
             api_key=env.get("API_KEY", "").strip() or None,
             model_name=model,
@@ -362,6 +369,9 @@ class Settings:
             reasoning_effort=effort,
             thinking_api=_thinking_api(base_url, thinking, effort),
             agent_model_id=env.get("AGENT_MODEL_ID", "").strip() or cls.agent_model_id,
+            mcp_config=mcp_config,
+            mcp_servers=servers,
+            approval_timeout=_env_number(env, "APPROVAL_TIMEOUT_SECONDS", cls.approval_timeout, 0.001),
             env_file=env_file,
         )
 
@@ -381,13 +391,16 @@ def load_settings(env_file: Path = ENV_FILE) -> Settings:
     by the real environment."""
     dotenv = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
     settings = Settings.from_env({**dotenv, **os.environ}, str(env_file) if env_file.is_file() else None)
-    return dataclasses.replace(settings, notes=tuple(misspelt_settings(dotenv, env_file)))
+    mcp_text = Path(settings.mcp_config).read_text(encoding="utf-8") if settings.mcp_config else ""
+    return dataclasses.replace(settings, notes=tuple(misspelt_settings(dotenv, env_file, mcp_text)))
 
 
-def misspelt_settings(dotenv: Mapping[str, str], env_file: Path) -> Iterator[str]:
+def misspelt_settings(dotenv: Mapping[str, str], env_file: Path, mcp_text: str) -> Iterator[str]:
     """A warning for each name in .env that is not a setting but close to one (APIKEY, MODEL)."""
     for name in dotenv:
-        if name not in ENV_NAMES and (close := difflib.get_close_matches(name, ENV_NAMES, 1, 0.6)):
+        if name in ENV_NAMES or f"${{{name}}}" in mcp_text:  # a secret an MCP server's entry takes
+            continue
+        if close := difflib.get_close_matches(name, ENV_NAMES, 1, 0.6):
             yield f"{name} in {env_file} is not a setting: did you mean {close[0]}?"
 
 
@@ -406,6 +419,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
     "turn_superseded": (409, "Another turn took this conversation over while this one ran; nothing was saved."),
+    "approval_decided": (409, "This tool call was decided already, or its time to decide ran out."),
     "payload_too_large": (413, "The request is too large."),
     "unsupported_media_type": (415, "Send the body as JSON (Content-Type: application/json)."),
     "validation_error": (422, "The request is not valid."),
@@ -702,6 +716,7 @@ class ToolSpec:
     server: str | None = None  # the MCP server it comes from; None: built in
     approval: bool = False  # a person must allow each call first
     timeout: float | None = None  # seconds a call may take
+    ready: Callable[[], Awaitable[None]] | None = None  # before the timed call: an MCP session reconnects
 
 
 class ToolOutcome(enum.StrEnum):
@@ -776,6 +791,7 @@ class Toolbox(Workbench):
         self.schemas = [spec.schema for spec in tools] + list(client_tools)
         self.gate = gate
         self.outcomes: dict[str, ToolOutcome] = {}
+        self.requested: dict[str, str] = {}  # each call's arguments as the model wrote them
 
     async def list_tools(self) -> list[ToolSchema]:
         return self.schemas
@@ -787,7 +803,8 @@ class Toolbox(Workbench):
         cancellation_token: CancellationToken | None = None,
         call_id: str | None = None,
     ) -> WorkbenchResult:
-        call = FunctionCall(id=call_id or "", name=name, arguments=dumps(arguments or {}))
+        call_id = call_id or ""
+        call = FunctionCall(id=call_id, name=name, arguments=self.requested.get(call_id) or dumps(arguments or {}))
         if name in self.client_tools:
             self.gate.hand_over(call)
             return tool_result(name, "(run by the client)")
@@ -803,6 +820,8 @@ class Toolbox(Workbench):
         spec: ToolSpec, arguments: Mapping[str, Any], token: CancellationToken | None
     ) -> tuple[WorkbenchResult, ToolOutcome]:
         try:
+            if spec.ready is not None:
+                await spec.ready()
             async with asyncio.timeout(spec.timeout):
                 result = await spec.run(arguments, token or CancellationToken())
         except TimeoutError:
@@ -827,6 +846,262 @@ class Toolbox(Workbench):
 
     async def load_state(self, state: Mapping[str, Any]) -> None:
         pass
+
+
+# ---------------------------------------------------------------------------
+# Tools: MCP servers
+# ---------------------------------------------------------------------------
+# MCP_CONFIG names a file in Claude Desktop's format, {"mcpServers": {NAME: SERVER}}, so that
+# users paste what they have. SERVER is {"command", "args", "env", "cwd"} (stdio) or
+# {"url", "headers"} (Streamable HTTP), plus ours: "requireApproval" (true, the default; false;
+# or the server's own tool names), "timeout" (seconds per call, default 60) and "disabled".
+# Keys that start with _ are comments (mcp.example.json has some).
+
+MCP_STDIO_KEYS = {"command", "args", "env", "cwd"}
+MCP_HTTP_KEYS = {"url", "headers"}
+MCP_OUR_KEYS = {"requireApproval", "timeout", "disabled", "type"}
+MCP_TYPES = {"stdio", "http", "streamable-http", "streamableHttp"}
+MCP_DEFAULT_TIMEOUT = 60.0
+MCP_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A stdio server is a child of the worker, in a session of its own (so the MCP SDK can stop its
+# process group). On Linux it also dies with the worker, even a killed one: this starts it with
+# PR_SET_PDEATHSIG, which execve keeps, and gives up if the worker is already gone.
+DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; parent = os.getppid(); "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
+    "os.getppid() == parent or sys.exit(1); os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+@dataclass(frozen=True)
+class McpServer:
+    """One server of MCP_CONFIG, as the file says (its secrets taken from the environment)."""
+
+    name: str
+    params: StdioServerParams | StreamableHttpServerParams = field(repr=False)
+    approval: bool | frozenset[str] = True  # True: every tool; a set: those of the server's own names
+    timeout: float = MCP_DEFAULT_TIMEOUT
+
+    def needs_approval(self, tool: str) -> bool:
+        return self.approval if isinstance(self.approval, bool) else tool in self.approval
+
+
+def mcp_servers(env: Mapping[str, str]) -> tuple[str | None, tuple[McpServer, ...]]:
+    """MCP_CONFIG's path and its servers, less the disabled ones; (None, ()) with no file."""
+    raw = env.get("MCP_CONFIG", "").strip()
+    path = HERE / (raw or "mcp.json")
+    if not raw and not path.is_file():
+        return None, ()
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"MCP_CONFIG={str(path)!r} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise SettingsError(f"MCP_CONFIG={str(path)!r} is not valid JSON: {exc}") from None
+    servers = document.get("mcpServers") if isinstance(document, dict) else None
+    if not isinstance(servers, dict):
+        raise SettingsError(f'MCP_CONFIG={str(path)!r} must be an object with "mcpServers": {{NAME: SERVER}}')
+    parsed = [mcp_server(name, server, env, str(path)) for name, server in servers.items()]
+    return str(path), tuple(server for server in parsed if server is not None)
+
+
+def mcp_server(name: str, server: Any, env: Mapping[str, str], path: str) -> McpServer | None:
+    def wrong(what: str) -> SettingsError:
+        return SettingsError(f"MCP_CONFIG={path!r}: server {name!r} {what}")
+
+    if not name or not isinstance(server, dict):
+        raise wrong("must be an object with a command or a url")
+    unknown = sorted(key for key in set(server) - MCP_STDIO_KEYS - MCP_HTTP_KEYS - MCP_OUR_KEYS if key[:1] != "_")
+    if unknown:
+        raise wrong(f"has unknown keys {unknown}")
+    if server.get("disabled") is True:
+        return None
+    timeout = server.get("timeout", MCP_DEFAULT_TIMEOUT)
+    if not is_number(timeout) or timeout <= 0:
+        raise wrong('has a "timeout" that is not a number of seconds above 0')
+    return McpServer(name, mcp_params(server, env, wrong, timeout), mcp_approval(server, wrong), float(timeout))
+
+
+def mcp_params(
+    server: dict[str, Any], env: Mapping[str, str], wrong: Callable[[str], SettingsError], timeout: float
+) -> StdioServerParams | StreamableHttpServerParams:
+    if ("command" in server) == ("url" in server) or server.get(
+        "type", "stdio" if "command" in server else "http"
+    ) not in MCP_TYPES:
+        raise wrong('must have either a "command" (stdio) or a "url" (Streamable HTTP)')
+    expand = functools.partial(mcp_expand, env=env, wrong=wrong)
+    # The session's own read limit covers starting up; each call has its own limit (Toolbox).
+    timeout = max(timeout, MCP_START_SECONDS)
+    if "url" in server:
+        if not isinstance(server["url"], str) or not _strings(server.get("headers", {})):
+            raise wrong('needs a "url" string and "headers" of strings')
+        headers = {key: expand(value) for key, value in server.get("headers", {}).items()}
+        return StreamableHttpServerParams(
+            url=expand(server["url"]), headers=headers, timeout=timeout, sse_read_timeout=timeout
+        )
+    command, args = server["command"], server.get("args", [])
+    if not isinstance(command, str) or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise wrong('needs a "command" string and "args" of strings')
+    if not _strings(server.get("env", {})) or not isinstance(server.get("cwd", ""), str):
+        raise wrong('needs "env" of strings and a "cwd" string')
+    child_env = {key: expand(value) for key, value in server.get("env", {}).items()}
+    if sys.platform == "linux":
+        command, args = sys.executable, ["-c", DIE_WITH_PARENT, command, *args]
+    cwd = str(HERE / server["cwd"]) if server.get("cwd") else None
+    return StdioServerParams(command=command, args=args, env=child_env or None, cwd=cwd, read_timeout_seconds=timeout)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def mcp_approval(server: dict[str, Any], wrong: Callable[[str], SettingsError]) -> bool | frozenset[str]:
+    approval = server.get("requireApproval", True)
+    if isinstance(approval, bool):
+        return approval
+    if isinstance(approval, list) and all(isinstance(name, str) for name in approval):
+        return frozenset(approval)
+    raise wrong('has a "requireApproval" that is not true, false or a list of tool names')
+
+
+def mcp_expand(value: str, env: Mapping[str, str], wrong: Callable[[str], SettingsError]) -> str:
+    """${VAR} from the server's environment (.env included): secrets stay out of the file."""
+    missing = [name for name in MCP_VARIABLE.findall(value) if name not in env]
+    if missing:
+        raise wrong(f"uses ${{{missing[0]}}}, which is not set in the environment or .env")
+    return MCP_VARIABLE.sub(lambda match: env[match[1]], value)
+
+
+def model_tool_name(server: str, tool: str, taken: set[str]) -> str:
+    """NAME__TOOL as the model sees it: the characters chat APIs allow, at most 64, unique."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{server}__{tool}")[:64]
+    for number in itertools.count(2):
+        if name not in taken:
+            return name
+        name = f"{name[: 64 - len(str(number)) - 1]}_{number}"
+    raise AssertionError  # unreachable: itertools.count never ends
+
+
+class McpConnection:
+    """One MCP server's session in this worker, from the lifespan's start to its end. Its tools
+    are listed once; a call that finds the session dead or stuck (the server died, or timed
+    out) leaves it to be reconnected at the next call, never retried itself: a tool may act."""
+
+    def __init__(self, server: McpServer) -> None:
+        self.server = server
+        self.workbench: McpWorkbench | None = None
+        self.status = "starting"  # ok, or "failed: <reason>", as /health shows it
+        self.specs: list[ToolSpec] = []
+        self.stale = False
+        self.restarting = asyncio.Lock()
+
+    async def start(self) -> list[Any]:
+        """Connect and list the tools; a server that cannot be reached is logged and left out."""
+        try:
+            async with asyncio.timeout(max(self.server.timeout, MCP_START_SECONDS)):
+                tools = await self._connect()
+        except Exception as exc:  # noqa: BLE001 - any failure of a server leaves it out, in one line
+            self.status = f"failed: {mcp_reason(exc)}"
+            logger.warning("MCP server %s left out: %s", self.server.name, mcp_reason(exc))
+            await self.stop()
+            return []
+        self.status = "ok"
+        logger.info("MCP server %s: %d tools", self.server.name, len(tools))
+        return tools
+
+    def name_tools(self, tools: list[Any], taken: set[str]) -> None:
+        self.specs = [self._spec(tool, taken) for tool in tools]
+
+    async def _connect(self) -> list[Any]:
+        self.workbench = McpWorkbench(self.server.params)
+        await self.workbench.start()
+        return await mcp_tools(self.workbench)
+
+    def _spec(self, tool: Any, taken: set[str]) -> ToolSpec:
+        name = model_tool_name(self.server.name, tool.name, taken)
+        taken.add(name)
+        schema = ToolSchema(name=name, description=tool.description or "", parameters=tool.inputSchema)
+
+        async def run(arguments: Mapping[str, Any], token: CancellationToken) -> WorkbenchResult:
+            return await self.call(tool.name, arguments)
+
+        approval, timeout = self.server.needs_approval(tool.name), self.server.timeout
+        return ToolSpec(schema, run, self.server.name, approval, timeout, ready=self.reconnect_if_stale)
+
+    async def call(self, tool: str, arguments: Mapping[str, Any]) -> WorkbenchResult:
+        if self.workbench is None:
+            return tool_result(tool, f"The MCP server {self.server.name} is not connected.", is_error=True)
+        done = False
+        try:
+            # No cancellation token: McpWorkbench links it to a coroutine, whose cancel() fails.
+            result = await self.workbench.call_tool(tool, dict(arguments), None)
+            done = True
+        finally:
+            self.stale = self.stale or not done  # timed out or cancelled mid-call: the session may be stuck
+        self.stale = self.stale or (result.is_error and mcp_session_lost(result))
+        return result
+
+    async def reconnect_if_stale(self) -> None:
+        async with self.restarting:
+            if not self.stale:
+                return
+            await self.stop()
+            try:
+                async with asyncio.timeout(max(self.server.timeout, MCP_START_SECONDS)):
+                    await self._connect()
+                self.status, self.stale = "ok", False
+            except Exception as exc:  # noqa: BLE001 - the call says it; the next one tries again
+                self.status = f"failed: {mcp_reason(exc)}"
+                await self.stop()
+
+    async def stop(self) -> None:
+        workbench, self.workbench = self.workbench, None
+        if workbench is not None:
+            with suppress(Exception):  # a workbench that never connected raises on stop
+                await workbench.stop()
+
+
+def mcp_reason(exc: BaseException) -> str:
+    """One line for a server that failed: the innermost cause of an exception group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# What McpWorkbench answers when the session is gone (the server died): the next call reconnects.
+MCP_SESSION_LOST = ("Connection closed", "MCP Actor not running", "not connected")
+
+
+def mcp_session_lost(result: WorkbenchResult) -> bool:
+    text = result.to_text().strip()
+    return not text or any(sign in text for sign in MCP_SESSION_LOST)
+
+
+class ToolSet:
+    """The agent's tools in this worker: the built-ins TOOLS names, and every MCP server's, whose
+    sessions live from the lifespan's start to its end."""
+
+    def __init__(self, settings: Settings) -> None:
+        calling = bool(settings.model_info["function_calling"])
+        self.built_in = built_in_tools(settings.tools) if calling else []
+        self.connections = [McpConnection(server) for server in settings.mcp_servers] if calling else []
+
+    async def start(self) -> None:
+        listed = await asyncio.gather(*(connection.start() for connection in self.connections))
+        taken = {spec.schema["name"] for spec in self.built_in}
+        for connection, tools in zip(self.connections, listed, strict=True):  # in order: the same names in every worker
+            connection.name_tools(tools, taken)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(connection.stop() for connection in self.connections))
+
+    @property
+    def specs(self) -> list[ToolSpec]:
+        return self.built_in + [spec for connection in self.connections for spec in connection.specs]
+
+    def health(self) -> dict[str, str]:
+        return {connection.server.name: connection.status for connection in self.connections}
 
 
 # ---------------------------------------------------------------------------
@@ -874,7 +1149,23 @@ class Store(Protocol):
         """The conversation with all its records, or None."""
 
     async def delete_conversation(self, conversation_id: str) -> bool:
-        """Delete the conversation and its records; False if there was none."""
+        """Delete the conversation, its records and its approvals; False if there was none."""
+
+    async def ask_approval(self, conversation_id: str, call_id: str, seconds: float) -> None:
+        """A tool call now waits `seconds` for a person's decision (PENDING)."""
+
+    async def decide_approval(
+        self, conversation_id: str, call_id: str, decision: Approval
+    ) -> tuple[bool, Approval | None]:
+        """Move a pending approval that has not expired to `decision`: whether it moved, and the
+        state it is in (None: no such call waits or waited)."""
+
+    async def approval(self, conversation_id: str, call_id: str) -> Approval | None:
+        """The state of a tool call's approval."""
+
+    async def expire_approval(self, conversation_id: str, call_id: str) -> Approval:
+        """Nobody decided in time: a pending approval becomes EXPIRED. Its state after (a decision
+        that came first stands)."""
 
 
 # The SQL both databases run, with %s for a parameter. A dialect states all they differ in:
@@ -902,8 +1193,15 @@ CREATE TABLE IF NOT EXISTS leases (
     owner text NOT NULL,
     expires_at {clock_type} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS approvals (
+    conversation_id text NOT NULL,
+    call_id text NOT NULL,
+    state text NOT NULL,
+    expires_at {clock_type} NOT NULL,
+    PRIMARY KEY (conversation_id, call_id)
+);
 """
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: approvals
 STATEMENTS = {
     "acquire_lease": "INSERT INTO leases VALUES (%s, %s, {later}) ON CONFLICT (conversation_id) DO UPDATE"
     " SET owner = excluded.owner, expires_at = excluded.expires_at WHERE leases.expires_at < {now}",
@@ -921,8 +1219,18 @@ STATEMENTS = {
     "get_conversation": "SELECT id, title, created_at, updated_at FROM conversations WHERE id = %s",
     "get_messages": "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq",
     "delete_conversation": "DELETE FROM conversations WHERE id = %s",
+    "delete_approvals": "DELETE FROM approvals WHERE conversation_id = %s",
+    # An approval's life: asked (pending, until it expires), then decided once, or expired.
+    "ask_approval": "INSERT INTO approvals VALUES (%s, %s, 'pending', {later}) ON CONFLICT (conversation_id, call_id)"
+    " DO UPDATE SET state = 'pending', expires_at = excluded.expires_at",
+    "decide_approval": "UPDATE approvals SET state = %s WHERE conversation_id = %s AND call_id = %s"
+    " AND state = 'pending' AND expires_at > {now}",
+    "expire_approval": "UPDATE approvals SET state = 'expired' WHERE conversation_id = %s AND call_id = %s"
+    " AND state = 'pending'",
+    "approval": "SELECT state FROM approvals WHERE conversation_id = %s AND call_id = %s",
     "schema_version": "SELECT max(version) FROM schema_version",
-    "set_schema_version": "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT 1 FROM schema_version)",
+    "clear_schema_version": "DELETE FROM schema_version",
+    "set_schema_version": "INSERT INTO schema_version VALUES (%s)",
 }
 
 
@@ -1052,7 +1360,9 @@ class SQLiteStore:
         try:
             self.blocking = self._connect(SQLITE_BUSY_TIMEOUT_MS)
             self.blocking.executescript(SQLITE.schema)
-            self.blocking.execute(SQLITE.sql("set_schema_version"), (SCHEMA_VERSION,))
+            with self._transaction(self.blocking):
+                self.blocking.execute(SQLITE.sql("clear_schema_version"))
+                self.blocking.execute(SQLITE.sql("set_schema_version"), (SCHEMA_VERSION,))
         except sqlite3.Error as exc:
             await self.close()
             raise SettingsError(f"DATABASE_PATH={self.path!r} cannot be opened or written: {exc}") from None
@@ -1139,7 +1449,31 @@ class SQLiteStore:
 
     @off_the_loop_if_locked
     def delete_conversation(self, conversation_id: str) -> bool:
-        return self.db.execute(SQLITE.sql("delete_conversation"), (conversation_id,)).rowcount > 0
+        with self._transaction(self.db):
+            self.db.execute(SQLITE.sql("delete_approvals"), (conversation_id,))
+            return self.db.execute(SQLITE.sql("delete_conversation"), (conversation_id,)).rowcount > 0
+
+    @off_the_loop_if_locked
+    def ask_approval(self, conversation_id: str, call_id: str, seconds: float) -> None:
+        self.db.execute(SQLITE.sql("ask_approval"), (conversation_id, call_id, seconds))
+
+    @off_the_loop_if_locked
+    def decide_approval(self, conversation_id: str, call_id: str, decision: Approval) -> tuple[bool, Approval | None]:
+        moved = self.db.execute(SQLITE.sql("decide_approval"), (str(decision), conversation_id, call_id)).rowcount
+        return moved == 1, self._approval(conversation_id, call_id)
+
+    @off_the_loop_if_locked
+    def approval(self, conversation_id: str, call_id: str) -> Approval | None:
+        return self._approval(conversation_id, call_id)
+
+    @off_the_loop_if_locked
+    def expire_approval(self, conversation_id: str, call_id: str) -> Approval:
+        self.db.execute(SQLITE.sql("expire_approval"), (conversation_id, call_id))
+        return self._approval(conversation_id, call_id) or Approval.EXPIRED
+
+    def _approval(self, conversation_id: str, call_id: str) -> Approval | None:
+        row = self.db.execute(SQLITE.sql("approval"), (conversation_id, call_id)).fetchone()
+        return Approval(row[0]) if row else None
 
 
 # ---------------------------------------------------------------------------
@@ -1203,7 +1537,7 @@ class PostgresStore:
         async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_SCHEMA_LOCK,))
             await connection.execute(POSTGRES.schema)
-            await connection.execute("DELETE FROM schema_version")
+            await connection.execute(POSTGRES.sql("clear_schema_version"))
             await connection.execute(POSTGRES.sql("set_schema_version"), (SCHEMA_VERSION,))
 
     def _reason(self, exc: BaseException) -> str:
@@ -1324,7 +1658,29 @@ class PostgresStore:
         return await self._call(get)
 
     async def delete_conversation(self, conversation_id: str) -> bool:
-        return await self._rowcount("delete_conversation", conversation_id) > 0
+        async def delete(db: psycopg.AsyncConnection) -> bool:
+            async with db.transaction():
+                await db.execute(POSTGRES.sql("delete_approvals"), (conversation_id,))
+                return (await db.execute(POSTGRES.sql("delete_conversation"), (conversation_id,))).rowcount > 0
+
+        return await self._call(delete)
+
+    async def ask_approval(self, conversation_id: str, call_id: str, seconds: float) -> None:
+        await self._rowcount("ask_approval", conversation_id, call_id, seconds)
+
+    async def decide_approval(
+        self, conversation_id: str, call_id: str, decision: Approval
+    ) -> tuple[bool, Approval | None]:
+        moved = await self._rowcount("decide_approval", str(decision), conversation_id, call_id)
+        return moved == 1, await self.approval(conversation_id, call_id)
+
+    async def approval(self, conversation_id: str, call_id: str) -> Approval | None:
+        rows = await self._rows("approval", conversation_id, call_id)
+        return Approval(rows[0][0]) if rows else None
+
+    async def expire_approval(self, conversation_id: str, call_id: str) -> Approval:
+        await self._rowcount("expire_approval", conversation_id, call_id)
+        return await self.approval(conversation_id, call_id) or Approval.EXPIRED
 
 
 class _DeadConnection(Exception):
@@ -1591,7 +1947,8 @@ class ModelReply:
 # Every reach into AutoGen's private parts sits in the adapter's two sections, each with its reason:
 # - autogen_ext.models.openai._model_info.get_info: the only way to ask what AutoGen knows of
 #   a model name (vision, function calling), so that known OpenAI models need no MODEL_* flags;
-# - ChatCompletionContext._messages: the base class's list, which its subclasses keep.
+# - ChatCompletionContext._messages: the base class's list, which its subclasses keep;
+# - McpWorkbench._actor: its session, asked for the tools as the server lists them (mcp_tools).
 # The rest is AutoGen's public API: AssistantAgent, ChatCompletionClient, Workbench, messages.
 # check_autogen() fails start-up on any other version than the one this was written against.
 AUTOGEN_VERSION = "0.7.5"
@@ -1611,6 +1968,16 @@ def autogen_model_info(model: str) -> ModelInfo | None:
         return _autogen_model_info.get_info(model)
     except (KeyError, ValueError):
         return None
+
+
+async def mcp_tools(workbench: McpWorkbench) -> list[Any]:
+    """The MCP server's tools (mcp.types.Tool) with their whole input schemas. McpWorkbench's
+    list_tools() keeps only properties, required and additionalProperties: it drops $defs and
+    leaves each $ref to them dangling (microsoft/autogen#6663), so its session is asked itself."""
+    if workbench._actor is None:
+        raise RuntimeError("the MCP session did not start")
+    listed = await (await workbench._actor.call("list_tools", None))
+    return list(listed.tools)
 
 
 class ClientImage(Image):
@@ -1905,7 +2272,7 @@ def agent_for(
     thinking = settings.thinking_api and settings.thinking != "disabled"
     memory = HistoryWindow(settings.max_history_messages, job.history, legacy_reasoning=thinking)
     model = AgentModel(ctx.model_api, settings, job.options, memory, emit)  # type: ignore[arg-type]
-    toolbox = Toolbox(ctx.tools, job.options.client_tools, gate)
+    toolbox = Toolbox(ctx.tools.specs, job.options.client_tools, gate)
     agent = AssistantAgent(
         "assistant",
         model_client=model,
@@ -1931,6 +2298,7 @@ def tool_events(event: Any, toolbox: Toolbox, gate: TurnGate) -> Iterator[TurnEv
     if isinstance(event, ToolCallRequestEvent):
         yield Status("calling_tool")
         for call in event.content:
+            toolbox.requested[call.id] = call.arguments
             spec = toolbox.specs.get(call.name)
             yield ToolCall(
                 call.id, call.name, call.arguments, spec.server if spec else None, call.name in toolbox.client_tools
@@ -2254,7 +2622,35 @@ class TurnGate:
         return await self._ask(call, spec)
 
     async def _ask(self, call: FunctionCall, spec: ToolSpec) -> str | None:
-        raise NotImplementedError
+        """Ask the client (approval_required), then wait for the decision, which is posted to any
+        worker or instance and kept in the database, until APPROVAL_TIMEOUT_SECONDS."""
+        key = (self.conversation_id, call.id)
+        await self.ctx.store.ask_approval(*key, self.ctx.settings.approval_timeout)
+        self.emit(ApprovalNeeded(call.id, call.name, call.arguments, spec.server))
+        self.emit(Status("awaiting_approval"))
+        decision = self.decisions[call.id] = await self._decision(key)
+        if decision is Approval.APPROVED:
+            self.emit(Status("calling_tool"))
+            return None
+        if decision is Approval.DENIED:
+            return "The user denied this tool call: it was not run."
+        return "Nobody approved this tool call in time: it was not run."
+
+    async def _decision(self, key: tuple[str, str]) -> Approval:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ctx.settings.approval_timeout
+        woken = self.ctx.approvals[key] = asyncio.Event()  # set by a decision posted to this worker
+        try:
+            while (state := await self.ctx.store.approval(*key)) is Approval.PENDING:
+                if (left := deadline - loop.time()) <= 0:
+                    return await self.ctx.store.expire_approval(*key)
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(min(APPROVAL_POLL_SECONDS, left)):
+                        await woken.wait()
+                woken.clear()
+            return state or Approval.EXPIRED
+        finally:
+            self.ctx.approvals.pop(key, None)
 
     def hand_over(self, call: FunctionCall) -> None:
         self.handed_over.append(call)
@@ -2768,6 +3164,33 @@ async def conversation(request: Request) -> Response:
     if found is None:
         raise ApiError("not_found", f"No conversation {conversation_id!r}.")
     return JSONResponse(found)
+
+
+DECISIONS = {"approve": Approval.APPROVED, "deny": Approval.DENIED}
+CALL_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+async def decide(request: Request) -> Response:
+    """A person's decision on a tool call that waits (approval_required): 204, and the waiting
+    turn, in whichever worker or instance, goes on."""
+    ctx = context(request)
+    conversation_id = check_conversation_id(request.path_params["conversation_id"])
+    call_id = request.path_params["call_id"]
+    if not CALL_ID_PATTERN.fullmatch(call_id):
+        raise invalid("'call_id' must match ^[A-Za-z0-9_.:-]{1,128}$.", "call_id")
+    data = parse_json(await read_body(request, ctx.settings.max_body_bytes, "MAX_BODY_BYTES"))
+    if not isinstance(data, dict) or set(data) != {"decision"} or data["decision"] not in DECISIONS:
+        raise invalid('The body must be {"decision": "approve"} or {"decision": "deny"}.', "decision")
+    moved, state = await ctx.store.decide_approval(conversation_id, call_id, DECISIONS[data["decision"]])
+    if state is None:
+        raise ApiError(
+            "not_found", f"No tool call {call_id!r} of conversation {conversation_id!r} waits for a decision."
+        )
+    if not moved:
+        raise ApiError("approval_decided", f"Tool call {call_id!r} is {state} already.")
+    if (waiting := ctx.approvals.get((conversation_id, call_id))) is not None:
+        waiting.set()
+    return Response(status_code=204)
 
 
 async def delete_conversation(ctx: AppContext, conversation_id: str) -> Response:
@@ -3342,6 +3765,9 @@ def openapi_document(settings: Settings) -> bytes:
     schemas["ChatRequest"]["properties"]["message"]["maxLength"] = settings.max_message_chars
     if not settings.model_info["vision"]:
         schemas["V1UserPart"] = {"$ref": "#/components/schemas/V1TextPart"}
+    formats = schemas["V1ResponseFormat"]["oneOf"]
+    taken = {"json_object": settings.model_info["json_output"], "json_schema": settings.model_info["structured_output"]}
+    schemas["V1ResponseFormat"]["oneOf"] = [f for f in formats if taken.get(f.get("title", ""), True)]
     if settings.server_api_key:
         for path, item in document["paths"].items():
             if path.startswith(SECURED_PREFIXES):
@@ -3390,6 +3816,8 @@ async def health(request: Request) -> JSONResponse:
         reasons.append("model not configured: set API_KEY in .env")
     if ctx.shutting_down:
         reasons.append("shutting down")
+    mcp = ctx.tools.health()
+    reasons += [f"MCP server {name} {status}" for name, status in mcp.items() if status != "ok"]
     body = {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
@@ -3397,6 +3825,7 @@ async def health(request: Request) -> JSONResponse:
         "agent_ready": ctx.model_api is not None and not ctx.shutting_down,
         "database": database is None,
         "open_turns": len(ctx.turns),
+        "mcp": mcp,
     }
     return JSONResponse(body, status_code=200 if database is None else 503)
 
@@ -3414,9 +3843,10 @@ class AppContext:
     settings: Settings
     store: Store
     model_api: ModelAPI | None
-    tools: list[ToolSpec]
+    tools: ToolSet
     openapi: bytes = b""
     turns: set[Turn] = field(default_factory=set)
+    approvals: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)  # waiting here, to wake at once
     releases: set[asyncio.Task[None]] = field(default_factory=set)
     shutting_down: bool = False
     started: int = field(default_factory=lambda: int(time.time()))
@@ -3515,7 +3945,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     store = open_store(settings)
     await store.open()
     model_api = ModelAPI(settings) if settings.api_key else None
-    tools = built_in_tools(settings.tools) if settings.model_info["function_calling"] else []
+    tools = ToolSet(settings)
+    await tools.start()
     ctx = app.state.ctx = AppContext(settings, store, model_api, tools, openapi_document(settings))
     log_start(settings)
     restore_signals = watch_for_shutdown(ctx)
@@ -3532,6 +3963,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for task in list(ctx.releases):
             task.cancel()  # a lease left behind expires by itself
         await asyncio.gather(*ctx.releases, return_exceptions=True)
+        await tools.stop()
         if model_api is not None:
             await model_api.close()
         await store.close()
@@ -3586,6 +4018,13 @@ routes = [
     face_route("/api/conversations", list_conversations, API_ERRORS, middleware=GUARDED),
     face_route(
         "/api/conversations/{conversation_id}", conversation, API_ERRORS, methods=["GET", "DELETE"], middleware=GUARDED
+    ),
+    face_route(
+        "/api/conversations/{conversation_id}/approvals/{call_id}",
+        decide,
+        API_ERRORS,
+        methods=["POST"],
+        middleware=GUARDED,
     ),
     face_route("/v1/models", v1_models, OPENAI_ERRORS, middleware=GUARDED),
     face_route("/v1/chat/completions", v1_chat_completions, OPENAI_ERRORS, methods=["POST"], middleware=GUARDED),

@@ -1503,6 +1503,20 @@ def test_the_served_document_states_the_message_limit_and_image_parts_of_the_set
     assert ("V1ImagePart" in json.dumps(schemas["V1UserPart"])) == (vision == "true")
 
 
+@pytest.mark.parametrize(
+    "env, formats",
+    [({}, ["null", "text", "json_object"]), ({"MODEL_NAME": "qwen2.5", "MODEL_STRUCTURED_OUTPUT": "true"},
+      ["null", "text", "json_schema"])],
+    ids=["deepseek", "local-with-structured-output"],
+)  # fmt: skip
+def test_the_served_document_lists_the_response_formats_the_model_takes(
+    settings_for: Callable[..., server.Settings], env: dict[str, str], formats: list[str]
+) -> None:
+    with TestClient(server.create_app(settings_for(**env))) as client:
+        listed = client.get("/openapi.json").json()["components"]["schemas"]["V1ResponseFormat"]["oneOf"]
+    assert [f.get("title", f.get("type")) for f in listed] == formats
+
+
 def test_a_null_conversation_id_starts_a_new_conversation(client: TestClient, upstream: FakeModelAPI) -> None:
     response = client.post("/api/chat", json={"message": "hi", "conversation_id": None})
     assert response.status_code == 200
@@ -1510,19 +1524,25 @@ def test_a_null_conversation_id_starts_a_new_conversation(client: TestClient, up
 
 
 def test_every_streamed_event_and_ping_validates_against_the_documented_event_schema(
-    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, mcp_file: Path, tmp_path: Path
 ) -> None:
     upstream.reset(
         Reply(reasoning="let me see", tool_calls=[("calculate", {"expression": "6*7"})]),
         Reply(content="it is 42"),
+        Reply(tool_calls=[("files__echo", {"text": "asked"})]),
+        Reply(content="denied"),
         Reply(content="a b c d", fault="hang"),
     )
-    app = server.create_app(settings_for(PING_INTERVAL="0.05", REQUEST_TIMEOUT="0.5"))
+    config = mcp_config(tmp_path, {"files": stdio_server(mcp_file)})
+    app = server.create_app(settings_for(PING_INTERVAL="0.05", REQUEST_TIMEOUT="0.5", MCP_CONFIG=config))
     with ServerThread(app) as service, httpx.Client(base_url=service.url, timeout=10) as http:
         answered = http.post("/api/chat/stream", json={"message": "6*7?"})
+        with approval_stream(service.url, {"message": "echo?", "conversation_id": "asked"}) as (asked, rest):
+            approve(service.url, "asked", "call_0", "deny")
+            asked += list(rest)
         failed = http.post("/api/chat/stream", json={"message": "and now?"})
     assert ": ping\n\n" in failed.text
-    events = sse_events(answered.text) + sse_events(failed.text)
+    events = sse_events(answered.text) + sse_events("".join(asked)) + sse_events(failed.text)
     for event in events:
         assert_event_documented(event)
     documented = OPENAPI["components"]["schemas"]["ChatEvent"]["properties"]["event"]["enum"]
@@ -1545,6 +1565,13 @@ def test_every_response_the_document_lists_is_given_and_validates(
         given.append(http.post("/v1/chat/completions", json={"messages": ASK, "stream": True}))
         given += [http.get("/api/conversations"), http.get("/api/conversations/c"), http.get("/api/conversations/x")]
         given += [http.delete("/api/conversations/x"), http.get("/v1/models")]
+        service.call(service.app_ctx.store.ask_approval("c", "call_x", 300))  # as a turn waiting for a decision does
+        decision = "/api/conversations/c/approvals/call_x"
+        given += [http.post(decision, json={"decision": "approve"}), http.post(decision, json={"decision": "deny"})]
+        given += [http.post("/api/conversations/c/approvals/none", json={"decision": "deny"})]
+        given += [http.post(decision, json={"decision": "maybe"}), http.post(decision, content=b"{nope")]
+        given += [http.post(decision, content=b"x" * 300_000), http.post(decision, content=b"<a/>", headers=XML)]
+        given += [http.post(decision, json={"decision": "deny"}, headers={"Origin": "https://elsewhere.example"})]
         given += turn_requests(http, headers={"Content-Type": "text/plain", "Origin": "https://elsewhere.example"})
         elsewhere = {"Origin": "https://elsewhere.example"}
         given += [http.request(method, path, headers=elsewhere) for method, path in (
@@ -1564,6 +1591,7 @@ def test_every_response_the_document_lists_is_given_and_validates(
             connection.set_progress_handler(lambda: 1, 1)
         given += [http.get("/health"), http.get("/api/conversations"), http.get("/api/conversations/c")]
         given.append(http.delete("/api/conversations/c"))
+        given.append(http.post(decision, json={"decision": "deny"}))
     monkeypatch.undo()
     upstream.reset(Reply(status=429), Reply(status=500), Reply(fault="stall"))
     with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT="0.5"))) as service:
@@ -3030,6 +3058,397 @@ def test_stores_opening_together_on_an_empty_database_create_the_schema_once(dat
 
 
 # ---------------------------------------------------------------------------
+# MCP servers and approvals
+# ---------------------------------------------------------------------------
+
+# A real MCP server (FastMCP, the MCP SDK's own), written to a file and run by the tests over
+# stdio (the server starts it) or Streamable HTTP (python FILE http PORT).
+FAKE_MCP_SERVER = """
+import os, sys, time
+from pathlib import Path
+from pydantic import BaseModel
+from mcp.server.fastmcp import FastMCP
+
+mcp = FastMCP("fake", log_level="WARNING")
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+@mcp.tool()
+def echo(text: str) -> str:
+    '''Return the text unchanged.'''
+    return text
+
+
+@mcp.tool()
+def write_file(path: str, text: str) -> str:
+    '''Write text to a file.'''
+    Path(path).write_text(text)
+    return f"wrote {len(text)} characters"
+
+
+@mcp.tool()
+def sleep(seconds: float, marker: str = "") -> str:
+    '''Sleep, then answer; first write the marker file, if one is named.'''
+    if marker:
+        Path(marker).write_text("sleeping")
+    time.sleep(seconds)
+    return f"slept {seconds}"
+
+
+@mcp.tool()
+def die() -> str:
+    '''End the server's process mid-call.'''
+    os._exit(3)
+
+
+@mcp.tool()
+def env(name: str) -> str:
+    '''A variable of the server's environment.'''
+    return os.environ.get(name, "<unset>")
+
+
+@mcp.tool()
+def distance(p: Point) -> str:
+    '''A tool whose schema refers to a definition.'''
+    return str(abs(p.x) + abs(p.y))
+
+
+if sys.argv[1:2] == ["http"]:
+    import uvicorn
+    uvicorn.run(mcp.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+else:
+    mcp.run()
+"""
+
+
+@pytest.fixture
+def mcp_file(tmp_path: Path) -> Path:
+    path = tmp_path / "fake_mcp.py"
+    path.write_text(FAKE_MCP_SERVER, encoding="utf-8")
+    return path
+
+
+def mcp_config(tmp_path: Path, servers: dict[str, Any]) -> str:
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": servers}), encoding="utf-8")
+    return str(path)
+
+
+def stdio_server(mcp_file: Path, **extra: Any) -> dict[str, Any]:
+    return {"command": sys.executable, "args": [str(mcp_file)], **extra}
+
+
+@contextlib.contextmanager
+def http_mcp_server(mcp_file: Path) -> Iterator[str]:
+    """The fake MCP server over Streamable HTTP in a process of its own; its /mcp URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(mcp_file), "http", str(port)], start_new_session=True)
+    try:
+        assert wait_until(lambda: connectable(port), timeout=30), "the MCP server did not start"
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def connectable(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+def approve(url: str, conversation_id: str, call_id: str, decision: str) -> httpx.Response:
+    path = f"{url}/api/conversations/{conversation_id}/approvals/{call_id}"
+    return httpx.post(path, json={"decision": decision}, timeout=10)
+
+
+@contextlib.contextmanager
+def approval_stream(url: str, body: dict[str, Any]) -> Iterator[tuple[list[str], Iterator[str]]]:
+    """A stream read up to its approval_required event: what came so far, and the rest."""
+    with httpx.Client(timeout=30) as http, http.stream("POST", url + "/api/chat/stream", json=body) as response:
+        seen, received = [], response.iter_text()
+        for text in received:
+            seen.append(text)
+            if "event: approval_required" in "".join(seen):
+                break
+        yield seen, received
+
+
+def test_an_mcp_tool_runs_once_a_person_approves_it(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, mcp_file: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "written.txt"
+    config = mcp_config(tmp_path, {"files": stdio_server(mcp_file)})
+    upstream.reset(
+        Reply(tool_calls=[("files__write_file", {"path": str(target), "text": "hello"})]), Reply(content="Done.")
+    )
+    with ServerThread(server.create_app(settings_for(MCP_CONFIG=config))) as service:
+        with approval_stream(service.url, {"message": "write it", "conversation_id": "a"}) as (seen, rest):
+            assert not target.exists()  # nothing runs before the decision
+            decided = approve(service.url, "a", "call_0", "approve")
+            seen += list(rest)
+        again = approve(service.url, "a", "call_0", "deny")
+        stored = httpx.get(service.url + "/api/conversations/a", timeout=10).json()["messages"]
+    events = parse_sse("".join(seen))
+    assert decided.status_code == 204 and again.status_code == 409
+    assert names(events) == ["status", "status", "tool_call", "approval_required", "status", "status", "tool_result",
+                             "status", "chunk", "message", "done"]  # fmt: skip
+    assert events[2][1]["server"] == "files" and events[3][1] == {**events[2][1]}
+    assert events[6][1]["is_error"] is False and events[6][1]["approval"] == "approved"
+    assert target.read_text() == "hello"
+    assert stored[2]["approval"] == "approved" and stored[2]["server"] == "files"
+
+
+@BOTH_DATABASES
+@pytest.mark.parametrize("decision", ["deny", "time-out"])
+def test_a_denied_or_unanswered_mcp_tool_never_runs_and_the_model_is_told_why(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    mcp_file: Path,
+    tmp_path: Path,
+    decision: str,
+) -> None:
+    target = tmp_path / "written.txt"
+    config = mcp_config(tmp_path, {"files": stdio_server(mcp_file)})
+    upstream.reset(Reply(tool_calls=[("files__write_file", {"path": str(target), "text": "x"})]), Reply(content="OK."))
+    timeout = "0.5" if decision == "time-out" else "300"
+    settings = settings_for(MCP_CONFIG=config, APPROVAL_TIMEOUT_SECONDS=timeout)
+    with ServerThread(server.create_app(settings)) as service:
+        with approval_stream(service.url, {"message": "write", "conversation_id": "d"}) as (seen, rest):
+            if decision == "deny":
+                assert approve(service.url, "d", "call_0", "deny").status_code == 204
+            seen += list(rest)
+        late = approve(service.url, "d", "call_0", "approve")
+    result = next(data for name, data in parse_sse("".join(seen)) if name == "tool_result")
+    expected = {"deny": ("denied", "The user denied"), "time-out": ("expired", "Nobody approved")}[decision]
+    assert (
+        result["is_error"] is True and result["approval"] == expected[0] and result["content"].startswith(expected[1])
+    )
+    assert not target.exists() and late.status_code == 409 and late.json()["error"]["code"] == "approval_decided"
+    told = [m for m in upstream.requests[1]["messages"] if m["role"] == "tool"]
+    assert told[0]["content"].startswith(expected[1])
+
+
+@pytest.mark.parametrize("face", ["/api/chat", "/v1/chat/completions"])
+def test_faces_that_cannot_ask_never_run_a_tool_that_needs_approval(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    mcp_file: Path,
+    tmp_path: Path,
+    face: str,
+) -> None:
+    target = tmp_path / "written.txt"
+    servers = {"files": stdio_server(mcp_file, requireApproval=["write_file"])}
+    calls = [("files__write_file", {"path": str(target), "text": "x"}), ("files__echo", {"text": "safe"})]
+    upstream.reset(Reply(tool_calls=calls), Reply(content="OK."))
+    with TestClient(server.create_app(settings_for(MCP_CONFIG=mcp_config(tmp_path, servers)))) as client:
+        body = {"message": "go"} if face == "/api/chat" else {"messages": [{"role": "user", "content": "go"}]}
+        assert client.post(face, json=body).status_code == 200
+    told = {m["tool_call_id"]: m["content"] for m in upstream.requests[1]["messages"] if m["role"] == "tool"}
+    assert not target.exists()
+    assert told["call_0"].startswith("This tool needs a person's approval") and told["call_1"] == "safe"
+
+
+def test_an_mcp_server_over_streamable_http_serves_its_tools_with_their_whole_schemas(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, mcp_file: Path, tmp_path: Path
+) -> None:
+    upstream.reset(Reply(tool_calls=[("remote__distance", {"p": {"x": 3, "y": -4}})]), Reply(content="7."))
+    with http_mcp_server(mcp_file) as url:
+        config = mcp_config(tmp_path, {"remote": {"url": url, "requireApproval": False}})
+        with TestClient(server.create_app(settings_for(MCP_CONFIG=config))) as client:
+            health = client.get("/health").json()
+            reply = client.post("/api/chat", json={"message": "how far?"}).json()
+    tools = {t["function"]["name"]: t["function"] for t in upstream.requests[0]["tools"]}
+    assert health["mcp"] == {"remote": "ok"} and reply["tool_calls"][0]["result"] == "7"
+    assert {"get_current_time", "calculate", "remote__echo", "remote__distance"} <= set(tools)
+    parameters = tools["remote__distance"]["parameters"]
+    assert parameters["properties"]["p"] == {"$ref": "#/$defs/Point"} and "Point" in parameters["$defs"]
+
+
+def test_an_mcp_server_that_fails_at_start_up_is_left_out_and_the_service_runs(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    servers = {"missing": {"command": "/no/such/command"}, "refused": {"url": f"http://127.0.0.1:{free_port()}/mcp"}}
+    caplog.set_level(logging.WARNING, logger="autogen_chat")
+    with TestClient(server.create_app(settings_for(MCP_CONFIG=mcp_config(tmp_path, servers)))) as client:
+        health = client.get("/health").json()
+        reply = client.post("/api/chat", json={"message": "hi"})
+    assert set(health["mcp"]) == {"missing", "refused"} and all(
+        v.startswith("failed: ") for v in health["mcp"].values()
+    )
+    assert health["status"] == "degraded" and reply.status_code == 200
+    assert [t["function"]["name"] for t in upstream.requests[0]["tools"]] == ["get_current_time", "calculate"]
+    lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+
+
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_an_mcp_server_that_dies_or_hangs_mid_call_gives_an_error_result_and_the_next_call_reconnects(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, mcp_file: Path, tmp_path: Path, fault: str
+) -> None:
+    call = ("s__die", {}) if fault == "dies" else ("s__sleep", {"seconds": 30})
+    servers = {"s": stdio_server(mcp_file, requireApproval=False, timeout=1)}
+    upstream.reset(Reply(tool_calls=[call]), Reply(content="Hm."), Reply(tool_calls=[("s__echo", {"text": "back"})]),
+                   Reply(content="Back."))  # fmt: skip
+    with TestClient(server.create_app(settings_for(MCP_CONFIG=mcp_config(tmp_path, servers)))) as client:
+        first = client.post("/api/chat", json={"message": "break it"}).json()
+        second = client.post("/api/chat", json={"message": "again"}).json()
+    assert first["status"] == "success" and first["tool_calls"][0]["is_error"] is True
+    if fault == "hangs":
+        assert first["tool_calls"][0]["result"] == "The tool did not answer within 1 s."
+    assert second["tool_calls"][0] == {**second["tool_calls"][0], "result": "back", "is_error": False}
+
+
+def test_an_mcp_server_gets_its_secrets_from_the_environment_and_never_the_servers_keys(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    mcp_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("API_KEY", SERVICE_KEY)  # in the server's own environment, as in production
+    monkeypatch.setenv("MY_TOKEN", "t-123")
+    servers = {"s": stdio_server(mcp_file, requireApproval=False, env={"TOKEN": "Bearer ${MY_TOKEN}"})}
+    calls = [("s__env", {"name": "TOKEN"}), ("s__env", {"name": "API_KEY"}), ("s__env", {"name": "MY_TOKEN"})]
+    upstream.reset(Reply(tool_calls=calls), Reply(content="Seen."))
+    settings = settings_for(MCP_CONFIG=mcp_config(tmp_path, servers), MY_TOKEN="t-123")
+    with TestClient(server.create_app(settings)) as client:
+        results = [c["result"] for c in client.post("/api/chat", json={"message": "env?"}).json()["tool_calls"]]
+    assert results == ["Bearer t-123", "<unset>", "<unset>"]
+
+
+@BOTH_DATABASES
+def test_a_decision_posted_to_another_instance_reaches_the_waiting_turn(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    mcp_file: Path,
+    tmp_path: Path,
+) -> None:
+    # As with WORKERS=2 behind one port: the decision may land on a process the turn is not in.
+    config = mcp_config(tmp_path, {"files": stdio_server(mcp_file)})
+    upstream.reset(Reply(tool_calls=[("files__echo", {"text": "across"})]), Reply(content="Done."))
+    env = process_env(settings_for, MCP_CONFIG=config)
+    with service_processes(2, env, tmp_path) as [(_, a), (_, b)]:
+        with approval_stream(a, {"message": "echo", "conversation_id": "x"}) as (seen, rest):
+            decided = approve(b, "x", "call_0", "approve")
+            seen += list(rest)
+    result = next(data for name, data in parse_sse("".join(seen)) if name == "tool_result")
+    assert decided.status_code == 204 and result["content"] == "across" and result["approval"] == "approved"
+
+
+def mcp_children(pid: int) -> list[int]:
+    """The processes of the fake MCP server below `pid` (the workers' children)."""
+    below = {pid}
+    for _ in range(3):  # the workers, then their children
+        below |= {int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if _parent(stat) in below}
+    return sorted(child for child in below if b"fake_mcp.py" in _cmdline(child))
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""
+
+
+def _parent(stat: Path) -> int:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    return -1
+
+
+def alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return False
+
+
+@pytest.mark.parametrize("how", ["sigterm", "workers-killed"])
+def test_no_mcp_server_process_outlives_the_service(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, mcp_file: Path, tmp_path: Path, how: str
+) -> None:
+    # One of the servers is busy in a call, so it would not notice its stdin close for a minute.
+    marker = tmp_path / "sleeping"
+    servers = {"s": stdio_server(mcp_file, requireApproval=False, timeout=120)}
+    env = process_env(settings_for, MCP_CONFIG=mcp_config(tmp_path, servers), WORKERS="2")
+    upstream.reset(Reply(tool_calls=[("s__sleep", {"seconds": 60, "marker": str(marker)})]), Reply(content="x"))
+    with service_process(env, tmp_path, "server.py") as (process, url):
+        assert wait_until(lambda: len(mcp_children(process.pid)) == 2), "each worker starts its MCP server"
+        children = mcp_children(process.pid)
+        workers = [pid for pid in child_processes(process.pid) if pid not in children]
+        with httpx.Client(timeout=30) as http, http.stream("POST", url + "/api/chat/stream", json={"message": "z"}):
+            assert wait_until(marker.exists), "the tool call did not start"
+            if how == "sigterm":
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                for worker in workers:
+                    os.kill(worker, signal.SIGKILL)
+            assert wait_until(lambda: not any(alive(child) for child in children), 30), "an MCP server lived on"
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"servers": {}}', 'must be an object with "mcpServers"'),
+        ('{"mcpServers": {"a": {"command": "x", "url": "http://y"}}}', 'either a "command"'),
+        ('{"mcpServers": {"a": {"command": "x", "requireAproval": false}}}', "unknown keys ['requireAproval']"),
+        ('{"mcpServers": {"a": {"url": "http://h/${NO_SUCH_VARIABLE}"}}}', "${NO_SUCH_VARIABLE}"),
+        ('{"mcpServers": {"a": {"command": "x", "timeout": 0}}}', '"timeout"'),
+        ('{"mcpServers": {"a": {"command": "x", "requireApproval": "yes"}}}', '"requireApproval"'),
+    ],
+    ids=["not-json", "no-mcpservers", "command-and-url", "misspelt-key", "missing-variable", "timeout", "approval"],
+)
+def test_a_bad_mcp_config_stops_start_up_with_one_line_naming_it(
+    settings_for: Callable[..., server.Settings], tmp_path: Path, text: str, says: str
+) -> None:
+    path = tmp_path / "mcp.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(server.SettingsError) as error:
+        settings_for(MCP_CONFIG=str(path))
+    assert str(error.value).startswith(f"MCP_CONFIG={str(path)!r}") and says in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_disabled_mcp_server_is_not_started_and_a_set_mcp_config_must_exist(
+    settings_for: Callable[..., server.Settings], tmp_path: Path
+) -> None:
+    config = mcp_config(tmp_path, {"off": {"command": "/no/such", "disabled": True}})
+    assert settings_for(MCP_CONFIG=config).mcp_servers == ()
+    with pytest.raises(server.SettingsError, match="cannot be read"):
+        settings_for(MCP_CONFIG=str(tmp_path / "missing.json"))
+
+
+def test_the_example_mcp_config_reads_as_documented(settings_for: Callable[..., server.Settings]) -> None:
+    settings = settings_for(MCP_CONFIG=str(HERE / "mcp.example.json"), SEARCH_MCP_TOKEN="t")
+    [files] = settings.mcp_servers  # the HTTP one is disabled
+    assert files.name == "files" and files.needs_approval("write_file") and not files.needs_approval("read_file")
+    assert files.params.args[-3:] == ["-y", "@modelcontextprotocol/server-filesystem", "/srv/shared"]
+
+
+def test_a_published_mcp_server_run_with_npx_works_as_users_paste_it(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    if shutil.which("npx") is None:
+        pytest.fail("This test runs @modelcontextprotocol/server-everything: apt-get install -y nodejs npm")
+    servers = {"everything": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-everything@2026.8.31"],
+                              "requireApproval": ["echo"], "timeout": 120}}  # fmt: skip
+    upstream.reset(Reply(tool_calls=[("everything__get-sum", {"a": 2, "b": 3})]), Reply(content="5."))
+    with TestClient(server.create_app(settings_for(MCP_CONFIG=mcp_config(tmp_path, servers)))) as client:
+        health = client.get("/health").json()
+        reply = client.post("/api/chat", json={"message": "2+3 with the tool"}).json()
+    assert health["mcp"] == {"everything": "ok"}
+    assert "5" in reply["tool_calls"][0]["result"] and reply["tool_calls"][0]["is_error"] is False
+
+
+# ---------------------------------------------------------------------------
 # OpenAI-compatible /v1 face
 # ---------------------------------------------------------------------------
 
@@ -4184,6 +4603,52 @@ def test_markdown_renders_the_common_forms_and_never_html(tab: Tab, service: Ser
         for text, _ in MARKDOWN
     ]
     assert rendered == [html for _, html in MARKDOWN]
+
+
+@pytest.mark.parametrize("decision", ["approve", "deny"])
+def test_the_page_asks_before_an_mcp_tool_acts_and_shows_the_decision_after_a_reload(
+    chromium: Chromium,
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    mcp_file: Path,
+    tmp_path: Path,
+    decision: str,
+) -> None:
+    target = tmp_path / "written.txt"
+    config = mcp_config(tmp_path, {"files": stdio_server(mcp_file)})
+    upstream.reset(Reply(tool_calls=[("files__write_file", {"path": str(target), "text": "hi"})]),
+                   Reply(content="Done as you said."))  # fmt: skip
+    with ServerThread(server.create_app(settings_for(MCP_CONFIG=config))) as service:
+        page = chromium.open(service.url).page
+        page.goto(chromium.tabs[0].url + "/chat")
+        send_message(page, "write the file")
+        card = page.locator(".tool")
+        expect(card.locator(".tool-state")).to_have_text("needs your approval")
+        expect(card.locator(".tool-server")).to_have_text("files")
+        assert not target.exists()
+        card.get_by_role("button", name=decision.title()).click()
+        shown = "approved · done" if decision == "approve" else "denied"
+        expect(card.locator(".tool-state")).to_have_text(shown)
+        expect(page.locator(".answer")).to_have_text("Done as you said.")
+        expect(card.locator("button")).to_have_count(0)
+        page.reload()
+        expect(page.locator(".tool .tool-state")).to_have_text(shown)
+    assert target.exists() is (decision == "approve")
+
+
+def test_the_page_shows_text_beside_a_tool_call_before_its_card_once_live_and_after_a_reload(
+    tab: Tab, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    page = tab.page
+    upstream.reset(Reply(content="Let me check.", tool_calls=[("calculate", {"expression": "6*7"})]),
+                   Reply(content="It is 42."))  # fmt: skip
+    page.goto(tab.url + "/chat")
+    send_message(page, "6*7?")
+    for _ in ("live", "reloaded"):
+        expect(page.locator(".msg.assistant .answer, .msg.assistant .tool-name")).to_have_text(
+            ["Let me check.", "calculate", "It is 42."]
+        )
+        page.reload()
 
 
 DEEP_MARKDOWN = {
