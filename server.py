@@ -133,6 +133,8 @@ MAX_MODEL_FIELD_CHARS = 256  # /v1 echoes 'model' in every chunk: a longer one i
 MAX_IMAGE_PIXELS = 50_000_000  # an image larger than this is refused before it is decoded
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # a larger body is parsed on a thread: a few MB of JSON take tens of ms
 MCP_START_SECONDS = 30.0  # an MCP server may take this long to start (npx fetches its package first)
+MODEL_CHECK_SECONDS = 30.0  # /health?check=model asks the model API at most this often
+MODEL_CHECK_TIMEOUT = 5.0  # and waits this long for its answer
 APPROVAL_POLL_SECONDS = 0.5  # a turn waiting for a decision made in another worker or instance asks this often
 
 DEFAULT_SYSTEM_MESSAGE = (
@@ -430,7 +432,6 @@ ERRORS: dict[str, tuple[int, str]] = {
     "upstream_unreachable": (502, "The model API cannot be reached: check BASE_URL in .env."),
     "upstream_incomplete": (502, "The model API ended its answer early; nothing was saved."),
     "model_not_found": (502, "The model API does not know this model."),
-    "not_configured": (503, "The model is not configured: set API_KEY in .env and restart."),
     "server_shutting_down": (503, "The server is shutting down; try again shortly."),
     "database_unavailable": (503, "The database is not answering; try again shortly."),
     "upstream_timeout": (504, "The model API did not answer in time (REQUEST_TIMEOUT)."),
@@ -1782,6 +1783,8 @@ class ModelAPI:
     have (0.25 ms a message, 10 ms a turn at 40)."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.checked: tuple[float, str] | None = None  # when /health?check=model last asked, and what it found
         self.client = openai.AsyncOpenAI(
             api_key=settings.api_key or "",
             base_url=settings.base_url,
@@ -1795,8 +1798,161 @@ class ModelAPI:
             "/chat/completions", body=body, cast_to=ChatCompletion, stream=True, stream_cls=ChunkStream
         )
 
+    async def check(self) -> str:
+        """Whether the model API answers, asked for its model list (no tokens spent); kept for a while."""
+        now = time.monotonic()
+        if self.checked is None or now - self.checked[0] > MODEL_CHECK_SECONDS:
+            try:
+                await self.client.with_options(max_retries=0).models.list(timeout=MODEL_CHECK_TIMEOUT)
+                self.checked = (now, "ok")
+            except openai.APIError as exc:
+                error = upstream_error(exc, self.settings)
+                self.checked = (now, f"failed: {error.code}: {error.message}")
+        return self.checked[1]
+
     async def close(self) -> None:
         await self.client.close()
+
+
+# ---------------------------------------------------------------------------
+# The model API: the demo model
+# ---------------------------------------------------------------------------
+# With no API_KEY the server answers from this small scripted model instead: through the real
+# agent, tools and faces, streamed as an OpenAI-compatible API streams, so that the stream, the
+# tool events and the page can be seen, and a client built, before there is a key. It is never
+# used when a key is set, and every face says when it is (/, /health, /v1/models, the page).
+
+DEMO_PACE_SECONDS = 0.02  # between the demo model's words: slow enough to see the stream
+DEMO_TIME_ZONES = {
+    "UTC": ("UTC", "utc"), "Asia/Tokyo": ("东京", "tokyo"),
+    "Asia/Shanghai": ("北京", "上海", "中国", "beijing", "shanghai", "china"),
+    "America/New_York": ("纽约", "new york"), "Europe/London": ("伦敦", "london"), "Europe/Paris": ("巴黎", "paris"),
+    "Europe/Berlin": ("柏林", "berlin"), "America/Los_Angeles": ("洛杉矶", "los angeles"),
+    "Asia/Singapore": ("新加坡", "singapore"), "Australia/Sydney": ("悉尼", "sydney"),
+}  # fmt: skip
+DEMO_TIME_WORDS = re.compile(r"几点|时间|日期|今天|星期|\btime\b|\bdate\b|\bclock\b|\btoday\b", re.IGNORECASE)
+DEMO_ARITHMETIC = re.compile(r"[-+*/%^×÷().\d\s]{3,}")
+DEMO_CJK = "\u3000-\u303f\u4e00-\u9fff\uff00-\uffef\u201c\u201d"  # Chinese, its punctuation and quotes
+DEMO_PIECES = re.compile(rf"\s*[{DEMO_CJK}]{{1,3}}|\s*[^\s{DEMO_CJK}]+|\s+")
+DEMO_TEXT = {
+    "zh": {
+        "time": ("用户想知道时间，用 get_current_time 查一下。", ""),
+        "math": ("这是一道算术题，用 calculate 来算。", "结果是 {result}。"),
+        "other": (
+            "没有设置 API_KEY，我是内置的演示模型。",
+            "我是内置的演示模型：还没有设置 API_KEY。我能演示查询时间（问“现在东京几点？”）和算术"
+            "（问“(2+3)*4 等于多少？”）。要和真正的模型对话，在 server.py 旁边的 .env 里写上"
+            " API_KEY=你的密钥，然后重启服务。",
+        ),
+    },
+    "en": {
+        "time": ("The user asks for the time; get_current_time will tell.", ""),
+        "math": ("This is arithmetic; calculate will do it.", "The result is {result}."),
+        "other": (
+            "No API_KEY is set: I am the built-in demo model.",
+            'I am the built-in demo model: no API_KEY is set yet. I can show a time lookup (ask "What time is it '
+            'in Tokyo?") and arithmetic (ask "What is (2+3)*4?"). To talk to a real model, put API_KEY=your-key in '
+            "the .env beside server.py and restart the server.",
+        ),
+    },
+}
+
+
+class DemoModelAPI:
+    """The demo model, in the place of ModelAPI (see above)."""
+
+    async def open(self, body: Mapping[str, Any]) -> ChunkSource:
+        return DemoStream(demo_chunks(body))
+
+    async def check(self) -> str:
+        return "demo"
+
+    async def close(self) -> None:
+        pass
+
+
+class DemoStream:
+    """The demo model's chunks, a word at a time."""
+
+    def __init__(self, chunks: list[dict[str, Any]]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+        for chunk in self.chunks:
+            await asyncio.sleep(DEMO_PACE_SECONDS)
+            yield ChatCompletionChunk.model_validate(chunk)
+
+    async def close(self) -> None:
+        pass
+
+
+def demo_chunks(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The demo model's answer to a chat completion request, as streamed chunks."""
+    reasoning, text, call = demo_answer(body["messages"], {tool["function"]["name"] for tool in body.get("tools", [])})
+    deltas = [{"reasoning_content": word} for word in demo_words(reasoning)] + [
+        {"content": w} for w in demo_words(text)
+    ]
+    if call is not None:
+        deltas.append({"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                                       "function": {"name": call[0], "arguments": dumps(call[1])}}]})  # fmt: skip
+    finish = "tool_calls" if call is not None else "stop"
+    chunks = [demo_chunk([{"index": 0, "delta": delta, "finish_reason": None}]) for delta in deltas]
+    chunks.append(demo_chunk([{"index": 0, "delta": {}, "finish_reason": finish}]))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        prompt = sum(len(str(m.get("content") or "")) for m in body["messages"]) // 4 + 1
+        usage = {"prompt_tokens": prompt, "completion_tokens": (len(reasoning) + len(text)) // 4 + 1}
+        chunks.append(demo_chunk([], usage | {"total_tokens": sum(usage.values())}))
+    return chunks
+
+
+def demo_chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+    return {"id": "demo", "object": "chat.completion.chunk", "created": 0, "model": "demo", "choices": choices,
+            "usage": usage}  # fmt: skip
+
+
+def demo_answer(messages: Sequence[Mapping[str, Any]], tools: set[str]) -> tuple[str, str, tuple[str, dict] | None]:
+    """(reasoning, text, tool call) for the conversation so far: a tool first where one helps."""
+    asked = next((m for m in reversed(messages) if m["role"] == "user"), {"content": ""})
+    question = asked["content"] if isinstance(asked["content"], str) else " ".join(
+        part.get("text", "") for part in asked["content"] if isinstance(part, dict))  # fmt: skip
+    text = DEMO_TEXT["zh" if re.search(r"[\u4e00-\u9fff]", question) else "en"]
+    if messages[-1]["role"] == "tool":  # the tool's result is in: answer with it
+        result = messages[-1]["content"]
+        if DEMO_TIME_WORDS.search(question):
+            return "", demo_time(result, text is DEMO_TEXT["zh"]), None
+        return "", text["math"][1].format(result=result), None
+    expression = max((m.strip() for m in DEMO_ARITHMETIC.findall(question)), key=len, default="")
+    if DEMO_TIME_WORDS.search(question) and "get_current_time" in tools:
+        return text["time"][0], "", ("get_current_time", {"timezone": demo_time_zone(question)})
+    if re.search(r"\d\s*[-+*/%^×÷]\s*[\d(]", expression) and "calculate" in tools:
+        expression = expression.replace("×", "*").replace("÷", "/").replace("^", "**")
+        return text["math"][0], "", ("calculate", {"expression": expression})
+    return text["other"][0], text["other"][1], None
+
+
+def demo_time(result: str, chinese: bool) -> str:
+    """get_current_time's result ('2026-12-01T21:30:47+09:00 (Tuesday, Asia/Tokyo)') said plainly."""
+    stamp, _, rest = result.partition(" (")
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return result  # the tool's error, as it is
+    zone = rest.rstrip(")").rpartition(", ")[2]
+    names = DEMO_TIME_ZONES.get(zone, (zone, zone))
+    if chinese:
+        return f"{names[0]}现在是 {moment:%Y-%m-%d %H:%M}，星期{'一二三四五六日'[moment.weekday()]}。"
+    place = zone if zone == "UTC" or zone not in DEMO_TIME_ZONES else names[-1].title()
+    return f"In {place} it is {moment:%H:%M} on {moment:%A}, {moment:%Y-%m-%d}."
+
+
+def demo_time_zone(question: str) -> str:
+    lowered = question.lower()
+    return next((zone for zone, names in DEMO_TIME_ZONES.items() if any(name in lowered for name in names)), "UTC")
+
+
+def demo_words(text: str) -> list[str]:
+    """The text in the pieces a model streams: words, or up to three characters of Chinese."""
+    return DEMO_PIECES.findall(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2271,7 +2427,7 @@ def agent_for(
     settings = ctx.settings
     thinking = settings.thinking_api and settings.thinking != "disabled"
     memory = HistoryWindow(settings.max_history_messages, job.history, legacy_reasoning=thinking)
-    model = AgentModel(ctx.model_api, settings, job.options, memory, emit)  # type: ignore[arg-type]
+    model = AgentModel(ctx.model_api, settings, job.options, memory, emit)
     toolbox = Toolbox(ctx.tools.specs, job.options.client_tools, gate)
     agent = AssistantAgent(
         "assistant",
@@ -3021,8 +3177,6 @@ async def turn_body(request: Request, limit: int | None = None, setting: str = "
     """The body of a request for a turn, which needs the model configured and the server not
     shutting down."""
     ctx = context(request)
-    if ctx.model_api is None:
-        raise ApiError("not_configured")
     body = await read_body(request, limit or ctx.settings.max_body_bytes, setting)
     if ctx.shutting_down:  # checked once the body is in: it may arrive after the grace period
         raise ApiError("server_shutting_down")
@@ -3562,7 +3716,8 @@ def v1_reasoning(reply: Reply) -> str:
 
 async def v1_models(request: Request) -> JSONResponse:
     ctx = context(request)
-    model = {"id": ctx.settings.agent_model_id, "object": "model", "created": ctx.started, "owned_by": "autogen-chat"}
+    owner = "autogen-chat" if ctx.settings.api_key else "autogen-chat-demo"  # the demo model answers
+    model = {"id": ctx.settings.agent_model_id, "object": "model", "created": ctx.started, "owned_by": owner}
     return JSONResponse({"object": "list", "data": [model]})
 
 
@@ -3791,7 +3946,7 @@ async def index(request: Request) -> JSONResponse:
         {
             "name": "autogen-chat",
             "version": __version__,
-            "model": settings.model_name,
+            "model": model_shown(settings),
             "base_url_host": urlsplit(settings.base_url).hostname,
             "endpoints": {
                 "chat": "POST /api/chat",
@@ -3808,25 +3963,34 @@ async def index(request: Request) -> JSONResponse:
     )
 
 
+def model_shown(settings: Settings) -> str:
+    """The model answering: MODEL_NAME, or "demo" while no API_KEY is set."""
+    return settings.model_name if settings.api_key else "demo"
+
+
 async def health(request: Request) -> JSONResponse:
     ctx = context(request)
     database = await ctx.store.health()
     reasons = [database] if database else []
-    if ctx.model_api is None:
-        reasons.append("model not configured: set API_KEY in .env")
+    if ctx.settings.api_key is None:
+        reasons.append("the demo model answers: set API_KEY in .env for a real model")
     if ctx.shutting_down:
         reasons.append("shutting down")
     mcp = ctx.tools.health()
     reasons += [f"MCP server {name} {status}" for name, status in mcp.items() if status != "ok"]
+    if (check := request.query_params.get("check")) not in (None, "model"):
+        raise invalid("'check' may only be 'model': ask the model API whether it answers.", "check")
+    model_api = await ctx.model_api.check() if check else None
+    reasons += [f"model API {model_api}"] if model_api and model_api.startswith("failed") else []
     body = {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
-        "model": ctx.settings.model_name,
-        "agent_ready": ctx.model_api is not None and not ctx.shutting_down,
+        "model": model_shown(ctx.settings),
+        "agent_ready": not ctx.shutting_down,
         "database": database is None,
         "open_turns": len(ctx.turns),
         "mcp": mcp,
-    }
+    } | ({"model_api": model_api} if model_api else {})
     return JSONResponse(body, status_code=200 if database is None else 503)
 
 
@@ -3842,7 +4006,7 @@ class AppContext:
 
     settings: Settings
     store: Store
-    model_api: ModelAPI | None
+    model_api: ModelAPI | DemoModelAPI
     tools: ToolSet
     openapi: bytes = b""
     turns: set[Turn] = field(default_factory=set)
@@ -3923,15 +4087,15 @@ def log_start(settings: Settings) -> None:
     for note in settings.notes:
         logger.warning(note)
     if settings.api_key is None:
-        logger.warning("API_KEY is not set: chat answers 503 until it is set in .env")
+        logger.warning("API_KEY is not set: the built-in demo model answers; set API_KEY in .env for a real model")
     if retired_model_note(settings.model_name):
         logger.warning(retired_model_note(settings.model_name))
     if "*" in settings.cors_origins and not settings.server_api_key:
         logger.warning("CORS_ORIGINS=* and no SERVER_API_KEY: any web page can read and run conversations here")
     logger.info(
         "model %s at %s, database %s, settings from %s",
-        settings.model_name,
-        urlsplit(settings.base_url).hostname,
+        model_shown(settings),
+        urlsplit(settings.base_url).hostname if settings.api_key else "this server",
         database_name(settings),
         settings.env_file or "the environment (no .env beside server.py)",
     )
@@ -3944,7 +4108,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     check_autogen()
     store = open_store(settings)
     await store.open()
-    model_api = ModelAPI(settings) if settings.api_key else None
+    model_api = ModelAPI(settings) if settings.api_key else DemoModelAPI()
     tools = ToolSet(settings)
     await tools.start()
     ctx = app.state.ctx = AppContext(settings, store, model_api, tools, openapi_document(settings))
@@ -3964,8 +4128,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             task.cancel()  # a lease left behind expires by itself
         await asyncio.gather(*ctx.releases, return_exceptions=True)
         await tools.stop()
-        if model_api is not None:
-            await model_api.close()
+        await model_api.close()
         await store.close()
 
 

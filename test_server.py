@@ -16,6 +16,7 @@ import email.utils
 import functools
 import gc
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -111,7 +112,10 @@ class FakeModelAPI:
         self.release: asyncio.Event | None = None
         self.strict: str | None = None  # None: lenient; "deepseek" or "openai": that API's rules
         self.produced: dict[str, str] = {}  # in deepseek mode: the reasoning of each answer it gave
-        self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
+        self.app = Starlette(
+            routes=[Route("/v1/chat/completions", self.completions, methods=["POST"]), Route("/v1/models", self.models)]
+        )
+        self.model_lists = 0
 
     def reset(self, *replies: Reply, strict: str | None = None) -> None:
         self.script, self.requests, self.headers = list(replies), [], []
@@ -140,6 +144,11 @@ class FakeModelAPI:
         if reply.fault == "stall":
             await self._hang()
         return StreamingResponse(self._stream(body, reply), media_type="text/event-stream")
+
+    async def models(self, request: Request) -> Response:
+        self.model_lists += 1
+        return JSONResponse({"object": "list", "data": [{"id": "deepseek-flash", "object": "model", "created": 1,
+                                                         "owned_by": "fake"}]})  # fmt: skip
 
     def end_hang(self) -> None:
         """Let hanging requests go on (from the test's thread)."""
@@ -658,6 +667,8 @@ class Tab:
     url: str  # the service, as the browser reaches it
     elsewhere: list[str] = field(default_factory=list)  # requests for other hosts, all blocked
     errors: list[str] = field(default_factory=list)  # uncaught script errors
+    warnings: list[str] = field(default_factory=list)  # the console's warnings and errors
+    missing: list[str] = field(default_factory=list)  # requests the service answered 404
 
 
 class Chromium:
@@ -685,6 +696,8 @@ class Chromium:
 
         tab.page.route("**/*", only_the_service)
         tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
+        tab.page.on("console", lambda m: tab.warnings.append(m.text) if m.type in {"warning", "error"} else None)
+        tab.page.on("response", lambda r: tab.missing.append(r.url) if r.status == 404 else None)
         self.tabs.append(tab)
         return tab
 
@@ -1391,22 +1404,72 @@ def test_a_retired_model_name_starts_with_one_warning_and_its_error_names_the_re
 # ---------------------------------------------------------------------------
 
 
-def test_without_api_key_health_is_degraded_and_chat_says_to_set_it(
+def test_without_an_api_key_the_demo_model_answers_through_the_real_agent_and_says_so_everywhere(
     settings_for: Callable[..., server.Settings],
 ) -> None:
-    with TestClient(server.create_app(settings_for(API_KEY=""))) as client:
-        health = client.get("/health")
-        chat = client.post("/api/chat", json={"message": "hi"})
-        streamed = client.post("/api/chat/stream", json={"message": "hi"})
-        assert client.get("/").status_code == 200 and client.get("/docs").status_code == 200
-        assert client.get("/api/conversations").status_code == 200
-    assert health.status_code == 200
-    assert health.json()["status"] == "degraded" and health.json()["agent_ready"] is False
-    assert "API_KEY" in health.json()["reasons"][0]
-    for response in (chat, streamed):
-        assert response.status_code == 503 and response.headers["retry-after"] == "5"
-        assert response.json()["error"]["code"] == "not_configured"
-        assert "API_KEY" in response.json()["error"]["message"]
+    with ServerThread(server.create_app(settings_for(API_KEY=""))) as service:
+        _, timed = stream(service.url, {"message": "现在东京几点？"})
+        _, summed = stream(service.url, {"message": "What is (2+3)*4?"})
+        other = httpx.post(service.url + "/api/chat", json={"message": "hello"}, timeout=10).json()
+        health = httpx.get(service.url + "/health", timeout=10).json()
+        index = httpx.get(service.url + "/", timeout=10).json()
+        with openai.OpenAI(base_url=service.url + "/v1", api_key="any") as sdk:
+            listed = sdk.models.list().data[0]
+            v1 = sdk.chat.completions.create(model="autogen-agent", messages=[{"role": "user", "content": "6*7?"}])
+    assert names(timed) == ["status"] + ["thought"] * names(timed).count("thought") + [
+        "status",
+        "tool_call",
+        "tool_result",
+        "status",
+    ] + ["chunk"] * names(timed).count("chunk") + ["message", "done"]
+    assert timed[names(timed).index("tool_call")][1]["arguments"] == '{"timezone":"Asia/Tokyo"}'
+    assert next(d for n, d in timed if n == "message")["content"].startswith("东京现在是 ")
+    assert next(d for n, d in summed if n == "message")["content"] == "The result is 20."
+    assert "API_KEY" in other["message"] and other["tool_calls"] == []
+    assert v1.choices[0].message.content == "The result is 42."
+    assert health["status"] == "degraded" and health["model"] == "demo" and "API_KEY" in health["reasons"][0]
+    assert index["model"] == "demo" and listed.owned_by == "autogen-chat-demo"
+
+
+def test_the_demo_model_is_never_used_when_a_key_is_set(client: TestClient, upstream: FakeModelAPI) -> None:
+    assert client.post("/api/chat", json={"message": "现在东京几点？"}).json()["message"] == "echo: 现在东京几点？"
+    assert client.get("/health").json()["model"] == "deepseek-flash"
+
+
+def test_health_asks_the_model_api_only_when_told_to_and_not_again_for_a_while(
+    client: TestClient, upstream: FakeModelAPI, settings_for: Callable[..., server.Settings]
+) -> None:
+    upstream.model_lists = 0
+    assert "model_api" not in client.get("/health").json() and upstream.model_lists == 0
+    checked = [client.get("/health?check=model").json() for _ in range(2)]
+    assert [body["model_api"] for body in checked] == ["ok", "ok"] and upstream.model_lists == 1
+    assert client.get("/health?check=everything").status_code == 422
+    with TestClient(server.create_app(settings_for(BASE_URL=f"http://127.0.0.1:{free_port()}/v1"))) as down:
+        failed = down.get("/health?check=model").json()
+    assert failed["status"] == "degraded" and failed["model_api"].startswith("failed: upstream_unreachable")
+
+
+def test_under_uvicorn_the_apps_lines_carry_their_level_and_time(
+    settings_for: Callable[..., server.Settings], tmp_path: Path
+) -> None:
+    log = tmp_path / "server.log"
+    with log.open("w") as output, service_processes(1, process_env(settings_for), tmp_path, output=output):
+        pass
+    lines = log.read_text().splitlines()
+    assert any(
+        re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO autogen_chat: model deepseek-flash at", line)
+        for line in lines
+    )
+
+
+def test_python_server_py_names_port_when_the_port_is_taken(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "DATABASE_PATH": str(tmp_path / "ok.db")}
+        result = subprocess.run([sys.executable, str(HERE / "server.py")], check=False, cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"Configuration error: PORT={port} on HOST=127.0.0.1 cannot be listened on")
 
 
 @BOTH_DATABASES
@@ -1555,6 +1618,7 @@ def test_every_response_the_document_lists_is_given_and_validates(
     app = server.create_app(settings_for(CORS_ORIGINS="https://app.example"))
     with ServerThread(app) as service, httpx.Client(base_url=service.url) as http:
         given = [http.get(path) for path in ("/", "/health", "/openapi.json", "/docs", "/redoc", "/static/none")]
+        given += [http.get("/health?check=model"), http.get("/health?check=all")]
         given.append(http.get("/chat"))
         given.append(http.get("/chat", headers={"If-None-Match": given[-1].headers["ETag"]}))
         example = OPENAPI["paths"]["/static/{path}"]["get"]["parameters"][0]["example"]
@@ -1746,6 +1810,8 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
     tab.page.get_by_placeholder("Search...").fill("stream")
     tab.page.get_by_role("menuitem", name="Run one turn, stream it as Server-Sent Events").wait_for()
     assert tab.elsewhere == [] and tab.errors == []
+    # No schema warnings and no favicon 404; the policy blocks the logo ReDoc's bundle fetches from its CDN.
+    assert [w for w in tab.warnings if "cdn.redoc.ly" not in w] == [] and tab.missing == []
 
 
 @pytest.mark.parametrize(
@@ -1904,6 +1970,117 @@ def test_tools_setting_empty_turns_tools_off(
     with TestClient(server.create_app(settings_for(TOOLS="calculate"))) as client:
         client.post("/api/chat", json={"message": "hi"})
     assert [t["function"]["name"] for t in upstream.requests[1]["tools"]] == ["calculate"]
+
+
+# ---------------------------------------------------------------------------
+# The README's examples
+# ---------------------------------------------------------------------------
+
+README_SECTIONS = ("快速开始", "API", "OpenAI 兼容接口（`/v1`）")
+# What changes from one run to the next: ids, times, and the numbers that follow from them.
+VOLATILE = [
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<uuid>"),
+    (re.compile(r"call_[0-9a-f]{12}"), "<call>"),
+    (re.compile(r"chatcmpl-[0-9a-f]{32}"), "<chatcmpl>"),
+    (re.compile(r'"created":\d+'), '"created":<t>'),
+    (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:Z|[+-]\d\d:\d\d)?"), "<time>"),
+    (re.compile(r"\d{4}-\d\d-\d\d"), "<date>"),
+    (re.compile(r"\b\d\d:\d\d\b"), "<hh:mm>"),
+    (re.compile(r"星期[一二三四五六日]|(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day"), "<day>"),
+]
+
+
+@dataclass
+class ReadmeBlock:
+    section: str
+    language: str
+    text: str
+    skipped: bool  # marked <!-- readme-test: skip (why) -->
+
+
+def readme_blocks() -> list[ReadmeBlock]:
+    """The fenced code blocks of the README's quick start and API sections, in order."""
+    return readme_blocks_of(*README_SECTIONS)
+
+
+def readme_blocks_of(*sections: str) -> list[ReadmeBlock]:
+    blocks, section, skip = [], "", False
+    lines = iter((HERE / "README.md").read_text(encoding="utf-8").splitlines())
+    for line in lines:
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif line.startswith("<!-- readme-test: skip"):
+            skip = True
+        elif line.startswith("```") and section in sections:
+            body = list(itertools.takewhile(lambda text: not text.startswith("```"), lines))
+            blocks.append(ReadmeBlock(section, line[3:].strip(), "\n".join(body), skip))
+            skip = False
+        elif line.startswith("```"):
+            list(itertools.takewhile(lambda text: not text.startswith("```"), lines))
+    return blocks
+
+
+def stable(text: str) -> str:
+    for pattern, replacement in VOLATILE:
+        text = pattern.sub(replacement, text)
+    return text.strip()
+
+
+def run_readme_block(block: ReadmeBlock, home: Path, port: int, env: dict[str, str]) -> str | None:
+    """Run a block as written, but on this test's port, from a copy of the project; its output.
+    Blocks that start the server are run as the server of the test instead (None)."""
+    text = block.text.replace("localhost:8000", f"localhost:{port}")
+    if block.language == "python":
+        command = [sys.executable, "-c", text]
+    elif "server.py" in text or "uvicorn server:app" in text:
+        return None  # the server the test started, as this block starts it
+    else:
+        command = ["bash", "-euo", "pipefail", "-c", text]
+    done = subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"README block failed:\n{text}\n{done.stderr}"
+    return done.stdout
+
+
+TEST_TOOLS = {"pytest", "playwright", "openapi-spec-validator"}
+
+
+def test_the_runtime_install_pulls_no_test_tools_and_the_readmes_test_command_pins_them() -> None:
+    lines = (HERE / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    runtime = {re.split(r"[\[=<>~ ]", line)[0].lower() for line in lines if line.strip() and not line.startswith("#")}
+    assert not runtime & (TEST_TOOLS | {"ruff", "schemathesis"})
+    [command, *_] = [b.text for b in readme_blocks_of("测试") if b.language == "bash"]
+    pins = dict(re.findall(r"([a-z-]+)==([\d.]+)", command))
+    assert set(pins) == TEST_TOOLS and "-r requirements.txt" in command
+    assert pins["pytest"] == importlib.metadata.version("pytest")
+
+
+def test_every_example_of_the_readmes_quick_start_and_api_runs_as_written_against_the_demo_model(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "project"
+    home.mkdir()
+    for name in ("server.py", "openapi.json", ".env.example", "requirements.txt"):
+        shutil.copy(HERE / name, home)
+    shutil.copytree(HERE / "static", home / "static")
+    env = {name: value for name, value in os.environ.items() if name not in ENV_NAMES} | {"NO_PROXY": "*"}
+    blocks = [block for block in readme_blocks() if not block.skipped]
+    assert any("cp .env.example .env" in block.text for block in blocks), "the quick start makes .env"
+    subprocess.run(["cp", ".env.example", ".env"], cwd=home, check=True)  # as the quick start's block does
+    port = free_port()
+    server_env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}  # the environment wins over .env: loopback only
+    with subprocess.Popen([sys.executable, "server.py"], cwd=home, env=server_env, start_new_session=True) as process:
+        try:
+            assert wait_until(lambda: health_status(f"http://127.0.0.1:{port}") == 200, 30), "server.py did not start"
+            shown = [(block, run_readme_block(block, home, port, env)) for block in blocks if block.language != "text"
+                     and block.language != "json" and "cp .env.example" not in block.text]  # fmt: skip
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+    outputs = {id(block): block for block in blocks if block.language in {"text", "json"}}
+    for index, block in enumerate(blocks[:-1]):
+        after = blocks[index + 1]
+        if id(after) in outputs and block.language in {"bash", "python"}:
+            got = next(out for b, out in shown if b is block)
+            assert stable(got) == stable(after.text), f"the README shows another output for:\n{block.text}"
 
 
 # ---------------------------------------------------------------------------
@@ -4269,6 +4446,10 @@ def test_the_page_speaks_chinese_to_a_chinese_browser(
     page.locator("details.thought summary").click()
     # README_SCREENSHOT=static/screenshot.png pytest -k chinese_browser renews the README's picture.
     target = os.environ.get("README_SCREENSHOT")
+    if target and not subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True).stdout.strip():
+        pytest.fail(
+            "README_SCREENSHOT needs a Chinese font, or the picture shows boxes: apt-get install fonts-wqy-zenhei"
+        )
     page.screenshot(path=HERE / target if target else tmp_path / "chat.png")
 
 
@@ -4392,23 +4573,38 @@ def test_the_page_asks_once_for_the_server_key_and_sends_it_as_a_bearer(
 
 
 @pytest.mark.parametrize(
-    "locale, message",
-    [
-        ("en-US", "The model is not configured: set API_KEY in .env and restart the server."),
-        ("zh-CN", "模型未配置：请在 .env 中设置 API_KEY 并重启服务。"),
-    ],
+    "locale, banner",
+    [("en-US", "Demo model: no API_KEY is set"), ("zh-CN", "演示模型：没有设置 API_KEY")],
     ids=["english", "chinese"],
 )
-def test_without_api_key_the_page_says_to_set_it_in_the_browsers_language(
-    chromium: Chromium, settings_for: Callable[..., server.Settings], locale: str, message: str
+def test_without_an_api_key_the_page_says_the_demo_model_answers_in_the_browsers_language(
+    chromium: Chromium, settings_for: Callable[..., server.Settings], locale: str, banner: str
 ) -> None:
     with ServerThread(server.create_app(settings_for(API_KEY=""))) as service:
         tab = chromium.open(service.url, locale=locale)
         tab.page.goto(tab.url + "/chat")
-        tab.page.locator("#input").fill("hi")
+        expect(tab.page.locator("#banner")).to_contain_text(banner)
+        tab.page.locator("#input").fill("(2+3)*4?")
         tab.page.locator("#input").press("Enter")
-        expect(tab.page.locator(".notice.error")).to_have_text(message)
-        expect(tab.page.locator("#input")).to_have_value("hi")
+        expect(tab.page.locator(".tool-name")).to_have_text("calculate")
+        expect(tab.page.locator(".answer")).to_contain_text("20")
+
+
+@pytest.mark.parametrize("width, short", [(390, True), (1100, False)], ids=["phone", "desktop"])
+def test_the_composers_placeholder_fits_on_one_line_at_any_width(
+    chromium: Chromium, service: ServerThread, width: int, short: bool
+) -> None:
+    tab = chromium.open(service.url, viewport={"width": width, "height": 800})
+    tab.page.goto(tab.url + "/chat")
+    fits = tab.page.evaluate("""() => {
+        const input = document.getElementById("input"), style = getComputedStyle(input);
+        const measure = document.createElement("canvas").getContext("2d");
+        measure.font = style.font;
+        const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        return [input.placeholder, measure.measureText(input.placeholder).width <= room];
+    }""")  # fmt: skip
+    assert fits == ["Message the agent" if short else "Message the agent (Enter sends, Shift+Enter adds a line)", True]
+    expect(tab.page.locator("#banner")).to_be_hidden()
 
 
 class ScriptedStream:
