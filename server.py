@@ -55,7 +55,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -74,6 +74,8 @@ import psycopg
 import psycopg_pool
 import pydantic
 import uvicorn
+from ag_ui import core as agui
+from ag_ui.encoder import EventEncoder as AgUiEncoder
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import MultiModalMessage, TextMessage, ToolCallExecutionEvent, ToolCallRequestEvent
 from autogen_core import CancellationToken, FunctionCall, Image
@@ -82,6 +84,7 @@ from autogen_core.models import (
     AssistantMessage,
     ChatCompletionClient,
     CreateResult,
+    FunctionExecutionResult,
     FunctionExecutionResultMessage,
     LLMMessage,
     ModelInfo,
@@ -129,10 +132,12 @@ MAX_EXPRESSION_CHARS = 200  # calculate(): longer input is no arithmetic a chat 
 MAX_RESULT_BITS = 4096  # calculate(): a bigger number is useless in a chat and slow to print
 MAX_TOOL_RESULT_CHARS = 20_000  # a tool result the model reads is cut here (about 5k tokens), saying so
 MAX_TOOL_RESULT_SHOWN = 500  # /v1 shows each tool result in reasoning_content cut to this
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a tool name every chat completions API takes
 MAX_MODEL_FIELD_CHARS = 256  # /v1 echoes 'model' in every chunk: a longer one is refused
 MAX_IMAGE_PIXELS = 50_000_000  # an image larger than this is refused before it is decoded
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # a larger body is parsed on a thread: a few MB of JSON take tens of ms
 MCP_START_SECONDS = 30.0  # an MCP server may take this long to start (npx fetches its package first)
+CALL_REASONING_SECONDS = 86_400.0  # a client's tool may take this long to answer and still get its reasoning back
 MODEL_CHECK_SECONDS = 30.0  # /health?check=model asks the model API at most this often
 MODEL_CHECK_TIMEOUT = 5.0  # and waits this long for its answer
 APPROVAL_POLL_SECONDS = 0.5  # a turn waiting for a decision made in another worker or instance asks this often
@@ -1168,6 +1173,14 @@ class Store(Protocol):
         """Nobody decided in time: a pending approval becomes EXPIRED. Its state after (a decision
         that came first stands)."""
 
+    async def remember_calls(self, reasoning: Mapping[str, str], seconds: float) -> None:
+        """Keep, for `seconds`, the reasoning behind each call id: the calls went to a stateless
+        client (its own tools, or a decision to make), whose next request brings them back without
+        it, and a thinking model wants it back."""
+
+    async def recall_calls(self, call_ids: Sequence[str]) -> dict[str, str]:
+        """The reasoning kept for those of the call ids that have some."""
+
 
 # The SQL both databases run, with %s for a parameter. A dialect states all they differ in:
 # column types in the schema, the placeholder, and the database's own clock (leases never
@@ -1201,8 +1214,13 @@ CREATE TABLE IF NOT EXISTS approvals (
     expires_at {clock_type} NOT NULL,
     PRIMARY KEY (conversation_id, call_id)
 );
+CREATE TABLE IF NOT EXISTS call_reasoning (
+    call_id text PRIMARY KEY,
+    reasoning text NOT NULL,
+    expires_at {clock_type} NOT NULL
+);
 """
-SCHEMA_VERSION = 2  # 2: approvals
+SCHEMA_VERSION = 3  # 2: approvals; 3: call_reasoning
 STATEMENTS = {
     "acquire_lease": "INSERT INTO leases VALUES (%s, %s, {later}) ON CONFLICT (conversation_id) DO UPDATE"
     " SET owner = excluded.owner, expires_at = excluded.expires_at WHERE leases.expires_at < {now}",
@@ -1229,6 +1247,11 @@ STATEMENTS = {
     "expire_approval": "UPDATE approvals SET state = 'expired' WHERE conversation_id = %s AND call_id = %s"
     " AND state = 'pending'",
     "approval": "SELECT state FROM approvals WHERE conversation_id = %s AND call_id = %s",
+    # The reasoning of a model reply whose tool calls went to a stateless client, by call id.
+    "remember_call": "INSERT INTO call_reasoning VALUES (%s, %s, {later}) ON CONFLICT (call_id)"
+    " DO UPDATE SET reasoning = excluded.reasoning, expires_at = excluded.expires_at",
+    "forget_calls": "DELETE FROM call_reasoning WHERE expires_at < {now}",
+    "recall_call": "SELECT reasoning FROM call_reasoning WHERE call_id = %s",
     "schema_version": "SELECT max(version) FROM schema_version",
     "clear_schema_version": "DELETE FROM schema_version",
     "set_schema_version": "INSERT INTO schema_version VALUES (%s)",
@@ -1476,6 +1499,17 @@ class SQLiteStore:
         row = self.db.execute(SQLITE.sql("approval"), (conversation_id, call_id)).fetchone()
         return Approval(row[0]) if row else None
 
+    @off_the_loop_if_locked
+    def remember_calls(self, reasoning: Mapping[str, str], seconds: float) -> None:
+        with self._transaction(self.db):
+            self.db.execute(SQLITE.sql("forget_calls"))
+            self.db.executemany(SQLITE.sql("remember_call"), [(c, r, seconds) for c, r in reasoning.items()])
+
+    @off_the_loop_if_locked
+    def recall_calls(self, call_ids: Sequence[str]) -> dict[str, str]:
+        rows = ((c, self.db.execute(SQLITE.sql("recall_call"), (c,)).fetchone()) for c in call_ids)
+        return {call_id: row[0] for call_id, row in rows if row}
+
 
 # ---------------------------------------------------------------------------
 # Storage: PostgreSQL
@@ -1682,6 +1716,18 @@ class PostgresStore:
     async def expire_approval(self, conversation_id: str, call_id: str) -> Approval:
         await self._rowcount("expire_approval", conversation_id, call_id)
         return await self.approval(conversation_id, call_id) or Approval.EXPIRED
+
+    async def remember_calls(self, reasoning: Mapping[str, str], seconds: float) -> None:
+        async def remember(db: psycopg.AsyncConnection) -> None:
+            async with db.transaction(), db.cursor() as cursor:
+                await cursor.execute(POSTGRES.sql("forget_calls"))
+                await cursor.executemany(POSTGRES.sql("remember_call"), [(c, r, seconds) for c, r in reasoning.items()])
+
+        await self._call(remember)
+
+    async def recall_calls(self, call_ids: Sequence[str]) -> dict[str, str]:
+        found = {call_id: await self._rows("recall_call", call_id) for call_id in call_ids}
+        return {call_id: rows[0][0] for call_id, rows in found.items() if rows}
 
 
 class _DeadConnection(Exception):
@@ -2407,17 +2453,51 @@ async def run_agent(
     agent, model, toolbox = agent_for(ctx, job, emit, gate)
     if job.history is None and (state := await ctx.store.load_state(job.conversation_id)) is not None:
         await agent.load_state(state)
+    if job.history is not None:
+        await recall_reasoning(ctx.store, agent.model_context)
+    await run_decided_calls(agent.model_context, toolbox, gate, emit)
     events = agent.run_stream(task=agent_task(job.message), cancellation_token=token, output_task_messages=False)
     try:
         async for event in events:
             for item in tool_events(event, toolbox, gate):
                 emit(item)
-            if isinstance(event, ToolCallExecutionEvent) and gate.handed_over:
+            if isinstance(event, ToolCallExecutionEvent) and gate.stops_turn:
                 break
     finally:
         await events.aclose()
         await model.close()
-    return await agent.save_state() if job.history is None else None
+    if job.history is None:
+        return await agent.save_state()
+    if gate.stops_turn:
+        await remember_reasoning(ctx.store, agent.model_context, gate)
+    return None
+
+
+def calls_of(message: LLMMessage) -> list[FunctionCall]:
+    """The tool calls of an assistant message; none for any other message."""
+    if isinstance(message, AssistantMessage) and isinstance(message.content, list):
+        return message.content
+    return []
+
+
+async def recall_reasoning(store: Store, memory: ChatCompletionContext) -> None:
+    """A stateless client sends a thinking model's tool calls back without the reasoning behind
+    them, which the model wants: it is where remember_reasoning kept it (if it is anywhere)."""
+    bare = [m for m in await memory.get_messages() if calls_of(m) and not m.thought]  # type: ignore[union-attr]
+    if bare:
+        with suppress(DatabaseUnavailable):  # a stateless turn needs no database: the model may do without
+            known = await store.recall_calls([calls_of(m)[0].id for m in bare])
+            for message in bare:
+                message.thought = known.get(calls_of(message)[0].id)  # type: ignore[union-attr]
+
+
+async def remember_reasoning(store: Store, memory: ChatCompletionContext, gate: TurnGate) -> None:
+    stopped = {call.id for call in gate.handed_over + gate.interrupted}
+    kept = {call.id: m.thought for m in await memory.get_messages() for call in calls_of(m)
+            if call.id in stopped and m.thought}  # type: ignore[union-attr]  # fmt: skip
+    if kept:
+        with suppress(DatabaseUnavailable):
+            await store.remember_calls(kept, CALL_REASONING_SECONDS)
 
 
 def agent_for(
@@ -2442,6 +2522,27 @@ def agent_for(
     return agent, model, toolbox
 
 
+async def run_decided_calls(
+    memory: ChatCompletionContext, toolbox: Toolbox, gate: TurnGate, emit: Callable[[TurnEvent], None]
+) -> None:
+    """Run the calls that waited for a decision the request now brings (AG-UI's resume), and put
+    their results in the agent's memory, as the agent would have: the model goes on from there."""
+    if not gate.decided:
+        return
+    messages = await memory.get_messages()
+    calls = next((m.content for m in reversed(messages) if isinstance(m, AssistantMessage)), [])
+    results = []
+    for call in calls if isinstance(calls, list) else []:
+        if call.id in gate.decided:
+            toolbox.requested[call.id] = call.arguments
+            outcome = await toolbox.call_tool(call.name, json.loads(call.arguments or "{}"), None, call.id)
+            results.append(FunctionExecutionResult(content=outcome.to_text(), name=call.name, call_id=call.id,
+                                                   is_error=outcome.is_error))  # fmt: skip
+    await memory.add_message(FunctionExecutionResultMessage(content=results))
+    for item in tool_events(ToolCallExecutionEvent(content=results, source="assistant"), toolbox, gate):
+        emit(item)
+
+
 def agent_task(message: Content | None) -> TextMessage | MultiModalMessage | None:
     if message is None or isinstance(message, str):
         return None if message is None else TextMessage(content=message, source="user")
@@ -2450,7 +2551,7 @@ def agent_task(message: Content | None) -> TextMessage | MultiModalMessage | Non
 
 def tool_events(event: Any, toolbox: Toolbox, gate: TurnGate) -> Iterator[TurnEvent]:
     """The turn's events for AutoGen's tool events: each call as the model asked for it, each
-    result as the tool gave it (the client's tools give none here)."""
+    result as the tool gave it; none for a call handed to the client or waiting for a decision."""
     if isinstance(event, ToolCallRequestEvent):
         yield Status("calling_tool")
         for call in event.content:
@@ -2460,7 +2561,7 @@ def tool_events(event: Any, toolbox: Toolbox, gate: TurnGate) -> Iterator[TurnEv
                 call.id, call.name, call.arguments, spec.server if spec else None, call.name in toolbox.client_tools
             )
     elif isinstance(event, ToolCallExecutionEvent):
-        results = [r for r in event.content if r.name not in toolbox.client_tools]
+        results = [r for r in event.content if not gate.stopped(r.call_id)]
         for result in results:
             outcome = toolbox.outcomes.get(result.call_id, ToolOutcome.ERROR if result.is_error else ToolOutcome.OK)
             spec = toolbox.specs.get(result.name)
@@ -2549,8 +2650,9 @@ class Message:
 class Finished:
     conversation_id: str
     tokens: Tokens
-    finish_reason: str  # stop, length, tool_calls (calls handed over to the client)
-    handed_over: tuple[ToolCall, ...] = ()
+    finish_reason: str  # stop, length, tool_calls (calls the client runs, or that wait for a decision)
+    handed_over: tuple[ToolCall, ...] = ()  # calls of the client's tools
+    awaiting_approval: tuple[ToolCall, ...] = ()  # calls that wait for a decision the next request brings
 
 
 @dataclass(frozen=True, slots=True)
@@ -2766,12 +2868,25 @@ class TurnGate:
         self, policy: Approvals, emit: Callable[[TurnEvent], None], ctx: AppContext, conversation_id: str
     ) -> None:
         self.policy, self.emit, self.ctx, self.conversation_id = policy, emit, ctx, conversation_id
-        self.handed_over: list[FunctionCall] = []
+        self.handed_over: list[FunctionCall] = []  # the client's tools, for it to run
+        self.interrupted: list[FunctionCall] = []  # calls that wait for a decision the next request brings
         self.decisions: dict[str, Approval] = {}
+        self.decided: Mapping[str, bool] = {}  # decisions the request brought, by call id (AG-UI's resume)
+
+    @property
+    def stops_turn(self) -> bool:
+        """Whether the turn ends once this round of tool calls is done: the rest is the client's."""
+        return bool(self.handed_over or self.interrupted)
+
+    def stopped(self, call_id: str) -> bool:
+        return any(call.id == call_id for call in self.handed_over + self.interrupted)
 
     async def approve(self, call: FunctionCall, spec: ToolSpec) -> str | None:
+        if call.id in self.decided:
+            self.decisions[call.id] = Approval.APPROVED if self.decided[call.id] else Approval.DENIED
+            return None if self.decided[call.id] else "The user denied this tool call: it was not run."
         if self.policy is Approvals.HAND_OVER:
-            self.hand_over(call)
+            self.interrupted.append(call)
             return "(waiting for a person's approval)"
         if self.policy is Approvals.REFUSE:
             return "This tool needs a person's approval, which this client cannot give: the call was not run."
@@ -2843,6 +2958,7 @@ class TurnJob:
     history: list[LLMMessage] | None = None  # stateless: the agent starts from it; None: the stored conversation
     options: ModelOptions = field(default_factory=ModelOptions)
     approvals: Approvals = Approvals.REFUSE
+    decided: Mapping[str, bool] = field(default_factory=dict)  # the request's decisions on waiting calls
     face: str = "api_stream"  # for the logs and the metrics
 
 
@@ -2861,6 +2977,7 @@ class Turn:
             self.reply.records.append({"role": "user", "content": job.message, "created_at": utc_now()})
         self.token = CancellationToken()
         self.gate = TurnGate(job.approvals, self.emit, ctx, job.conversation_id)
+        self.gate.decided = job.decided
         self.renewal: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
@@ -2962,7 +3079,7 @@ class Turn:
         self.emit(Started(self.job.conversation_id))
         try:
             state = await run_agent(self.ctx, self.job, self.emit, self.gate, self.token)
-            if not self.reply.handed_over:
+            if not self.gate.stops_turn:
                 self.emit(Message("".join(self.reply.text)))
             if self.lease is not None and state is not None:
                 self._move(TurnState.SAVING)
@@ -2976,8 +3093,15 @@ class Turn:
         except Exception as exc:  # noqa: BLE001 - any failure of the turn becomes its error event
             await self._end(Failed(self._failure(exc)))
             return
-        reply = self.reply
-        await self._end(Finished(self.job.conversation_id, reply.tokens, reply.finish_reason, tuple(reply.handed_over)))
+        await self._end(self._finished())
+
+    def _finished(self) -> Finished:
+        reply, interrupted = self.reply, self.gate.interrupted
+        waiting = tuple(
+            ToolCall(c.id, c.name, c.arguments, reply.tool_calls.get(c.id, {}).get("server")) for c in interrupted
+        )
+        reason = "tool_calls" if waiting else reply.finish_reason
+        return Finished(self.job.conversation_id, reply.tokens, reason, tuple(reply.handed_over), waiting)
 
     async def _end(self, event: Finished | Failed) -> None:
         """The last event. Before the client can read it, the lease goes: a client that sends its
@@ -3199,6 +3323,83 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     return value
 
 
+@dataclass
+class Said:
+    """One message of a client's history, in the terms the agent needs, whatever the face."""
+
+    role: str  # system, user, assistant, tool
+    content: Content = ""
+    calls: list[FunctionCall] = field(default_factory=list)  # an assistant's tool calls
+    call_id: str = ""  # the call a tool message answers
+    is_error: bool = False
+    thought: str | None = None  # the reasoning behind an assistant's tool calls, if the client kept it
+    where: str = ""  # its place in the request, for an error
+
+
+def client_history(said: Sequence[Said], decided: Collection[str] = ()) -> tuple[Content | None, list[LLMMessage]]:
+    """(the turn's message, the history before it) of a client's messages: the last message is a
+    user's to answer, or the results of tool calls to go on from (None). Every tool call needs its
+    result before the next message, but the last message's, where the request decides them."""
+    last = said[-1] if said else None
+    if last is None or last.role not in {"user", "tool"} and not (last.calls and decided):
+        raise invalid("The last message must be a user's, or the results of the assistant's tool calls.", "messages")
+    message = last.content if last.role == "user" else None
+    history: list[LLMMessage] = [SystemMessage(content=s.content) for s in said if s.role == "system" and s.content]
+    waiting: dict[str, FunctionCall] = {}
+    for item in said[:-1] if message is not None else said:
+        _check_answered(item, waiting)
+        history += _messages_of(item, waiting, history)
+    unanswered = [call_id for call_id in waiting if call_id not in decided]
+    if unanswered:
+        raise invalid(f"Tool call {unanswered[0]!r} has no result: send it as a tool message.", "messages")
+    return message, history
+
+
+def _check_answered(item: Said, waiting: dict[str, FunctionCall]) -> None:
+    if item.role == "tool" and item.call_id not in waiting:
+        raise invalid(f"{item.where} answers no tool call of the assistant message before it.", item.where)
+    if item.role not in {"tool"} and waiting and item.role != "system":
+        raise invalid(f"{item.where} comes before the results of tool call {next(iter(waiting))!r}.", item.where)
+
+
+def _messages_of(item: Said, waiting: dict[str, FunctionCall], history: list[LLMMessage]) -> list[LLMMessage]:
+    """The agent's messages for one of the client's (system messages went first)."""
+    if item.role == "user" and has_content(item.content):
+        return [UserMessage(content=item.content, source="user")]
+    if item.role == "assistant":
+        said = [AssistantMessage(content=item.content, source="assistant")] if item.content else []
+        if item.calls:
+            waiting.update((call.id, call) for call in item.calls)
+            said.append(AssistantMessage(content=item.calls, source="assistant", thought=item.thought))
+        return said
+    if item.role == "tool":
+        call = waiting.pop(item.call_id)
+        result = FunctionExecutionResult(content=str(item.content), name=call.name, call_id=call.id,
+                                         is_error=item.is_error)  # fmt: skip
+        if history and isinstance(history[-1], FunctionExecutionResultMessage):
+            history[-1].content.append(result)  # the results of one reply's calls go together
+            return []
+        return [FunctionExecutionResultMessage(content=[result])]
+    return []
+
+
+def client_tool_schemas(tools: Sequence[tuple[str, str, Any]], taken: Collection[str], param: str) -> list[ToolSchema]:
+    """The client's tools as the model sees them: (name, description, JSON schema of the arguments).
+    A name the agent's own tools have, or a name no API takes, is a 400."""
+    schemas: list[ToolSchema] = []
+    for index, (name, description, parameters) in enumerate(tools):
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise invalid(
+                f"{param}[{index}] needs a name of letters, digits, _ and - (at most 64).", f"{param}[{index}]"
+            )
+        if name in taken or name in {schema["name"] for schema in schemas}:
+            raise invalid(f"{param}[{index}] is named {name!r}, as a tool of this server or another of the request's "
+                          "is: rename it.", f"{param}[{index}]")  # fmt: skip
+        parameters = parameters if isinstance(parameters, dict) else {"type": "object", "properties": {}}
+        schemas.append(ToolSchema(name=name, description=description or "", parameters=parameters))  # type: ignore[typeddict-item]
+    return schemas
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -3397,7 +3598,9 @@ class V1Request:
     model: str
 
 
-def parse_v1_request(body: bytes, conversation_header: str | None, settings: Settings) -> V1Request:
+def parse_v1_request(
+    body: bytes, conversation_header: str | None, settings: Settings, taken: Collection[str] = ()
+) -> V1Request:
     """The request, checked; linear in its size (it may be several MB: see off_the_loop)."""
     data = parse_json(body)
     if not isinstance(data, dict):
@@ -3407,7 +3610,12 @@ def parse_v1_request(body: bytes, conversation_header: str | None, settings: Set
     given = (("X-Conversation-Id", conversation_header), ("conversation_id", data.get("conversation_id")))
     named = [check_conversation_id(value, param) for param, value in given if value is not None]
     if named and not isinstance(message, str):
-        raise invalid("Images are read only without a conversation id: a stored conversation keeps text.", "messages")
+        raise invalid("A stored conversation takes a user's text: no images, no tool results.", "messages")
+    tools = v1_tools(data.get("tools"), taken)
+    if not _optional(bool, data.get("parallel_tool_calls")):
+        raise invalid("'parallel_tool_calls' must be true or false.", "parallel_tool_calls")
+    if named and tools:
+        raise invalid("A stored conversation runs the server's tools only: 'tools' is for stateless requests.", "tools")
     options = {} if data.get("stream_options") is None else data["stream_options"]
     if not isinstance(options, dict):
         raise invalid("'stream_options' must be an object.", "stream_options")
@@ -3423,9 +3631,45 @@ def parse_v1_request(body: bytes, conversation_header: str | None, settings: Set
         conversation_id=named[0] if named else None,
         stream=data.get("stream") is True,
         include_usage=options.get("include_usage") is True,
-        options=ModelOptions(sampling=v1_sampling(data), response_format=v1_response_format(data, settings)),
+        options=ModelOptions(
+            sampling=v1_sampling(data),
+            response_format=v1_response_format(data, settings),
+            client_tools=tools,
+            tool_choice=v1_tool_choice(data.get("tool_choice")) if tools else None,
+            parallel_tool_calls=data.get("parallel_tool_calls") if tools else None,
+        ),
         model=v1_model(data.get("model"), settings),
     )
+
+
+def v1_tools(tools: Any, taken: Collection[str]) -> list[ToolSchema]:
+    """The client's function tools, offered to the model beside the agent's own (`taken`)."""
+    if tools is None or tools == []:
+        return []
+    if not isinstance(tools, list):
+        raise invalid("'tools' must be a list of function tools.", "tools")
+    functions = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict):
+            raise invalid(f'tools[{index}] must be {{"type": "function", "function": {{...}}}}.', f"tools[{index}]")
+        functions.append((function.get("name"), function.get("description"), function.get("parameters")))
+    return client_tool_schemas(functions, taken, "tools")
+
+
+TOOL_CHOICES = {"none", "auto", "required"}
+
+
+def v1_tool_choice(choice: Any) -> Any:
+    """tool_choice as the model API takes it: none, auto, required, or a function by name."""
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if (
+        choice is None
+        or (isinstance(choice, str) and choice in TOOL_CHOICES)
+        or (isinstance(named, str) and choice.get("type") == "function")
+    ):
+        return choice
+    raise invalid('\'tool_choice\' must be none, auto, required or {"type": "function", ...}.', "tool_choice")
 
 
 def v1_model(model: Any, settings: Settings) -> str:
@@ -3435,41 +3679,66 @@ def v1_model(model: Any, settings: Settings) -> str:
     return model or settings.agent_model_id
 
 
-def v1_conversation(messages: Any, settings: Settings) -> tuple[Content, list[LLMMessage]]:
-    """The last user message, the turn's, and the history before it."""
+def v1_conversation(messages: Any, settings: Settings) -> tuple[Content | None, list[LLMMessage]]:
+    """The turn's message and the history before it: the last user message with text or an image
+    (what follows it is not read), or, where the messages end with tool results, none: the
+    agent goes on from them."""
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list.", "messages")
     vision = bool(settings.model_info["vision"])
-    parsed = [v1_message(message, index, vision) for index, message in enumerate(messages)]
-    last = max((i for i, (role, content) in enumerate(parsed) if role == "user" and has_content(content)), default=None)
-    if last is None:
-        raise invalid("'messages' has no user message with text or an image.", "messages")
-    content = parsed[last][1]
-    text = content if isinstance(content, str) else "\n".join(part for part in content if isinstance(part, str))
-    if len(text) > settings.max_message_chars:
-        raise invalid(
-            f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).",
-            f"messages[{last}].content",
+    said = [v1_said(message, index, vision) for index, message in enumerate(messages)]
+    if said[-1].role != "tool":
+        last = max(
+            (i for i, item in enumerate(said) if item.role == "user" and has_content(item.content)), default=None
         )
-    return content, v1_history(parsed, last)
+        if last is None:
+            raise invalid("'messages' has no user message with text or an image.", "messages")
+        said = said[: last + 1]
+    message, history = client_history([item for item in said if item.role != "other"])
+    check_length(message, settings, f"messages[{len(said) - 1}].content")
+    return message, history
 
 
 def _optional(kind: type, *values: Any) -> bool:
     return all(value is None or isinstance(value, kind) for value in values)
 
 
-def v1_message(message: Any, index: int, vision: bool) -> tuple[str, Content]:
-    """(role, content) of a message; developer counts as system, tool messages are not read."""
+def v1_said(message: Any, index: int, vision: bool) -> Said:
+    """A message of the request; developer counts as system; the legacy function role is not read."""
     if not isinstance(message, dict):
         raise invalid(f"messages[{index}] must be an object with a 'role'.", f"messages[{index}]")
-    role = message.get("role")
+    role, where = message.get("role"), f"messages[{index}]"
     if role not in V1_ROLES:
         raise invalid(f"messages[{index}].role must be one of {', '.join(V1_ROLES)}.", f"messages[{index}].role")
     content = message.get("content")
-    if role in {"tool", "function"} and (content is None or isinstance(content, str | list)):
-        return role, ""
+    if role == "function" and (content is None or isinstance(content, str | list)):
+        return Said("other", where=where)
     no_images = None if role == "user" and vision else "only user messages hold images" if vision else NO_VISION
-    return ("system" if role == "developer" else role), v1_content(content, index, no_images)
+    text = v1_content(content, index, no_images)
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise invalid(f"{where}.tool_call_id must name the call this result answers.", f"{where}.tool_call_id")
+        return Said("tool", text, call_id=call_id, where=where)
+    if role == "assistant":
+        return Said("assistant", without_face_marks(str(text)), v1_calls(message.get("tool_calls"), where), where=where)
+    return Said("system" if role == "developer" else role, text, where=where)
+
+
+def v1_calls(calls: Any, where: str) -> list[FunctionCall]:
+    """An assistant message's tool calls (the client's tools'): OpenAI's shape."""
+    if calls is None:
+        return []
+    parsed = []
+    for index, call in enumerate(calls if isinstance(calls, list) else [None]):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not _strings({"id": call.get("id"), **function}) or "id" not in call:
+            raise invalid(f"{where}.tool_calls[{index}] needs an id and a function's name and arguments.",
+                          f"{where}.tool_calls[{index}]")  # fmt: skip
+        parsed.append(
+            FunctionCall(id=call["id"], name=function.get("name", ""), arguments=function.get("arguments", ""))
+        )
+    return parsed
 
 
 def v1_content(content: Any, index: int, no_images: str | None) -> Content:
@@ -3528,19 +3797,6 @@ def client_image(url: Any, where: str) -> ClientImage:
 def has_content(content: Content) -> bool:
     """Text that is not only white space, or an image."""
     return not isinstance(content, str) or bool(content.strip())
-
-
-def v1_history(parsed: list[tuple[str, Content]], last: int) -> list[LLMMessage]:
-    """The agent's starting context: the client's system messages, then the user and assistant
-    messages before the last user message. Tool calls and tool messages are dropped: the agent
-    runs its own tools. Only user messages hold images."""
-    history: list[LLMMessage] = [SystemMessage(content=text) for role, text in parsed if role == "system" and text]
-    for role, content in parsed[:last]:
-        if role == "user" and has_content(content):
-            history.append(UserMessage(content=content, source="user"))
-        elif role == "assistant" and (answer := without_face_marks(str(content))):
-            history.append(AssistantMessage(content=answer, source="assistant"))
-    return history
 
 
 def without_face_marks(text: str) -> str:
@@ -3653,6 +3909,7 @@ class V1Completion:
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.client_calls = 0  # the client's tool calls streamed so far: each has its index
         self.tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
         head = dumps(self._object("chat.completion.chunk"))[:-1]
         self.text_head = f'data: {head},"choices":[{{"index":0,"delta":{{'  # a text delta skips the encoder
@@ -3666,7 +3923,9 @@ class V1Completion:
                 return self._text("content", text)
             case ReasoningDelta(text=text):
                 return self._text("reasoning_content", text)
-            case ToolCall(client=False) | ToolResult():
+            case ToolCall(client=True):
+                return self._client_call(event)
+            case ToolCall() | ToolResult():
                 return self._text("reasoning_content", tool_line(event))
             case Ping():  # an empty delta: apps and proxies see a live stream
                 return self._text("content", "")
@@ -3681,6 +3940,15 @@ class V1Completion:
     def _text(self, field_name: str, text: str) -> bytes:
         return f'{self.text_head}"{field_name}":{encode_basestring(text)}}},"finish_reason":null}}]{self.tail}'.encode()
 
+    def _client_call(self, call: ToolCall) -> bytes:
+        """A call of the client's tool in OpenAI's pieces: its id, type and name first, then its arguments."""
+        index, self.client_calls = self.client_calls, self.client_calls + 1
+        head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        pieces = [head] + ([{"index": index, "function": {"arguments": call.arguments}}] if call.arguments else [])
+        return b"".join(
+            self._frame([{"index": 0, "delta": {"tool_calls": [p]}, "finish_reason": None}]) for p in pieces
+        )
+
     def _frame(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         chunk = self._object("chat.completion.chunk", choices=choices)
         if self.include_usage:
@@ -3694,7 +3962,17 @@ class V1Completion:
     def reply(self, reply: Reply) -> dict[str, Any]:
         """The chat.completion."""
         reasoning = v1_reasoning(reply).strip()
-        message = {"role": "assistant", "content": "".join(reply.text), "reasoning_content": reasoning or None}
+        text = "".join(reply.text)
+        message = {
+            "role": "assistant",
+            "content": text or (None if reply.handed_over else ""),
+            "reasoning_content": reasoning or None,
+        }
+        if reply.handed_over:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in reply.handed_over
+            ]
         choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason, "logprobs": None}
         return self._object("chat.completion", choices=[choice], usage=v1_usage(reply.tokens))
 
@@ -3725,7 +4003,9 @@ async def v1_chat_completions(request: Request) -> Response:
     """Stateless by default; with X-Conversation-Id (or conversation_id) exactly /api/chat's turn."""
     ctx = context(request)
     body = await turn_body(request, ctx.settings.v1_max_body_bytes, "V1_MAX_BODY_BYTES")
-    chat = await off_the_loop(len(body), parse_v1_request, body, request.headers.get("x-conversation-id"), ctx.settings)
+    taken = [spec.schema["name"] for spec in ctx.tools.specs]
+    header = request.headers.get("x-conversation-id")
+    chat = await off_the_loop(len(body), parse_v1_request, body, header, ctx.settings, taken)
     completion = V1Completion(chat.model, chat.include_usage)
     stateless = chat.conversation_id is None
     job = TurnJob(
@@ -3740,6 +4020,260 @@ async def v1_chat_completions(request: Request) -> Response:
     if chat.stream:
         return TurnStream(turn, completion, headers)
     return await json_reply(request, turn, completion.reply, headers)
+
+
+# ---------------------------------------------------------------------------
+# Face: AG-UI (CopilotKit, @ag-ui/client)
+# ---------------------------------------------------------------------------
+# POST /api/ag-ui takes AG-UI's RunAgentInput and answers AG-UI 1.0's events, with the
+# ag-ui-protocol package's own models and encoder. Stateless, as /v1: the client's messages are
+# the history, nothing is stored. Tools that need approval end the run with an interrupt, which
+# the next run's resume decides; the client's own tools (its frontend tools) end the run with
+# their calls pending, which the next run's tool messages answer.
+
+AGUI_APPROVAL_SCHEMA = {"type": "object", "properties": {"approved": {"type": "boolean"}}, "required": ["approved"]}
+
+
+@dataclass(frozen=True)
+class AgUiRequest:
+    """What the agent uses of a RunAgentInput."""
+
+    thread_id: str
+    run_id: str
+    message: Content | None
+    history: list[LLMMessage]
+    decided: dict[str, bool]
+    client_tools: list[ToolSchema]
+
+
+def parse_ag_ui(body: bytes, settings: Settings, taken: Collection[str]) -> AgUiRequest:
+    """The run's input, checked; a missing runId is made."""
+    data = parse_json(body)
+    if isinstance(data, dict):
+        data.setdefault("runId", f"run_{uuid.uuid4().hex}")
+    try:
+        run = agui.RunAgentInput.model_validate(data)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise invalid(f"Not a RunAgentInput: {where}: {first['msg']}.", where) from None
+    decided = agui_decisions(run.resume or [])
+    said = agui_reasoned([agui_said(message, index, settings) for index, message in enumerate(run.messages)])
+    said.extend(agui_context(run.context or []))
+    message, history = client_history(sorted(said, key=lambda s: s.role != "system"), decided)
+    check_length(message, settings, "messages")
+    tools = [(tool.name, tool.description, tool.parameters) for tool in run.tools or []]
+    return AgUiRequest(run.thread_id, run.run_id, message, history, decided, client_tool_schemas(tools, taken, "tools"))
+
+
+def agui_said(message: Any, index: int, settings: Settings) -> Said:
+    where = f"messages[{index}]"
+    if isinstance(message, agui.SystemMessage | agui.DeveloperMessage):
+        return Said("system", message.content, where=where)
+    if isinstance(message, agui.UserMessage):
+        return Said("user", agui_content(message.content, where, settings), where=where)
+    if isinstance(message, agui.AssistantMessage):
+        calls = [
+            FunctionCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in message.tool_calls or []
+        ]
+        return Said("assistant", message.content or "", calls, where=where)
+    if isinstance(message, agui.ToolMessage):
+        content = (
+            message.content
+            if isinstance(message.content, str)
+            else dumps([p.model_dump(mode="json") for p in message.content])
+        )
+        return Said(
+            "tool", message.error or content, call_id=message.tool_call_id, is_error=bool(message.error), where=where
+        )
+    if isinstance(message, agui.ReasoningMessage):
+        return Said("reasoning", message.content, where=where)
+    return Said("other", where=where)  # activity messages: the agent has no use for them
+
+
+def agui_reasoned(said: list[Said]) -> list[Said]:
+    """The messages less the reasoning ones, whose text goes to the tool calls after them: a
+    thinking model wants it back there."""
+    for before, item in itertools.pairwise(said):
+        if before.role == "reasoning" and item.calls:
+            item.thought = str(before.content)
+    return [item for item in said if item.role not in {"reasoning", "other"}]
+
+
+def agui_content(content: Any, where: str, settings: Settings) -> Content:
+    """A user message's text, or its text and images (the model must read images)."""
+    if isinstance(content, str):
+        return content
+    parts: list[str | Image] = []
+    for part in content:
+        if isinstance(part, agui.TextPart):
+            parts.append(part.text)
+        elif (
+            isinstance(part, agui.ImagePart)
+            and isinstance(part.source, agui.DataSource)
+            and settings.model_info["vision"]
+        ):
+            parts.append(client_image(f"data:{part.source.mime_type};base64,{part.source.value}", where))
+        else:
+            raise invalid(
+                f"{where} has a part the agent cannot read: text, and images as data when MODEL_VISION.", where
+            )
+    texts = [part for part in parts if isinstance(part, str)]
+    return "\n".join(texts) if len(texts) == len(parts) else parts
+
+
+def agui_context(context: Sequence[Any]) -> list[Said]:
+    """The app's context entries, for the model to read with the server's system message."""
+    if not context:
+        return []
+    lines = "\n".join(f"- {entry.description}: {entry.value}" for entry in context)
+    return [Said("system", f"Context from the application:\n{lines}")]
+
+
+def agui_decisions(resume: Sequence[Any]) -> dict[str, bool]:
+    """The decisions a resume brings, by call id: resolved with {"approved": true} runs the call;
+    resolved otherwise, or cancelled, denies it."""
+    decided = {}
+    for entry in resume:
+        payload = entry.payload if isinstance(entry.payload, dict) else {}
+        decided[entry.interrupt_id] = entry.status == "resolved" and payload.get("approved") is True
+    return decided
+
+
+def check_length(message: Content | None, settings: Settings, param: str) -> None:
+    text = message if isinstance(message, str) else "\n".join(p for p in message or [] if isinstance(p, str))
+    if len(text) > settings.max_message_chars:
+        raise invalid(f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).", param)
+
+
+class AgUiRun:
+    """One AG-UI run: the turn's events as AG-UI's, each message, reasoning message and tool call
+    opened before its content and closed before anything else begins, as the protocol's verifier
+    wants. Tool calls belong to the assistant message of the model reply that made them."""
+
+    name = "ag_ui"
+    errors = API_ERRORS
+
+    def __init__(self, thread_id: str, run_id: str, settings: Settings) -> None:
+        self.thread_id, self.run_id, self.settings = thread_id, run_id, settings
+        self.encoder = AgUiEncoder()
+        self.message_id = self._id()  # the assistant message of the model reply being read
+        self.open: tuple[str, str] | None = None  # ("text" | "reasoning", its id)
+        self.after_tools = False
+
+    @staticmethod
+    def _id() -> str:
+        return uuid.uuid4().hex
+
+    def render(self, event: TurnEvent) -> bytes:
+        if isinstance(event, Ping):
+            return SSE_PING
+        return "".join(self.encoder.encode(e) for e in self._events(event)).encode()
+
+    def _events(self, event: TurnEvent) -> list[Any]:
+        match event:
+            case Started():
+                return [
+                    agui.RunStartedEvent(
+                        thread_id=self.thread_id, run_id=self.run_id, protocol_version=agui.PROTOCOL_VERSION
+                    )
+                ]
+            case TextDelta(text=text):
+                return self._opening("text") + [agui.TextMessageContentEvent(message_id=self.message_id, delta=text)]
+            case ReasoningDelta(text=text):
+                opening = self._opening("reasoning")
+                return opening + [agui.ReasoningMessageContentEvent(message_id=self.open[1], delta=text)]  # type: ignore[index]
+            case ToolCall():
+                return self._closing() + self._call(event)
+            case ToolResult():
+                self.after_tools = True
+                return [
+                    agui.ToolCallResultEvent(
+                        message_id=self._id(), tool_call_id=event.call_id, content=event.content, role="tool"
+                    )
+                ]
+            case Finished():
+                return self._closing() + [self._finished(event)]
+            case Failed(error=error):
+                return self._closing() + [agui.RunErrorEvent(message=error.message, code=error.code)]
+        return []
+
+    def _opening(self, kind: str) -> list[Any]:
+        """What opens a text or reasoning message, closing what is open."""
+        if self.open is not None and self.open[0] == kind:
+            return []
+        events = self._closing()
+        if self.after_tools:  # a new model reply: a new assistant message
+            self.message_id, self.after_tools = self._id(), False
+        if kind == "text":
+            self.open = ("text", self.message_id)
+            return events + [agui.TextMessageStartEvent(message_id=self.message_id, role="assistant")]
+        self.open = ("reasoning", self._id())
+        return events + [agui.ReasoningStartEvent(message_id=self.open[1]),
+                         agui.ReasoningMessageStartEvent(message_id=self.open[1], role="reasoning")]  # fmt: skip
+
+    def _closing(self) -> list[Any]:
+        kind, open_id = self.open or ("", "")
+        self.open = None
+        if kind == "text":
+            return [agui.TextMessageEndEvent(message_id=open_id)]
+        if kind == "reasoning":
+            return [agui.ReasoningMessageEndEvent(message_id=open_id), agui.ReasoningEndEvent(message_id=open_id)]
+        return []
+
+    def _call(self, call: ToolCall) -> list[Any]:
+        if self.after_tools:
+            self.message_id, self.after_tools = self._id(), False
+        start = agui.ToolCallStartEvent(
+            tool_call_id=call.id, tool_call_name=call.name, parent_message_id=self.message_id
+        )
+        arguments = [agui.ToolCallArgsEvent(tool_call_id=call.id, delta=call.arguments)] if call.arguments else []
+        return [start, *arguments, agui.ToolCallEndEvent(tool_call_id=call.id)]
+
+    def _finished(self, done: Finished) -> Any:
+        usage = [agui_usage(done.tokens, self.settings)] if done.tokens.prompt or done.tokens.completion else None
+        if done.awaiting_approval:
+            interrupts = [agui_interrupt(call) for call in done.awaiting_approval]
+            outcome: Any = agui.RunFinishedInterruptOutcome(interrupts=interrupts)
+        else:
+            pending = [call.id for call in done.handed_over] or None
+            outcome = agui.RunFinishedSuccessOutcome(pending_tool_call_ids=pending)
+        return agui.RunFinishedEvent(thread_id=self.thread_id, run_id=self.run_id, outcome=outcome, usage=usage)
+
+
+def agui_interrupt(call: ToolCall) -> Any:
+    """A tool call that waits for a person: the next run's resume answers {"approved": true | false}."""
+    message = f"Allow {call.name} to run with {call.arguments}?"
+    return agui.Interrupt(id=call.id, reason="tool_call", tool_call_id=call.id, message=message,
+                          response_schema=AGUI_APPROVAL_SCHEMA)  # fmt: skip
+
+
+def agui_usage(tokens: Tokens, settings: Settings) -> Any:
+    """The run's tokens in AG-UI's terms; the cached and reasoning ones only where there are some."""
+    return agui.TokenUsage(
+        provider=provider_name(settings), model=model_shown(settings), input_tokens=tokens.prompt,
+        output_tokens=tokens.completion, total_tokens=tokens.prompt + tokens.completion,
+        cached_input_tokens=tokens.cached or None, reasoning_tokens=tokens.reasoning or None,
+    )  # fmt: skip
+
+
+def provider_name(settings: Settings) -> str:
+    """Who serves the model, by BASE_URL: deepseek, openai, or the host itself (demo: the demo model)."""
+    host = urlsplit(settings.base_url).hostname or ""
+    if settings.api_key is None:
+        return "demo"
+    return "deepseek" if host in DEEPSEEK_HOSTS else "openai" if host in OPENAI_HOSTS else host
+
+
+async def ag_ui(request: Request) -> Response:
+    ctx = context(request)
+    body = await turn_body(request, ctx.settings.v1_max_body_bytes, "V1_MAX_BODY_BYTES")
+    taken = [spec.schema["name"] for spec in ctx.tools.specs]
+    run = await off_the_loop(len(body), parse_ag_ui, body, ctx.settings, taken)
+    options = ModelOptions(client_tools=run.client_tools)
+    job = TurnJob(run.thread_id, run.message, run.history, options, Approvals.HAND_OVER, run.decided, face="ag_ui")
+    return TurnStream(await start_turn(ctx, job), AgUiRun(run.thread_id, run.run_id, ctx.settings))
 
 
 # ---------------------------------------------------------------------------
@@ -3954,6 +4488,7 @@ async def index(request: Request) -> JSONResponse:
                 "conversations": "GET /api/conversations",
                 "conversation": "GET|DELETE /api/conversations/{conversation_id}",
                 "health": "GET /health",
+                "ag_ui": "POST /api/ag-ui",
                 "openai_chat": "POST /v1/chat/completions",
                 "openai_models": "GET /v1/models",
             },
@@ -4189,6 +4724,7 @@ routes = [
         methods=["POST"],
         middleware=GUARDED,
     ),
+    face_route("/api/ag-ui", ag_ui, API_ERRORS, methods=["POST"], middleware=GUARDED),
     face_route("/v1/models", v1_models, OPENAI_ERRORS, middleware=GUARDED),
     face_route("/v1/chat/completions", v1_chat_completions, OPENAI_ERRORS, methods=["POST"], middleware=GUARDED),
     face_route("/openapi.json", openapi_json, API_ERRORS),

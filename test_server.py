@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,8 +43,10 @@ from typing import Any, Self
 import httpx
 import openai
 import psycopg
+import pydantic
 import pytest
 import uvicorn
+from ag_ui import core as agui
 from jsonschema import Draft202012Validator  # openapi-spec-validator's own dependency
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from playwright.sync_api import Page, Playwright, expect, sync_playwright
@@ -1683,6 +1686,7 @@ def turn_requests(http: httpx.Client, conversation_id: str | None = None, **kwar
         "/api/chat": {"message": "hi", **named},
         "/api/chat/stream": {"message": "hi", **named},
         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], **named},
+        "/api/ag-ui": {"threadId": conversation_id or "t", "messages": [{"id": "m", "role": "user", "content": "hi"}]},
     }
     kwargs.setdefault("headers", {"Content-Type": "application/json"})
     return [http.post(path, content=json.dumps(body), **kwargs) for path, body in bodies.items()]
@@ -1976,12 +1980,13 @@ def test_tools_setting_empty_turns_tools_off(
 # The README's examples
 # ---------------------------------------------------------------------------
 
-README_SECTIONS = ("快速开始", "API", "OpenAI 兼容接口（`/v1`）")
+README_SECTIONS = ("快速开始", "API", "OpenAI 兼容接口（`/v1`）", "AG-UI（CopilotKit、`@ag-ui/client`）")
 # What changes from one run to the next: ids, times, and the numbers that follow from them.
 VOLATILE = [
     (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<uuid>"),
     (re.compile(r"call_[0-9a-f]{12}"), "<call>"),
     (re.compile(r"chatcmpl-[0-9a-f]{32}"), "<chatcmpl>"),
+    (re.compile(r"\b[0-9a-f]{32}\b"), "<id>"),
     (re.compile(r'"created":\d+'), '"created":<t>'),
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:Z|[+-]\d\d:\d\d)?"), "<time>"),
     (re.compile(r"\d{4}-\d\d-\d\d"), "<date>"),
@@ -2032,8 +2037,8 @@ def run_readme_block(block: ReadmeBlock, home: Path, port: int, env: dict[str, s
     text = block.text.replace("localhost:8000", f"localhost:{port}")
     if block.language == "python":
         command = [sys.executable, "-c", text]
-    elif "server.py" in text or "uvicorn server:app" in text:
-        return None  # the server the test started, as this block starts it
+    elif block.language != "bash" or "server.py" in text or "uvicorn server:app" in text:
+        return None  # another language's (a browser's); or the server the test started, as this block starts it
     else:
         command = ["bash", "-euo", "pipefail", "-c", text]
     done = subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, timeout=60, check=False)
@@ -2356,6 +2361,10 @@ BAD_REQUESTS = [
     ("deep-nesting", "POST", "/api/chat", {"content": b"[" * 100_000}, 400, "invalid_json"),
     ("deep-nesting-closed", "POST", "/api/chat", {"content": b"[" * 100_000 + b"]" * 100_000}, 400, "invalid_json"),
     ("lone-surrogate", "POST", "/api/chat", {"content": b'{"message": "hi \\ud800"}'}, 422, INVALID),
+    ("ag-ui-not-json", "POST", "/api/ag-ui", {"content": b"{nope"}, 400, "invalid_json"),
+    ("ag-ui-too-large", "POST", "/api/ag-ui", {"content": b"x" * (8 * 2**20 + 1)}, 413, "payload_too_large"),
+    ("ag-ui-xml", "POST", "/api/ag-ui", {"content": b"<m/>", "headers": XML}, 415, "unsupported_media_type"),
+    ("ag-ui-not-run-input", "POST", "/api/ag-ui", {"json": {"threadId": 5}}, 422, INVALID),
     ("id-dot", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": "."}}, 422, INVALID),
     ("id-dot-dot", "POST", "/api/chat", {"json": {"message": "hi", "conversation_id": ".."}}, 422, INVALID),
     ("path-id-dot-dot", "GET", "/api/conversations/%2E%2E", {}, 422, INVALID),
@@ -3990,7 +3999,7 @@ APP_BODIES = [
                          {"id": "t1", "type": "function", "function": {"name": "web_search", "arguments": "{}"}}]},
                      {"role": "tool", "tool_call_id": "t1", "content": "search results"},
                      {"role": "assistant", "content": "It is 2."}, *ASK],
-    }, CLEAN),
+    }, [*CLEAN[:2], ("assistant", None), ("tool", "search results"), *CLEAN[2:]]),  # its own tool's call and result
     ("chatbox", {
         "model": "autogen-agent", "stream": False, "max_tokens": 2048, "temperature": 0.7,
         "messages": [{"role": "system", "content": [{"type": "text", "text": "Be kind."}]}, *EARLIER,
@@ -4012,7 +4021,8 @@ def test_v1_app_shaped_requests_are_accepted_and_the_model_gets_clean_history(
     assert response.status_code == 200
     request = upstream.requests[0]
     assert [(m["role"], m["content"]) for m in request["messages"]] == sent
-    assert [t["function"]["name"] for t in request["tools"]] == ["get_current_time", "calculate"]
+    client_tools = [t["function"]["name"] for t in body.get("tools", [])]  # offered beside the agent's own
+    assert [t["function"]["name"] for t in request["tools"]] == ["get_current_time", "calculate", *client_tools]
     assert "tool_calls" not in response.text
     assert stored_total(service.url) == 0
 
@@ -4164,6 +4174,137 @@ def test_autogens_own_openai_client_reads_a_v1_stream_with_its_finish_reason_and
     assert "".join(chunks) == "Four." and result.content == "Four."
     assert result.finish_reason == "stop"  # 'unknown' when usage came on the finish chunk too
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (11, 7)
+
+
+CLIENT_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_news", "description": "Today's news.",
+                                      "parameters": {"type": "object", "properties": {}}}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["json", "stream"])
+def test_v1_a_client_tool_call_goes_back_to_the_client_and_its_result_brings_the_answer(
+    sdk: openai.OpenAI, upstream: FakeModelAPI, streamed: bool
+) -> None:
+    upstream.reset(Reply(tool_calls=[("get_weather", {"city": "Paris"})], call_ids=("w1",)), Reply(content="Sunny."))
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    if streamed:
+        chunks = list(sdk.chat.completions.create(model="m", messages=asked, tools=CLIENT_TOOLS, stream=True))  # type: ignore[arg-type]
+        deltas = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert (deltas[0].id, deltas[0].type, deltas[0].function.name, deltas[0].function.arguments) == (
+            "w1", "function", "get_weather", "")  # fmt: skip
+        arguments = "".join(d.function.arguments or "" for d in deltas)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        call = {"id": "w1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    else:
+        answer = sdk.chat.completions.create(model="m", messages=asked, tools=CLIENT_TOOLS)  # type: ignore[arg-type]
+        finish, message = [answer.choices[0].finish_reason], answer.choices[0].message
+        assert message.content is None
+        call = message.tool_calls[0].model_dump()  # type: ignore[index]
+    assert finish == ["tool_calls"] and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    result = [*asked, {"role": "assistant", "content": None, "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": "w1", "content": "sunny, 21 °C"}]  # fmt: skip
+    final = sdk.chat.completions.create(model="m", messages=result, tools=CLIENT_TOOLS)  # type: ignore[arg-type]
+    assert final.choices[0].message.content == "Sunny." and final.choices[0].finish_reason == "stop"
+    sent = upstream.requests[1]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool"] and sent[-1][
+        "content"
+    ] == "sunny, 21 °C"
+    names = [t["function"]["name"] for t in upstream.requests[0]["tools"]]
+    assert names == ["get_current_time", "calculate", "get_weather", "get_news"]
+
+
+def test_v1_the_agents_tools_run_and_the_clients_come_back_from_one_reply_even_two_of_them(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    calls = [("calculate", {"expression": "6*7"}), ("get_weather", {"city": "Rome"}), ("get_news", {})]
+    upstream.reset(Reply(tool_calls=calls, call_ids=("a", "w", "n")), Reply(content="Done."))
+    answer = sdk.chat.completions.create(model="m", messages=ASK, tools=CLIENT_TOOLS)  # type: ignore[arg-type]
+    message = answer.choices[0].message
+    assert [c.id for c in message.tool_calls or []] == ["w", "n"]
+    assert "🔧 calculate → 42" in message.reasoning_content  # type: ignore[attr-defined]
+    assert len(upstream.requests) == 1  # the turn ended with the client's calls: no second model call
+    follow = [
+        *ASK,
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": "w", "content": "rain"},
+        {"role": "tool", "tool_call_id": "n", "content": "none"},
+    ]
+    again = sdk.chat.completions.create(model="m", messages=follow, tools=CLIENT_TOOLS)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == "Done."
+    sent = upstream.requests[1]["messages"]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ["w", "n"]
+
+
+def test_v1_client_tools_go_round_after_round(sdk: openai.OpenAI, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(tool_calls=[("get_news", {})], call_ids=("n1",)),
+                   Reply(tool_calls=[("get_weather", {"city": "Oslo"})], call_ids=("w1",)),
+                   Reply(content="Cold news."))  # fmt: skip
+    messages: list[Any] = [{"role": "user", "content": "News and weather?"}]
+    for _ in range(3):
+        answer = sdk.chat.completions.create(model="m", messages=messages, tools=CLIENT_TOOLS)  # type: ignore[arg-type]
+        message = answer.choices[0].message
+        messages.append(message.model_dump(exclude_none=True))
+        for call in message.tool_calls or []:
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": f"{call.function.name} done"})
+    assert messages[-1]["content"] == "Cold news." and len(upstream.requests) == 3
+    assert [m["role"] for m in upstream.requests[2]["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "tool",
+    ]
+
+
+def test_v1_tool_choice_and_parallel_tool_calls_reach_the_models_first_call(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(tool_calls=[("calculate", {"expression": "1+1"})]), Reply(content="2."))
+    choice = {"type": "function", "function": {"name": "calculate"}}
+    sdk.chat.completions.create(model="m", messages=ASK, tools=CLIENT_TOOLS, tool_choice=choice,  # type: ignore[arg-type]
+                                parallel_tool_calls=False)  # fmt: skip
+    first, second = upstream.requests
+    assert first["tool_choice"] == choice and first["parallel_tool_calls"] is False
+    assert second["tool_choice"] == "auto"  # only the first: else the model would call it for ever
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [({"tools": [{"type": "function", "function": {"name": "calculate"}}]}, "tools[0]"),
+     ({"tools": CLIENT_TOOLS, "conversation_id": "stored"}, "tools"),
+     ({"tools": [{"type": "code_interpreter"}]}, "tools[0]"),
+     ({"tools": CLIENT_TOOLS, "tool_choice": "sometimes"}, "tool_choice")],
+    ids=["named-as-the-agents-tool", "with-a-stored-conversation", "not-a-function", "bad-tool-choice"],
+)  # fmt: skip
+def test_v1_client_tools_that_cannot_be_offered_are_refused_naming_the_field(
+    client: TestClient, upstream: FakeModelAPI, extra: dict[str, Any], param: str
+) -> None:
+    response = client.post("/v1/chat/completions", json={"messages": ASK, **extra})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param and upstream.requests == []
+
+
+def test_v1_with_deepseek_thinking_a_client_tools_round_trip_passes_the_reasoning_back(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    # The client sends its tool call back without reasoning_content: DeepSeek refuses the next
+    # request unless the server, which kept it, puts it back.
+    upstream.reset(Reply(tool_calls=[("get_weather", {"city": "Paris"})]), Reply(content="Sunny."), strict="deepseek")
+    with ServerThread(server.create_app(settings_for(THINKING="enabled"))) as service:
+        with openai.OpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0) as sdk:
+            asked = [{"role": "user", "content": "Weather?"}]
+            first = sdk.chat.completions.create(model="m", messages=asked, tools=CLIENT_TOOLS)  # type: ignore[arg-type]
+            call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+            follow = [*asked, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                      {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
+            second = sdk.chat.completions.create(model="m", messages=follow, tools=CLIENT_TOOLS)  # type: ignore[arg-type]
+    assert second.choices[0].message.content == "Sunny."
+    sent = [m for m in upstream.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert sent[0]["reasoning_content"] == DEFAULT_REASONING
 
 
 def test_v1_an_image_for_a_model_without_vision_is_refused_naming_the_setting(
@@ -4320,6 +4461,244 @@ def test_cors_preflight_of_a_browser_app_using_the_openai_sdk_passes(
             assert set(requested.split(",")) <= {name.strip() for name in allowed.split(",")}
         exposed = client.get("/health", headers={"Origin": "https://chat.example"}).headers
     assert "x-conversation-id" in exposed["access-control-expose-headers"].lower()
+
+
+# ---------------------------------------------------------------------------
+# AG-UI
+# ---------------------------------------------------------------------------
+
+AGUI_EVENT = pydantic.TypeAdapter(agui.Event)
+
+
+def agui_message(role: str, content: Any = None, **extra: Any) -> dict[str, Any]:
+    return {"id": uuid.uuid4().hex, "role": role, **({"content": content} if content is not None else {}), **extra}
+
+
+def agui_input(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"threadId": "thread-1", "runId": "run-1", "messages": list(messages), **extra}
+
+
+def agui_run(url: str, body: dict[str, Any], **kwargs: Any) -> tuple[httpx.Response, list[Any]]:
+    """A run, its events parsed by ag-ui-protocol's own models."""
+    response = httpx.post(url + "/api/ag-ui", json=body, timeout=30, **kwargs)
+    lines = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+    return response, [AGUI_EVENT.validate_json(line) for line in lines] if response.status_code == 200 else []
+
+
+def kinds(events: list[Any]) -> list[str]:
+    return [event.type.value for event in events]
+
+
+def test_ag_ui_streams_thinking_and_text_as_ag_ui_events_in_their_order(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(reasoning="let me think", content="Hello there"))
+    response, events = agui_run(service.url, agui_input(agui_message("user", "hi")))
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert kinds(events) == [
+        "RUN_STARTED", "REASONING_START", "REASONING_MESSAGE_START", "REASONING_MESSAGE_CONTENT",
+        "REASONING_MESSAGE_CONTENT", "REASONING_MESSAGE_CONTENT", "REASONING_MESSAGE_END", "REASONING_END",
+        "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END", "RUN_FINISHED",
+    ]  # fmt: skip
+    assert (events[0].thread_id, events[0].run_id, events[0].protocol_version) == ("thread-1", "run-1", "1.0")
+    assert "".join(e.delta for e in events if e.type.value == "TEXT_MESSAGE_CONTENT") == "Hello there"
+    assert "".join(e.delta for e in events if e.type.value == "REASONING_MESSAGE_CONTENT") == "let me think"
+    finished = events[-1]
+    assert finished.outcome.type == "success" and finished.usage[0].input_tokens == 11
+    assert finished.usage[0].output_tokens == 7 and finished.usage[0].model == "deepseek-flash"
+    assert stored_total(service.url) == 0  # stateless: nothing is stored
+
+
+def test_ag_ui_runs_the_agents_tools_and_answers_in_a_new_assistant_message(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(
+        Reply(content="Let me see.", tool_calls=[("calculate", {"expression": "6*7"})]), Reply(content="42.")
+    )
+    _, events = agui_run(service.url, {"threadId": "t", "messages": [agui_message("user", "6*7?")]})
+    types = kinds(events)
+    assert types[types.index("TEXT_MESSAGE_END") + 1 : types.index("TOOL_CALL_RESULT") + 1] == [
+        "TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "TOOL_CALL_RESULT"]  # fmt: skip
+    start = next(e for e in events if e.type.value == "TOOL_CALL_START")
+    texts = [e.message_id for e in events if e.type.value == "TEXT_MESSAGE_START"]
+    result = next(e for e in events if e.type.value == "TOOL_CALL_RESULT")
+    assert start.tool_call_name == "calculate" and start.parent_message_id == texts[0] and len(set(texts)) == 2
+    assert result.tool_call_id == start.tool_call_id and result.content == "42"
+    assert events[0].run_id.startswith("run_")  # none was given: one is made
+
+
+def test_ag_ui_goes_on_from_the_history_the_client_keeps(service: ServerThread, upstream: FakeModelAPI) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "calculate", "arguments": '{"expression": "6*7"}'}}
+    history = [agui_message("system", "Be brief."), agui_message("user", "6*7?"),
+               agui_message("assistant", "Let me see.", toolCalls=[call]),
+               agui_message("tool", "42", toolCallId="c1"), agui_message("assistant", "42."),
+               agui_message("user", "And doubled?")]  # fmt: skip
+    _, events = agui_run(service.url, agui_input(*history, context=[{"description": "user", "value": "Ada"}]))
+    sent = upstream.requests[0]["messages"]
+    assert kinds(events)[-1] == "RUN_FINISHED"
+    assert [(m["role"], m.get("content")) for m in sent] == [
+        ("system", f"{SYSTEM}\nBe brief.\nContext from the application:\n- user: Ada"), ("user", "6*7?"),
+        ("assistant", "Let me see."), ("assistant", None), ("tool", "42"), ("assistant", "42."),
+        ("user", "And doubled?"),
+    ]  # fmt: skip
+    assert sent[3]["tool_calls"][0]["id"] == "c1" and sent[4]["tool_call_id"] == "c1"
+
+
+def test_ag_ui_an_upstream_failure_ends_the_run_with_run_error_and_no_run_finished(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(status=500))
+    _, events = agui_run(service.url, agui_input(agui_message("user", "hi")))
+    assert kinds(events) == ["RUN_STARTED", "RUN_ERROR"]
+    assert events[-1].code == "upstream_error" and events[-1].message == "The model API answered 500: scripted failure"
+
+
+AGUI_BAD = [
+    ("not-run-input", {"threadId": "t", "messages": "hi"}),
+    ("no-messages", {"threadId": "t", "messages": []}),
+    ("ends-with-assistant", {"threadId": "t", "messages": [agui_message("assistant", "hi")]}),
+    ("result-of-no-call", {"threadId": "t", "messages": [agui_message("user", "hi"),
+                                                         agui_message("tool", "x", toolCallId="nope")]}),
+    ("too-long", {"threadId": "t", "messages": [agui_message("user", "x" * 32001)]}),
+    ("tool-named-as-ours", {"threadId": "t", "messages": [agui_message("user", "hi")],
+                            "tools": [{"name": "calculate", "description": "mine"}]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body", [b[1] for b in AGUI_BAD], ids=[b[0] for b in AGUI_BAD])
+def test_ag_ui_bad_input_is_refused_before_any_stream_in_the_api_shape(
+    client: TestClient, upstream: FakeModelAPI, body: dict[str, Any]
+) -> None:
+    response = client.post("/api/ag-ui", json=body)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "validation_error"
+    assert response.json()["status"] == "error" and upstream.requests == []
+
+
+def test_ag_ui_needs_the_server_key_when_one_is_set(settings_for: Callable[..., server.Settings]) -> None:
+    with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
+        refused = client.post("/api/ag-ui", json=agui_input(agui_message("user", "hi")))
+        answered = client.post("/api/ag-ui", json=agui_input(agui_message("user", "hi")),
+                               headers={"Authorization": f"Bearer {SERVER_KEY}"})  # fmt: skip
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    assert answered.status_code == 200 and "RUN_FINISHED" in answered.text
+
+
+def test_ag_ui_abort_cancels_the_run_and_closes_the_model_request(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="a b c d e", fault="hang"))
+    body = agui_input(agui_message("user", "hi"))
+    with httpx.Client(timeout=10) as http, http.stream("POST", service.url + "/api/ag-ui", json=body) as response:
+        for text in response.iter_text():
+            if "TEXT_MESSAGE_CONTENT" in text:
+                break
+    assert upstream.disconnected.wait(5), "the model request stayed open"
+    assert wait_until(lambda: not service.app_ctx.turns)
+
+
+def test_ag_ui_a_tool_that_needs_approval_interrupts_the_run_and_the_resume_decides_it(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, mcp_file: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "written.txt"
+    config = mcp_config(tmp_path, {"files": stdio_server(mcp_file)})
+    arguments = {"path": str(target), "text": "yes"}
+    upstream.reset(Reply(tool_calls=[("files__write_file", arguments)]), Reply(content="Written."))
+    asked = agui_message("user", "write it")
+    with ServerThread(server.create_app(settings_for(MCP_CONFIG=config))) as service:
+        _, first = agui_run(service.url, agui_input(asked))
+        [interrupt] = first[-1].outcome.interrupts
+        call = {
+            "id": "call_0",
+            "type": "function",
+            "function": {"name": "files__write_file", "arguments": json.dumps(arguments)},
+        }
+        resume = [{"interruptId": interrupt.id, "status": "resolved", "payload": {"approved": True}}]
+        _, second = agui_run(service.url, agui_input(asked, agui_message("assistant", toolCalls=[call]), resume=resume))
+    assert (
+        first[-1].outcome.type == "interrupt" and interrupt.tool_call_id == "call_0" and interrupt.reason == "tool_call"
+    )
+    assert "TOOL_CALL_RESULT" not in kinds(first) and len(upstream.requests) == 2
+    assert kinds(second)[:2] == ["RUN_STARTED", "TOOL_CALL_RESULT"] and second[1].content.startswith("wrote")
+    assert target.read_text() == "yes" and second[-1].outcome.type == "success"
+    assert [m for m in upstream.requests[1]["messages"] if m["role"] == "tool"][0]["content"].startswith("wrote")
+
+
+def test_ag_ui_a_denied_resume_runs_nothing_and_the_model_hears_why(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, mcp_file: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "written.txt"
+    config = mcp_config(tmp_path, {"files": stdio_server(mcp_file)})
+    call = {"id": "c9", "type": "function",
+            "function": {"name": "files__write_file",
+                         "arguments": json.dumps({"path": str(target), "text": "no"})}}  # fmt: skip
+    upstream.reset(Reply(content="As you wish."))
+    resume = [{"interruptId": "c9", "status": "resolved", "payload": {"approved": False}}]
+    messages = [agui_message("user", "write it"), agui_message("assistant", toolCalls=[call])]
+    with ServerThread(server.create_app(settings_for(MCP_CONFIG=config))) as service:
+        _, events = agui_run(service.url, agui_input(*messages, resume=resume))
+    assert not target.exists() and kinds(events)[1] == "TOOL_CALL_RESULT"
+    assert events[1].content == "The user denied this tool call: it was not run."
+
+
+def test_ag_ui_frontend_tools_end_the_run_with_their_calls_pending_and_the_next_run_answers(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    tools = [{"name": "confirm_order", "description": "Ask the user to confirm.",
+              "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}]  # fmt: skip
+    upstream.reset(
+        Reply(tool_calls=[("confirm_order", {"order": "A1"})], call_ids=("front-1",)), Reply(content="Ordered.")
+    )
+    asked = agui_message("user", "order A1")
+    _, first = agui_run(service.url, agui_input(asked, tools=tools))
+    call = {"id": "front-1", "type": "function", "function": {"name": "confirm_order", "arguments": '{"order": "A1"}'}}
+    answered = [
+        asked,
+        agui_message("assistant", toolCalls=[call]),
+        agui_message("tool", '{"ok": true}', toolCallId="front-1"),
+    ]
+    _, second = agui_run(service.url, agui_input(*answered, tools=tools))
+    assert kinds(first) == ["RUN_STARTED", "TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "RUN_FINISHED"]
+    assert first[-1].outcome.type == "success" and first[-1].outcome.pending_tool_call_ids == ["front-1"]
+    assert "confirm_order" in [t["function"]["name"] for t in upstream.requests[0]["tools"]]
+    assert kinds(second)[-1] == "RUN_FINISHED" and "Ordered." in [e.delta for e in second if hasattr(e, "delta")]
+    assert [m["content"] for m in upstream.requests[1]["messages"] if m["role"] == "tool"] == ['{"ok": true}']
+
+
+AGUI_CHECK = """
+import { HttpAgent } from "@ag-ui/client";
+const [url, input] = [process.argv[2], JSON.parse(process.argv[3])];
+const agent = new HttpAgent({ url, threadId: input.threadId, initialMessages: input.messages });
+const seen = [];
+agent.subscribe({ onEvent: ({ event }) => { seen.push(event.type); } });
+await agent.runAgent({ runId: input.runId, tools: input.tools ?? [] });  // rejects on any breach of the protocol
+console.log(JSON.stringify({ seen, messages: agent.messages.map((m) => m.role) }));
+"""
+
+
+@pytest.fixture(scope="session")
+def agui_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """@ag-ui/client from the npm registry, in a folder of the tests' own."""
+    if shutil.which("npm") is None:
+        pytest.fail("The AG-UI client test runs @ag-ui/client under Node: apt-get install -y nodejs npm")
+    folder = tmp_path_factory.mktemp("agui-js")
+    subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "@ag-ui/client@1.0.0"], cwd=folder,
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    (folder / "check.mjs").write_text(AGUI_CHECK, encoding="utf-8")
+    return folder
+
+
+def test_ag_ui_runs_pass_the_ag_ui_clients_own_verifier(
+    agui_client: Path, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(reasoning="hm", content="Let me see.", tool_calls=[("calculate", {"expression": "6*7"})]),
+                   Reply(reasoning="so", content="42."))  # fmt: skip
+    body = json.dumps(agui_input(agui_message("user", "6*7?")))
+    done = subprocess.run(["node", "check.mjs", service.url + "/api/ag-ui", body], cwd=agui_client,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["seen"][0] == "RUN_STARTED" and seen["seen"][-1] == "RUN_FINISHED"
+    assert seen["messages"] == ["user", "reasoning", "assistant", "tool", "reasoning", "assistant"]
 
 
 # ---------------------------------------------------------------------------
