@@ -1143,10 +1143,19 @@ class Store(Protocol):
         """The agent's saved state (its history window), or None for a new conversation."""
 
     async def save_turn(
-        self, conversation_id: str, state: Mapping[str, Any], records: Sequence[Mapping[str, Any]], lease: str
+        self,
+        conversation_id: str,
+        state: Mapping[str, Any],
+        records: Sequence[Mapping[str, Any]],
+        lease: str,
+        artifact: tuple[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        """Store a completed turn (the agent's state and the turn's records, appended) and delete
-        its lease, in one transaction; LeaseLost, and nothing stored, if the lease is gone."""
+        """Store a completed turn (the agent's state and the turn's records, appended, and the face's
+        artifact of it by its id) and delete its lease, in one transaction; LeaseLost, and nothing
+        stored, if the lease is gone."""
+
+    async def artifact(self, artifact_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(its conversation's id, the body) of an artifact a face saved with a turn."""
 
     async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         """A page of conversation summaries, most recently updated first, and how many there are."""
@@ -1219,8 +1228,13 @@ CREATE TABLE IF NOT EXISTS call_reasoning (
     reasoning text NOT NULL,
     expires_at {clock_type} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    id text PRIMARY KEY,
+    conversation_id text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    body text NOT NULL
+);
 """
-SCHEMA_VERSION = 3  # 2: approvals; 3: call_reasoning
+SCHEMA_VERSION = 4  # 2: approvals; 3: call_reasoning; 4: artifacts
 STATEMENTS = {
     "acquire_lease": "INSERT INTO leases VALUES (%s, %s, {later}) ON CONFLICT (conversation_id) DO UPDATE"
     " SET owner = excluded.owner, expires_at = excluded.expires_at WHERE leases.expires_at < {now}",
@@ -1232,6 +1246,8 @@ STATEMENTS = {
     " SET state = excluded.state, message_count = conversations.message_count + excluded.message_count,"
     " updated_at = excluded.updated_at RETURNING message_count",
     "save_message": "INSERT INTO messages VALUES (%s, %s, %s)",
+    "save_artifact": "INSERT INTO artifacts VALUES (%s, %s, %s)",
+    "artifact": "SELECT conversation_id, body FROM artifacts WHERE id = %s",
     "list_conversations": "SELECT id, title, message_count, created_at, updated_at FROM conversations"
     " ORDER BY updated_at DESC, id LIMIT %s OFFSET %s",
     "count_conversations": "SELECT count(*) FROM conversations",
@@ -1436,7 +1452,12 @@ class SQLiteStore:
 
     @off_the_loop_if_locked
     def save_turn(
-        self, conversation_id: str, state: Mapping[str, Any], records: Sequence[Mapping[str, Any]], lease: str
+        self,
+        conversation_id: str,
+        state: Mapping[str, Any],
+        records: Sequence[Mapping[str, Any]],
+        lease: str,
+        artifact: tuple[str, Mapping[str, Any]] | None = None,
     ) -> None:
         db = self.db
         with self._transaction(db):
@@ -1445,6 +1466,13 @@ class SQLiteStore:
             values = conversation_values(conversation_id, state, records)
             (count,) = db.execute(SQLITE.sql("save_conversation"), values).fetchone()
             db.executemany(SQLITE.sql("save_message"), message_values(conversation_id, count, records))
+            if artifact is not None:
+                db.execute(SQLITE.sql("save_artifact"), (artifact[0], conversation_id, dumps(artifact[1])))
+
+    @off_the_loop_if_locked
+    def artifact(self, artifact_id: str) -> tuple[str, dict[str, Any]] | None:
+        row = self.db.execute(SQLITE.sql("artifact"), (artifact_id,)).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
 
     @staticmethod
     @contextmanager
@@ -1654,7 +1682,12 @@ class PostgresStore:
         return json.loads(rows[0][0]) if rows else None
 
     async def save_turn(
-        self, conversation_id: str, state: Mapping[str, Any], records: Sequence[Mapping[str, Any]], lease: str
+        self,
+        conversation_id: str,
+        state: Mapping[str, Any],
+        records: Sequence[Mapping[str, Any]],
+        lease: str,
+        artifact: tuple[str, Mapping[str, Any]] | None = None,
     ) -> None:
         async def save(db: psycopg.AsyncConnection) -> None:
             stage = "writing"
@@ -1668,11 +1701,19 @@ class PostgresStore:
                         await insert.executemany(
                             POSTGRES.sql("save_message"), message_values(conversation_id, count, records)
                         )
+                    if artifact is not None:
+                        await db.execute(
+                            POSTGRES.sql("save_artifact"), (artifact[0], conversation_id, dumps(artifact[1]))
+                        )
                     stage = "committing"  # a failure from here on may have committed
             except psycopg.OperationalError as exc:
                 raise _DeadConnection(committing=stage == "committing") from exc
 
         await self._call(save)
+
+    async def artifact(self, artifact_id: str) -> tuple[str, dict[str, Any]] | None:
+        rows = await self._rows("artifact", artifact_id)
+        return (rows[0][0], json.loads(rows[0][1])) if rows else None
 
     async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         async def page(db: psycopg.AsyncConnection) -> tuple[list[dict[str, Any]], int]:
@@ -2240,6 +2281,14 @@ class HistoryWindow(ChatCompletionContext):
     async def get_messages(self) -> list[LLMMessage]:
         return history_window(self._messages, self.size)
 
+    def forget_results(self, call_ids: Collection[str]) -> None:
+        """Drop the results of these calls from the last message of results (and it, if it empties)."""
+        last = self._messages[-1] if self._messages else None
+        if isinstance(last, FunctionExecutionResultMessage):
+            last.content = [result for result in last.content if result.call_id not in call_ids]
+            if not last.content:
+                self._messages.pop()
+
     async def save_state(self) -> Mapping[str, Any]:
         window = await self.get_messages()
         ids = {m.content[0].id for m in window if isinstance(m, AssistantMessage) and isinstance(m.content, list)}
@@ -2451,10 +2500,11 @@ async def run_agent(
     happen. Returns the agent's state to save, for a stored conversation. The run ends early,
     once a round of tool calls is done, where the gate handed a call over to the client."""
     agent, model, toolbox = agent_for(ctx, job, emit, gate)
-    if job.history is None and (state := await ctx.store.load_state(job.conversation_id)) is not None:
+    if (job.stored or job.history is None) and (state := await ctx.store.load_state(job.conversation_id)) is not None:
         await agent.load_state(state)
-    if job.history is not None:
+    if not job.stored:
         await recall_reasoning(ctx.store, agent.model_context)
+    await add_client_results(agent.model_context, job.results)
     await run_decided_calls(agent.model_context, toolbox, gate, emit)
     events = agent.run_stream(task=agent_task(job.message), cancellation_token=token, output_task_messages=False)
     try:
@@ -2466,11 +2516,31 @@ async def run_agent(
     finally:
         await events.aclose()
         await model.close()
-    if job.history is None:
+    if job.stored:
+        await forget_stopped(agent.model_context, gate)
         return await agent.save_state()
     if gate.stops_turn:
         await remember_reasoning(ctx.store, agent.model_context, gate)
     return None
+
+
+async def add_client_results(memory: ChatCompletionContext, results: Sequence[FunctionExecutionResult]) -> None:
+    """The client's tools' results, for the calls its last turn handed over, before the model goes on."""
+    if not results:
+        return
+    messages = await memory.get_messages()
+    waiting = {call.id for call in calls_of(messages[-1])} if messages else set()
+    if not waiting or {result.call_id for result in results} - waiting:
+        raise invalid("The results answer no tool call that this conversation's last turn handed over.", "input")
+    await memory.add_message(FunctionExecutionResultMessage(content=list(results)))
+
+
+async def forget_stopped(memory: ChatCompletionContext, gate: TurnGate) -> None:
+    """The stand-in results AutoGen's agent recorded for calls the client runs: a stored conversation
+    keeps the calls waiting, for the client's next request to answer."""
+    stopped = {call.id for call in gate.handed_over + gate.interrupted}
+    if stopped and isinstance(memory, HistoryWindow):
+        memory.forget_results(stopped)
 
 
 def calls_of(message: LLMMessage) -> list[FunctionCall]:
@@ -2955,10 +3025,16 @@ class TurnJob:
 
     conversation_id: str
     message: Content | None  # None: go on from the history (the results of the client's tools)
-    history: list[LLMMessage] | None = None  # stateless: the agent starts from it; None: the stored conversation
+    # Where the agent starts: the stored conversation's saved state, if it has one; else `history`.
+    # A stored turn holds the conversation's lease and saves; a stateless one only reads.
+    history: list[LLMMessage] | None = None
+    stored: bool = False
     options: ModelOptions = field(default_factory=ModelOptions)
     approvals: Approvals = Approvals.REFUSE
     decided: Mapping[str, bool] = field(default_factory=dict)  # the request's decisions on waiting calls
+    results: Sequence[FunctionExecutionResult] = ()  # the client's tools' results, for a stored conversation
+    # The face's own record of the turn, saved with it by its id (a Responses API object): from the Reply.
+    artifact: Callable[[Reply], tuple[str, Mapping[str, Any]]] | None = None
     face: str = "api_stream"  # for the logs and the metrics
 
 
@@ -2975,6 +3051,9 @@ class Turn:
         self.reply = Reply(job.conversation_id)
         if isinstance(job.message, str):
             self.reply.records.append({"role": "user", "content": job.message, "created_at": utc_now()})
+        for result in job.results:  # the client ran its tools: their results are the turn's start
+            body = {"call_id": result.call_id, "name": result.name, "content": result.content, "is_error": False}
+            self.reply.records.append({"role": "tool", **body, "client": True, "created_at": utc_now()})
         self.token = CancellationToken()
         self.gate = TurnGate(job.approvals, self.emit, ctx, job.conversation_id)
         self.gate.decided = job.decided
@@ -3083,7 +3162,10 @@ class Turn:
                 self.emit(Message("".join(self.reply.text)))
             if self.lease is not None and state is not None:
                 self._move(TurnState.SAVING)
-                await self.ctx.store.save_turn(self.job.conversation_id, state, self.reply.records, self.lease.owner)
+                artifact = self.job.artifact(self.reply) if self.job.artifact else None
+                await self.ctx.store.save_turn(
+                    self.job.conversation_id, state, self.reply.records, self.lease.owner, artifact
+                )
                 self.lease.saved()
         except asyncio.CancelledError:
             if self.state is not TurnState.STOPPING:
@@ -3126,7 +3208,7 @@ class Turn:
 async def start_turn(ctx: AppContext, job: TurnJob) -> Turn:
     """The job's turn: on its stored conversation, under the conversation's lease (409 while
     another turn runs), or stateless."""
-    if job.history is not None:
+    if not job.stored:
         return Turn(ctx, job, None)
     lease = await Lease.take(ctx, job.conversation_id)
     if lease is None:
@@ -3492,7 +3574,7 @@ def parse_chat_request(data: Any, settings: Settings) -> tuple[str, str]:
 async def api_turn(request: Request, face: ApiFace, approvals: Approvals) -> Turn:
     ctx = context(request)
     message, conversation_id = parse_chat_request(parse_json(await turn_body(request)), ctx.settings)
-    return await start_turn(ctx, TurnJob(conversation_id, message, approvals=approvals, face=face.name))
+    return await start_turn(ctx, TurnJob(conversation_id, message, stored=True, approvals=approvals, face=face.name))
 
 
 async def chat_stream(request: Request) -> TurnStream:
@@ -4008,13 +4090,8 @@ async def v1_chat_completions(request: Request) -> Response:
     chat = await off_the_loop(len(body), parse_v1_request, body, header, ctx.settings, taken)
     completion = V1Completion(chat.model, chat.include_usage)
     stateless = chat.conversation_id is None
-    job = TurnJob(
-        chat.conversation_id or completion.id,
-        chat.message,
-        chat.history if stateless else None,
-        chat.options,
-        face="v1",
-    )
+    cid = chat.conversation_id or completion.id
+    job = TurnJob(cid, chat.message, chat.history if stateless else None, not stateless, chat.options, face="v1")
     turn = await start_turn(ctx, job)
     headers = {} if stateless else {"X-Conversation-Id": job.conversation_id}
     if chat.stream:
@@ -4272,7 +4349,8 @@ async def ag_ui(request: Request) -> Response:
     taken = [spec.schema["name"] for spec in ctx.tools.specs]
     run = await off_the_loop(len(body), parse_ag_ui, body, ctx.settings, taken)
     options = ModelOptions(client_tools=run.client_tools)
-    job = TurnJob(run.thread_id, run.message, run.history, options, Approvals.HAND_OVER, run.decided, face="ag_ui")
+    job = TurnJob(run.thread_id, run.message, run.history, options=options, approvals=Approvals.HAND_OVER,
+                  decided=run.decided, face="ag_ui")  # fmt: skip
     return TurnStream(await start_turn(ctx, job), AgUiRun(run.thread_id, run.run_id, ctx.settings))
 
 

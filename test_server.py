@@ -488,7 +488,9 @@ def postgres_url() -> Iterator[str]:
 
 def empty_postgres(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("DROP TABLE IF EXISTS messages, conversations, leases, schema_version")
+        connection.execute(
+            "DROP TABLE IF EXISTS messages, conversations, leases, approvals, call_reasoning, artifacts, schema_version"
+        )
 
 
 @pytest.fixture
