@@ -4,8 +4,9 @@ One AutoGen ``AssistantAgent`` with tools talks to any OpenAI-compatible chat AP
 (DeepSeek by default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Each of its
 turns is one stream of events that every face renders: named SSE events at
 ``/api/chat/stream``, JSON at ``/api/chat``, stored conversations at ``/api/conversations``,
-an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs), a chat page at ``/chat`` and
-the API documents at ``/docs`` and ``/redoc``. Conversations live in SQLite
+an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs), a chat page at ``/chat``,
+the API documents at ``/docs`` and ``/redoc``, and Prometheus metrics at ``/metrics``; with an
+OpenTelemetry endpoint set, each turn is traced. Conversations live in SQLite
 (``DATABASE_PATH``), or in one PostgreSQL shared by several instances (``DATABASE_URL``).
 Settings come from the environment and the ``.env`` beside this file.
 
@@ -19,7 +20,8 @@ Try:
     curl -N localhost:8000/api/chat/stream -d '{"message": "现在东京几点？"}'
 
 The module reads top to bottom: settings and limits; errors and SSE; tools; storage; the
-AutoGen adapter; the turn; the faces, one section each; lifespan; routes; the app.
+AutoGen adapter; the turn; the faces, one section each; metrics and traces; lifespan; routes;
+the app.
 """
 
 from __future__ import annotations
@@ -4193,8 +4195,9 @@ class TurnWatch:
                 self._end(error.code)
 
     def _usage(self, usage: Usage) -> None:
-        self.tokens += usage.tokens
         self.metrics.count_tokens(usage.tokens)
+        if self.span is not None:  # the turn's sum, for its span (Tokens' sum costs 20 us)
+            self.tokens += usage.tokens
         if self.call is not None:
             self.call.set_attributes(usage_attributes(usage.tokens))
             self.call.set_attribute("gen_ai.response.finish_reasons", [usage.finish_reason])
@@ -4316,9 +4319,9 @@ class JsonFormatter(logging.Formatter):
     source to the process that starts the workers, which does not import this module."""
 
     def format(self, record: logging.LogRecord) -> str:
-        time = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
         line = {
-            "time": time.replace("+00:00", "Z"),
+            "time": stamp.replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
