@@ -3899,7 +3899,7 @@ async def metrics(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------------
-# Metrics and traces
+# Metrics and traces: Prometheus
 # ---------------------------------------------------------------------------
 # Prometheus metrics at /metrics, from prometheus-client. With WORKERS > 1 it runs in its
 # multiprocess mode: each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR, which
@@ -3916,14 +3916,6 @@ TURN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)  # seconds: wi
 FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 15, 30, 60)  # a thinking model's first words
 DATABASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 TOKEN_TYPES = ("input", "output", "cached_input", "reasoning")  # input includes cached, output reasoning
-CLIENT_CLOSED = "client_closed"  # a turn's outcome when its client left before its last event
-TRACES_FLUSH_SECONDS = 5.0  # shutdown waits this long for the last spans; a silent collector holds the SDK 30 s
-# gen_ai.provider.name by BASE_URL's host, as the conventions name them; any other host is named as it is.
-PROVIDERS = {
-    "api.deepseek.com": "deepseek", "api.openai.com": "openai", "api.anthropic.com": "anthropic",
-    "api.groq.com": "groq", "api.mistral.ai": "mistral_ai", "api.x.ai": "x_ai", "api.moonshot.ai": "moonshot_ai",
-    "generativelanguage.googleapis.com": "gcp.gemini",
-}  # fmt: skip
 STORE_CALLS = tuple(name for name, value in vars(Store).items() if inspect.iscoroutinefunction(value))
 
 
@@ -4052,6 +4044,20 @@ def timed(call: Callable[P, Awaitable[T]], seconds: Any, op: str) -> Callable[P,
             seconds.labels(op).observe(time.perf_counter() - start)  # a series once the store was called
 
     return timed_call
+
+
+# ---------------------------------------------------------------------------
+# Metrics and traces: OpenTelemetry, and a turn's watch
+# ---------------------------------------------------------------------------
+
+CLIENT_CLOSED = "client_closed"  # a turn's outcome when its client left before its last event
+TRACES_FLUSH_SECONDS = 5.0  # shutdown waits this long for the last spans; a silent collector holds the SDK 30 s
+# gen_ai.provider.name by BASE_URL's host, as the conventions name them; any other host is named as it is.
+PROVIDERS = {
+    "api.deepseek.com": "deepseek", "api.openai.com": "openai", "api.anthropic.com": "anthropic",
+    "api.groq.com": "groq", "api.mistral.ai": "mistral_ai", "api.x.ai": "x_ai", "api.moonshot.ai": "moonshot_ai",
+    "generativelanguage.googleapis.com": "gcp.gemini",
+}  # fmt: skip
 
 
 def provider_name(base_url: str) -> str:
