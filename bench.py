@@ -9,7 +9,7 @@ its /v1/chat/completions, and the service again with tracing on (OTLP to the moc
 goal table, the sweep and what the metrics and traces cost (and writes bench-results.json).
 
     python bench.py              # full run, about 10 minutes
-    python bench.py --quick      # smoke run, under 30 s
+    python bench.py --quick      # smoke run, about a minute
     python bench.py --workers 2  # WORKERS for the service, --workers for the relay
     python bench.py --sweep-only --workers 2 --levels 100,200,500
 """
@@ -749,7 +749,7 @@ def postgres_cluster() -> Iterator[str | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run in under 30 s")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
     parser.add_argument("--role", choices=["mock"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench-results.json")
