@@ -5,10 +5,11 @@ chunk, N deltas at a fixed pace, a usage chunk and [DONE]), the service as the R
 (`python server.py`) and a bare Starlette + httpx relay with no AutoGen (`uvicorn`, the same
 number of workers), then drives the paths side by side with a lean raw-socket client: the
 model API directly, the relay, the service's /api/chat/stream and, where the service has it,
-its /v1/chat/completions. Prints the goal table and the sweep (and writes bench-results.json).
+its /v1/chat/completions, and the service again with tracing on (OTLP to the mock). Prints the
+goal table, the sweep and what the metrics and traces cost (and writes bench-results.json).
 
     python bench.py              # full run, about 10 minutes
-    python bench.py --quick      # smoke run, under 30 s
+    python bench.py --quick      # smoke run, about a minute
     python bench.py --workers 2  # WORKERS for the service, --workers for the relay
     python bench.py --sweep-only --workers 2 --levels 100,200,500
 """
@@ -57,6 +58,7 @@ class MockModelAPI:
     def __init__(self) -> None:
         self.deltas, self.pace = 64, 0.02
         self.request_bytes: list[int] = []
+        self.trace_bytes: list[int] = []  # each OTLP export the traced service sent
         base = {"id": "b", "object": "chat.completion.chunk", "created": 0, "model": "mock"}
         self.role = _event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         self.delta = _event({**base, "choices": [{"index": 0, "delta": {"content": " tok"}, "finish_reason": None}]})
@@ -78,9 +80,12 @@ class MockModelAPI:
                     self.deltas, self.pace = config["deltas"], config["pace_ms"] / 1000
                     self.request_bytes.clear()
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                elif path == b"/stats":
-                    stats = json.dumps(self.request_bytes).encode()
+                elif path in (b"/stats", b"/trace-stats"):
+                    stats = json.dumps(self.request_bytes if path == b"/stats" else self.trace_bytes).encode()
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(stats), stats))
+                elif path == b"/v1/traces":
+                    self.trace_bytes.append(len(body))
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")  # the exporter reads no body
                 else:
                     self.request_bytes.append(len(body))
                     await self.stream(writer, b'"include_usage":true' in body)
@@ -262,12 +267,28 @@ def process_tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of the process and its descendants: each thread's time on a CPU in nanoseconds
+    (schedstat), where the kernel keeps it; else utime + stime, in ticks of 10 ms, which over a
+    quick run's few hundred tokens would hide anything under 30 us a token. A thread that has
+    exited is not counted: the service's threads (its event loop, the span exporter) live on."""
     total = 0.0
     for member in process_tree(pid):
+        nanoseconds = [read_first(path) for path in Path(f"/proc/{member}/task").glob("*/schedstat")]
+        if nanoseconds:
+            total += sum(nanoseconds) / 1e9
+            continue
         with suppress(OSError):
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return total
+
+
+def read_first(path: Path) -> int:
+    """The first number of a /proc file; 0 once its thread is gone."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def rss_kib(pid: int) -> int:
@@ -426,6 +447,50 @@ async def memory_per_stream(path: Path_, pid: int, mock_port: int, levels: list[
     return rows
 
 
+# What a turn's observation (server.TurnWatch) costs, timed in a process of its own with the
+# metrics on and tracing off: each token's event, a whole turn (open, usage, end, close) and the
+# adapter's hooks around a model call and a tool call, which without tracing are a shared no-op.
+OBSERVATION = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import server
+from autogen_core import FunctionCall
+
+telemetry = server.Telemetry(server.Settings())
+job = server.TurnJob("bench", "hi")
+delta, usage = server.TextDelta(" tok"), server.Usage(server.Tokens(10, 64), "stop")
+finished = server.Finished("bench", server.Tokens(10, 64), "stop")
+call, result = FunctionCall(id="c", name="calculate", arguments="{}"), server.tool_result("calculate", "1")
+watch = telemetry.turn(job)
+
+def turn():
+    each = telemetry.turn(job)
+    each.event(usage)
+    each.event(finished)
+    each.close()
+
+def hooks():
+    with watch.model_call():
+        pass
+    with watch.tool_call(call) as ended:
+        ended(server.ToolOutcome.OK, result)
+
+def microseconds(work, count):
+    start = time.perf_counter_ns()
+    for _ in range(count):
+        work()
+    return round((time.perf_counter_ns() - start) / count / 1000, 3)
+
+print(json.dumps({"token_us": microseconds(lambda: watch.event(delta), 500_000),
+                  "turn_us": microseconds(turn, 20_000), "hooks_us": microseconds(hooks, 200_000)}))
+"""
+
+
+def observation_cost() -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", OBSERVATION, str(HERE)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
 def slope(points: list[tuple[float, float]]) -> float:
     xs, ys = zip(*points, strict=True)
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
@@ -451,24 +516,29 @@ class Run:
     database_url: str | None
     pids: dict[str, int] = field(default_factory=dict)
 
-    def service_env(self, port: int, database_url: str | None = None) -> dict[str, str]:
+    def service_env(self, port: int, database_url: str | None = None, traced: bool = False) -> dict[str, str]:
         workers = {"WORKERS": str(self.args.workers)} if self.args.workers else {}
         database = {"DATABASE_URL": database_url} if database_url else {}
+        mock = f"http://127.0.0.1:{self.ports['mock']}"
+        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": mock} if traced else {}  # the mock takes the spans
         return {
-            "API_KEY": "bench", "BASE_URL": f"http://127.0.0.1:{self.ports['mock']}/v1", "MODEL_NAME": "mock",
+            "API_KEY": "bench", "BASE_URL": f"{mock}/v1", "MODEL_NAME": "mock",
             "DATABASE_PATH": str(self.scratch / f"bench-{port}.db"), "LOG_LEVEL": "WARNING", "MAX_RETRIES": "0",
-            "HOST": "127.0.0.1", "PORT": str(port), **workers, **database,
+            "HOST": "127.0.0.1", "PORT": str(port), **workers, **database, **tracing,
         }  # fmt: skip
 
-    def service(self, port: int, database_url: str | None = None) -> contextlib.AbstractContextManager:
+    def service(
+        self, port: int, database_url: str | None = None, traced: bool = False
+    ) -> contextlib.AbstractContextManager:
         """The service as the README runs it: `python server.py`."""
         command = [sys.executable, str(HERE / "server.py")]
-        return started(command, port, self.service_env(port, database_url), self.scratch)
+        return started(command, port, self.service_env(port, database_url, traced), self.scratch)
 
 
 async def bench_paths(run: Run) -> dict[str, Path_]:
     """The model API, the relay and the service's streaming paths: /v1 where the service has
-    it, and /api/chat/stream on PostgreSQL where a cluster could be had."""
+    it, /api/chat/stream on PostgreSQL where a cluster could be had, and /api/chat/stream of
+    the service with tracing on."""
     ports = run.ports
     paths = {
         "direct": Path_("direct", ports["mock"], "/v1/chat/completions", SSE_TOKEN, (b"[DONE]",), b"\0", COMPLETION),
@@ -482,6 +552,7 @@ async def bench_paths(run: Run) -> dict[str, Path_]:
                             b'data: {"error"', COMPLETION)  # fmt: skip
     if "postgres" in ports:
         paths["postgres"] = dataclasses.replace(paths["service"], name="postgres", port=ports["postgres"])
+    paths["traced"] = dataclasses.replace(paths["service"], name="traced", port=ports["traced"])
     return paths
 
 
@@ -505,6 +576,8 @@ async def measure(run: Run) -> dict[str, Any]:
         name: max((row["streams"] for row in report["sweep"] if sustained(row[name])), default=0)
         for name in ("relay", *services)
     }
+    _, exports = await http_json(ports["mock"], "/trace-stats")
+    report["traces"] = {"exports": len(exports), "bytes": sum(exports)}  # while the traced service still runs
     return report
 
 
@@ -536,7 +609,8 @@ async def fresh_memory(run: Run, path: Path_) -> dict[str, Any]:
     """RSS per held-open stream in a process of its own: memory a process once held and freed
     would hide the growth of the path measured after it."""
     port = free_port()
-    with run.service(port, run.database_url if path.name == "postgres" else None) as process:
+    database_url = run.database_url if path.name == "postgres" else None
+    with run.service(port, database_url, traced=path.name == "traced") as process:
         fresh = dataclasses.replace(path, port=port)
         await configure(run.ports["mock"], 2, 0)
         await run_stream(fresh)
@@ -627,9 +701,21 @@ def print_sweep(report: dict[str, Any], names: list[str]) -> None:
         print(f"| {row['streams']} | {' | '.join(cells)} | {round(row['service']['rss_peak_kib'] / 1024, 1)} |")
 
 
+def print_observation(report: dict[str, Any]) -> None:
+    """What the metrics and traces cost: the hook alone, and the service with tracing on and off."""
+    cost, traces = report["observation"], report["traces"]
+    print(f"\nobservation, in-process (metrics on, tracing off): {cost['token_us']} us a token, "
+          f"{cost['turn_us']} us a turn, {cost['hooks_us']} us for a model and a tool call's hooks")  # fmt: skip
+    if "cpu_us_per_token" in report:
+        cpu = report["cpu_us_per_token"]
+        print(f"CPU per token: {cpu['service']} us, traced {cpu['traced']} us (the hook: "
+              f"{cost['token_us'] / cpu['service']:.2%} of it)")  # fmt: skip
+    print(f"traces: {traces['exports']} OTLP exports, {traces['bytes']} bytes, from the traced service")
+
+
 TITLES = {
     "relay": "bare relay", "service": "/api/chat/stream", "v1": "/v1/chat/completions",
-    "postgres": "/api/chat/stream on PostgreSQL",
+    "postgres": "/api/chat/stream on PostgreSQL", "traced": "/api/chat/stream, traced",
 }  # fmt: skip
 
 
@@ -663,7 +749,7 @@ def postgres_cluster() -> Iterator[str | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run in under 30 s")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
     parser.add_argument("--role", choices=["mock"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench-results.json")
@@ -684,7 +770,7 @@ def main() -> None:
     args.memory = ([10, 20], 300) if args.quick else ([100, 200, 400], 4000)
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         database_url = stack.enter_context(postgres_cluster())
-        names = ["mock", "relay", "service", *(["postgres"] if database_url else [])]
+        names = ["mock", "relay", "service", "traced", *(["postgres"] if database_url else [])]
         run = Run(args, Path(scratch), {name: free_port() for name in names}, database_url)
         relay_workers = ["--workers", str(args.workers)] if args.workers and args.workers > 1 else []
         relay_env = {"RELAY_UPSTREAM": f"http://127.0.0.1:{run.ports['mock']}/v1/chat/completions"}
@@ -696,8 +782,11 @@ def main() -> None:
         run.pids["service"] = stack.enter_context(run.service(run.ports["service"])).pid
         if database_url:
             run.pids["postgres"] = stack.enter_context(run.service(run.ports["postgres"], database_url)).pid
+        run.pids["traced"] = stack.enter_context(run.service(run.ports["traced"], traced=True)).pid
         report = asyncio.run(measure(run))
+        report["observation"] = observation_cost()
     print_table(report)
+    print_observation(report)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.out}")
 

@@ -4,8 +4,9 @@ One AutoGen ``AssistantAgent`` with tools talks to any OpenAI-compatible chat AP
 (DeepSeek by default; OpenAI, Azure OpenAI, Ollama, LM Studio by ``BASE_URL``). Each of its
 turns is one stream of events that every face renders: named SSE events at
 ``/api/chat/stream``, JSON at ``/api/chat``, stored conversations at ``/api/conversations``,
-an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs), a chat page at ``/chat`` and
-the API documents at ``/docs`` and ``/redoc``. Conversations live in SQLite
+an OpenAI-compatible model at ``/v1`` (chat apps, openai SDKs), a chat page at ``/chat``,
+the API documents at ``/docs`` and ``/redoc``, and Prometheus metrics at ``/metrics``; with an
+OpenTelemetry endpoint set, each turn is traced. Conversations live in SQLite
 (``DATABASE_PATH``), or in one PostgreSQL shared by several instances (``DATABASE_URL``).
 Settings come from the environment and the ``.env`` beside this file.
 
@@ -19,7 +20,8 @@ Try:
     curl -N localhost:8000/api/chat/stream -d '{"message": "现在东京几点？"}'
 
 The module reads top to bottom: settings and limits; errors and SSE; tools; storage; the
-AutoGen adapter; the turn; the faces, one section each; lifespan; routes; the app.
+AutoGen adapter; the turn; the faces, one section each; metrics and traces; lifespan; routes;
+the app.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import contextvars
 import copy
 import dataclasses
 import difflib
@@ -37,6 +40,7 @@ import gzip
 import hashlib
 import hmac
 import importlib.metadata
+import inspect
 import io
 import ipaddress
 import itertools
@@ -51,13 +55,15 @@ import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring  # json's own C escaper, as with ensure_ascii=False
@@ -172,14 +178,19 @@ MODEL_INFO_FLAGS = {
     "MODEL_JSON_OUTPUT": "json_output",
     "MODEL_STRUCTURED_OUTPUT": "structured_output",
 }
+LOG_FORMATS = ("text", "json")
 # Every variable the settings read; .env.example lists exactly these. A name in .env close to
-# one of them (APIKEY, MODEL) is warned about at start-up.
+# one of them (APIKEY, MODEL) is warned about at start-up. Of OpenTelemetry's, the settings read
+# where traces go and whether spans hold message content, from .env too; every other OTEL_*
+# variable is the SDK's own, which it reads from the real environment only.
 ENV_NAMES = (
     "API_KEY", "MODEL_NAME", "BASE_URL", "THINKING", "REASONING_EFFORT", *MODEL_INFO_FLAGS, "MODEL_FAMILY",
     "HOST", "PORT", "WORKERS", "SERVER_API_KEY", "CORS_ORIGINS", "SYSTEM_MESSAGE", "TOOLS", "MAX_TOOL_ROUNDS",
     "DATABASE_PATH", "DATABASE_URL", "DATABASE_POOL_SIZE", "DATABASE_TIMEOUT", "MAX_HISTORY_MESSAGES",
     "REQUEST_TIMEOUT", "MAX_RETRIES", "MAX_MESSAGE_CHARS", "MAX_BODY_BYTES", "V1_MAX_BODY_BYTES", "PING_INTERVAL",
     "SHUTDOWN_GRACE_SECONDS", "LEASE_SECONDS", "LOG_LEVEL", "AGENT_MODEL_ID", "MCP_CONFIG", "APPROVAL_TIMEOUT_SECONDS",
+    "LOG_FORMAT", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
 )  # fmt: skip
 
 
@@ -334,6 +345,9 @@ class Settings:
     mcp_config: str | None = None  # the MCP_CONFIG file read, if any
     mcp_servers: tuple[McpServer, ...] = ()
     approval_timeout: float = 300.0
+    log_format: str = "text"  # or json: one JSON object a line
+    traces_endpoint: str | None = None  # the OTLP/HTTP traces URL; None: no tracing
+    capture_content: bool = False  # spans hold the messages and tool arguments and results
     env_file: str | None = None  # the .env that was read, if any
     notes: tuple[str, ...] = ()  # warnings found while reading, logged at start-up
 
@@ -379,6 +393,9 @@ class Settings:
             mcp_config=mcp_config,
             mcp_servers=servers,
             approval_timeout=_env_number(env, "APPROVAL_TIMEOUT_SECONDS", cls.approval_timeout, 0.001),
+            log_format=_env_log_format(env),
+            traces_endpoint=_traces_endpoint(env),
+            capture_content=bool(_env_bool(env, "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT")),
             env_file=env_file,
         )
 
@@ -388,6 +405,25 @@ def _env_log_level(env: Mapping[str, str]) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
     return level
+
+
+def _env_log_format(env: Mapping[str, str]) -> str:
+    log_format = env.get("LOG_FORMAT", "").strip().lower() or Settings.log_format
+    if log_format not in LOG_FORMATS:
+        raise SettingsError(f"LOG_FORMAT={log_format!r} must be text or json")
+    return log_format
+
+
+def _traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """Where traces go, as the OTLP exporter resolves it: the traces URL as it is, else the base
+    URL with /v1/traces; None when neither is set (no tracing)."""
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if traces:
+        return _env_url(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+    if base:
+        return _env_url(env, "OTEL_EXPORTER_OTLP_ENDPOINT", "").removesuffix("/") + "/v1/traces"
+    return None
 
 
 ENV_FILE = HERE / ".env"
@@ -407,7 +443,9 @@ def misspelt_settings(dotenv: Mapping[str, str], env_file: Path, mcp_text: str) 
     for name in dotenv:
         if name in ENV_NAMES or f"${{{name}}}" in mcp_text:  # a secret an MCP server's entry takes
             continue
-        if close := difflib.get_close_matches(name, ENV_NAMES, 1, 0.6):
+        if name.startswith("OTEL_"):
+            yield f"{name} in {env_file} is not read: the OpenTelemetry SDK takes it from the real environment only"
+        elif close := difflib.get_close_matches(name, ENV_NAMES, 1, 0.6):
             yield f"{name} in {env_file} is not a setting: did you mean {close[0]}?"
 
 
@@ -791,11 +829,13 @@ class Toolbox(Workbench):
     (called by the model, run by the client). Each call passes the face's gate first where it
     needs to, runs within its time limit and is remembered with its outcome."""
 
-    def __init__(self, tools: Sequence[ToolSpec], client_tools: Sequence[ToolSchema], gate: Gate) -> None:
+    def __init__(
+        self, tools: Sequence[ToolSpec], client_tools: Sequence[ToolSchema], gate: Gate, watch: TurnWatch
+    ) -> None:
         self.specs = {spec.schema["name"]: spec for spec in tools}
         self.client_tools = {schema["name"] for schema in client_tools}
         self.schemas = [spec.schema for spec in tools] + list(client_tools)
-        self.gate = gate
+        self.gate, self.watch = gate, watch
         self.outcomes: dict[str, ToolOutcome] = {}
         self.requested: dict[str, str] = {}  # each call's arguments as the model wrote them
 
@@ -814,12 +854,20 @@ class Toolbox(Workbench):
         if name in self.client_tools:
             self.gate.hand_over(call)
             return tool_result(name, "(run by the client)")
-        spec = self.specs[name]
+        with self.watch.tool_call(call) as ended:
+            result, outcome = await self._gated(self.specs[name], call, arguments or {}, cancellation_token)
+            self.outcomes[call.id] = outcome
+            ended(outcome, result)
+        return result
+
+    async def _gated(
+        self, spec: ToolSpec, call: FunctionCall, arguments: Mapping[str, Any], token: CancellationToken | None
+    ) -> tuple[WorkbenchResult, ToolOutcome]:
+        """The call, if the gate lets it through, with its result cut as the model reads it."""
         if spec.approval and (refusal := await self.gate.approve(call, spec)) is not None:
-            self.outcomes[call.id] = ToolOutcome.DENIED
-            return tool_result(name, refusal, is_error=True)
-        result, self.outcomes[call.id] = await self._run(spec, arguments or {}, cancellation_token)
-        return result.model_copy(update={"result": [_cut(part) for part in result.result]})
+            return tool_result(call.name, refusal, is_error=True), ToolOutcome.DENIED
+        result, outcome = await self._run(spec, arguments, token)
+        return result.model_copy(update={"result": [_cut(part) for part in result.result]}), outcome
 
     @staticmethod
     async def _run(
@@ -2195,6 +2243,7 @@ class ModelReply:
 # The rest is AutoGen's public API: AssistantAgent, ChatCompletionClient, Workbench, messages.
 # check_autogen() fails start-up on any other version than the one this was written against.
 AUTOGEN_VERSION = "0.7.5"
+AGENT_NAME = "assistant"
 
 
 def check_autogen() -> None:
@@ -2412,8 +2461,10 @@ class AgentModel(ChatCompletionClient):
         options: ModelOptions,
         memory: HistoryWindow,
         emit: Callable[[TurnEvent], None],
+        watch: TurnWatch,
     ) -> None:
         self.api, self.settings, self.options, self.memory, self.emit = api, settings, options, memory, emit
+        self.watch = watch
         self.streams: set[ChunkSource] = set()
         self.calls = 0
 
@@ -2459,16 +2510,17 @@ class AgentModel(ChatCompletionClient):
         cancellation_token: CancellationToken | None = None,
     ) -> AsyncIterator[str | CreateResult]:
         reply = ModelReply(self.emit, think_tags=not self.settings.thinking_api)
-        stream = await self.api.open(self.body(messages, tools, tool_choice))
-        self.calls += 1
-        self.streams.add(stream)
-        try:
-            async for chunk in stream:
-                reply.feed(chunk)
-        finally:
-            await stream.close()  # aiohttp keeps a connection whose read was cancelled until it is released
-            self.streams.discard(stream)
-        result = reply.result()
+        with self.watch.model_call():
+            stream = await self.api.open(self.body(messages, tools, tool_choice))
+            self.calls += 1
+            self.streams.add(stream)
+            try:
+                async for chunk in stream:
+                    reply.feed(chunk)
+            finally:
+                await stream.close()  # aiohttp keeps a connection whose read was cancelled until it is released
+                self.streams.discard(stream)
+            result = reply.result()
         if isinstance(result.content, list) and reply.text:
             self.memory.call_texts[result.content[0].id] = "".join(reply.text)
         yield result
@@ -2494,12 +2546,17 @@ class AgentModel(ChatCompletionClient):
 
 
 async def run_agent(
-    ctx: AppContext, job: TurnJob, emit: Callable[[TurnEvent], None], gate: TurnGate, token: CancellationToken
+    ctx: AppContext,
+    job: TurnJob,
+    emit: Callable[[TurnEvent], None],
+    gate: TurnGate,
+    token: CancellationToken,
+    watch: TurnWatch,
 ) -> Mapping[str, Any] | None:
     """Run the job through AutoGen's agent, its model's and tools' events going to `emit` as they
     happen. Returns the agent's state to save, for a stored conversation. The run ends early,
     once a round of tool calls is done, where the gate handed a call over to the client."""
-    agent, model, toolbox = agent_for(ctx, job, emit, gate)
+    agent, model, toolbox = agent_for(ctx, job, emit, gate, watch)
     if (job.stored or job.history is None) and (state := await ctx.store.load_state(job.conversation_id)) is not None:
         await agent.load_state(state)
     if not job.stored:
@@ -2571,16 +2628,16 @@ async def remember_reasoning(store: Store, memory: ChatCompletionContext, gate: 
 
 
 def agent_for(
-    ctx: AppContext, job: TurnJob, emit: Callable[[TurnEvent], None], gate: TurnGate
+    ctx: AppContext, job: TurnJob, emit: Callable[[TurnEvent], None], gate: TurnGate, watch: TurnWatch
 ) -> tuple[AssistantAgent, AgentModel, Toolbox]:
     """AutoGen's agent for one turn, with its model, memory and tools (cheap: built per turn)."""
     settings = ctx.settings
     thinking = settings.thinking_api and settings.thinking != "disabled"
     memory = HistoryWindow(settings.max_history_messages, job.history, legacy_reasoning=thinking)
-    model = AgentModel(ctx.model_api, settings, job.options, memory, emit)
-    toolbox = Toolbox(ctx.tools.specs, job.options.client_tools, gate)
+    model = AgentModel(ctx.model_api, settings, job.options, memory, emit, watch)  # type: ignore[arg-type]
+    toolbox = Toolbox(ctx.tools.specs, job.options.client_tools, gate, watch)
     agent = AssistantAgent(
-        "assistant",
+        AGENT_NAME,
         model_client=model,
         workbench=[toolbox] if toolbox.schemas else None,
         system_message=settings.system_message,
@@ -3061,7 +3118,8 @@ class Turn:
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
-        self.task = asyncio.create_task(self._pump())
+        self.watch = ctx.telemetry.turn(job)  # the metrics and traces of the turn
+        self.task = asyncio.create_task(self._pump(), context=self.watch.context())
         ctx.turns.add(self)
 
     def _move(self, to: TurnState) -> None:
@@ -3076,6 +3134,7 @@ class Turn:
         self._deliver(event)
 
     def _deliver(self, event: TurnEvent) -> None:
+        self.watch.event(event)
         self.reply.add(event)
         self.events.put_nowait(event)
         self.last_event = self.loop.time()
@@ -3107,6 +3166,7 @@ class Turn:
             if self.renewal is not None:
                 self.renewal.cancel()
             self.ctx.turns.discard(self)
+            self.watch.close()
             self._release()  # for a task cancelled before it ever ran
             if self.state is not TurnState.CLOSED:
                 self._move(TurnState.CLOSED)
@@ -3157,7 +3217,7 @@ class Turn:
     async def _run(self) -> None:
         self.emit(Started(self.job.conversation_id))
         try:
-            state = await run_agent(self.ctx, self.job, self.emit, self.gate, self.token)
+            state = await run_agent(self.ctx, self.job, self.emit, self.gate, self.token, self.watch)
             if not self.gate.stops_turn:
                 self.emit(Message("".join(self.reply.text)))
             if self.lease is not None and state is not None:
@@ -4335,14 +4395,6 @@ def agui_usage(tokens: Tokens, settings: Settings) -> Any:
     )  # fmt: skip
 
 
-def provider_name(settings: Settings) -> str:
-    """Who serves the model, by BASE_URL: deepseek, openai, or the host itself (demo: the demo model)."""
-    host = urlsplit(settings.base_url).hostname or ""
-    if settings.api_key is None:
-        return "demo"
-    return "deepseek" if host in DEEPSEEK_HOSTS else "openai" if host in OPENAI_HOSTS else host
-
-
 async def ag_ui(request: Request) -> Response:
     ctx = context(request)
     body = await turn_body(request, ctx.settings.v1_max_body_bytes, "V1_MAX_BODY_BYTES")
@@ -4521,12 +4573,12 @@ async def docs_page(request: Request) -> HTMLResponse:
     return HTMLResponse(page, headers={"Content-Security-Policy": DOCS_CSP})
 
 
-SECURED_PREFIXES = ("/api/", "/v1/")  # where the routes are guarded (see Guard)
+SECURED_PREFIXES = ("/api/", "/v1/", "/metrics")  # where the routes are guarded (see Guard)
 
 
 def openapi_document(settings: Settings) -> bytes:
     """openapi.json as served: the message limit of the settings, image parts only with MODEL_VISION
-    and, with SERVER_API_KEY set, the bearer key on the /api and /v1 operations."""
+    and, with SERVER_API_KEY set, the bearer key on the guarded operations (/api, /v1 and /metrics)."""
     document = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
     schemas = document["components"]["schemas"]
     schemas["ChatRequest"]["properties"]["message"]["maxLength"] = settings.max_message_chars
@@ -4548,7 +4600,7 @@ async def openapi_json(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------------
-# Face: the service itself (/ and /health)
+# Face: the service itself (/, /health and /metrics)
 # ---------------------------------------------------------------------------
 
 
@@ -4567,6 +4619,7 @@ async def index(request: Request) -> JSONResponse:
                 "conversation": "GET|DELETE /api/conversations/{conversation_id}",
                 "health": "GET /health",
                 "ag_ui": "POST /api/ag-ui",
+                "metrics": "GET /metrics",
                 "openai_chat": "POST /v1/chat/completions",
                 "openai_models": "GET /v1/models",
             },
@@ -4579,6 +4632,23 @@ async def index(request: Request) -> JSONResponse:
 def model_shown(settings: Settings) -> str:
     """The model answering: MODEL_NAME, or "demo" while no API_KEY is set."""
     return settings.model_name if settings.api_key else "demo"
+
+
+# Who serves the model, by BASE_URL's host, as OpenTelemetry's GenAI conventions name them (AG-UI's
+# usage and the traces say it); any other host is named as it is.
+PROVIDERS = {
+    "api.deepseek.com": "deepseek", "api.openai.com": "openai", "api.anthropic.com": "anthropic",
+    "api.groq.com": "groq", "api.mistral.ai": "mistral_ai", "api.x.ai": "x_ai", "api.moonshot.ai": "moonshot_ai",
+    "generativelanguage.googleapis.com": "gcp.gemini",
+}  # fmt: skip
+
+
+def provider_name(settings: Settings) -> str:
+    """The provider of the model answering: "demo" while no API_KEY is set."""
+    host = urlsplit(settings.base_url).hostname or ""
+    if settings.api_key is None:
+        return "demo"
+    return "azure.ai.openai" if host.endswith(".openai.azure.com") else PROVIDERS.get(host, host)
 
 
 async def health(request: Request) -> JSONResponse:
@@ -4607,6 +4677,445 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if database is None else 503)
 
 
+async def metrics(request: Request) -> Response:
+    """The metrics of every worker, in Prometheus' text format (or OpenMetrics, if asked for)."""
+    exposition = context(request).telemetry.metrics.exposition
+    body, content_type = await anyio.to_thread.run_sync(exposition, request.headers.get("accept", ""))
+    return Response(body, media_type=content_type)
+
+
+# ---------------------------------------------------------------------------
+# Metrics and traces: Prometheus
+# ---------------------------------------------------------------------------
+# Prometheus metrics at /metrics, from prometheus-client. With WORKERS > 1 it runs in its
+# multiprocess mode: each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR, which
+# serve() makes before the workers start (prometheus-client picks the mode as it is imported),
+# and /metrics sums them. OpenTelemetry GenAI spans go out over OTLP/HTTP when an endpoint is set:
+# one invoke_agent span a turn, and under it a chat span for each model call and an execute_tool
+# span for each tool call. Their provider is this app's own, never the global one: AutoGen sends
+# its own invoke_agent, execute_tool and create_agent spans to the global provider, which stays a
+# no-op, so nothing is sent twice. Neither library is imported before the app starts, and nothing
+# of OpenTelemetry's SDK without an endpoint. A turn reports to its TurnWatch: its events, its
+# model and tool calls, its close. Labels take bounded values only: never an id or a user's text.
+
+TURN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)  # seconds: with tools and reasoning, minutes
+FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 15, 30, 60)  # a thinking model's first words
+DATABASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+TOKEN_TYPES = ("input", "output", "cached_input", "reasoning")  # input includes cached, output reasoning
+STORE_CALLS = tuple(name for name, value in vars(Store).items() if inspect.iscoroutinefunction(value))
+
+
+class Metrics:
+    """The app's Prometheus metrics, on a registry of its own (tests run several apps in one
+    process). In multiprocess mode /metrics reads every worker's files instead of the registry."""
+
+    def __init__(self, settings: Settings) -> None:
+        import prometheus_client as prom  # here, not at import: it reads /proc as it loads
+        from prometheus_client import multiprocess
+
+        self.multiprocess = prom.values.ValueClass is not prom.values.MutexValue  # picked at its import
+        self.registry = prom.CollectorRegistry()
+        self._define(prom, settings)
+        self.token_counts = [self.tokens.labels(kind) for kind in TOKEN_TYPES]
+        self.choose_encoder, self.mark_process_dead = prom.exposition.choose_encoder, multiprocess.mark_process_dead
+        if "PROMETHEUS_DISABLE_CREATED_SERIES" not in os.environ:  # prometheus-client's own switch, if set
+            prom.disable_created_metrics()
+        self.exposed = self.registry
+        if self.multiprocess:
+            self.directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+            os.makedirs(self.directory, exist_ok=True)
+            self.exposed = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed, self.directory)
+
+    def _define(self, prom: Any, settings: Settings) -> None:
+        registry = self.registry
+        self.turns = prom.Counter("autogen_chat_turns", "Turns by face and outcome: done, or the error code the"
+                                  " client got (client_closed: it left first)", ("face", "outcome"),
+                                  registry=registry)  # fmt: skip
+        self.turn_seconds = prom.Histogram("autogen_chat_turn_duration_seconds", "Completed turns, from their start"
+                                           " to their last event", ("face",), buckets=TURN_BUCKETS,
+                                           registry=registry)  # fmt: skip
+        self.first_token_seconds = prom.Histogram("autogen_chat_time_to_first_token_seconds", "Completed turns, from"
+                                                  " their start to their first reasoning or text", ("face",),
+                                                  buckets=FIRST_TOKEN_BUCKETS, registry=registry)  # fmt: skip
+        self.tokens = prom.Counter("autogen_chat_tokens", "Tokens as the model API reported them: input includes"
+                                   " cached_input, output includes reasoning", ("type",),
+                                   registry=registry)  # fmt: skip
+        self.tool_calls = prom.Counter("autogen_chat_tool_calls", "Tool calls by the name the model calls them by,"
+                                       " and outcome", ("tool", "outcome"), registry=registry)  # fmt: skip
+        self.open_turns = prom.Gauge("autogen_chat_open_turns", "Turns running now", multiprocess_mode="livesum",
+                                     registry=registry)  # fmt: skip
+        self.errors = prom.Counter("autogen_chat_errors", "Errors clients got, by code", ("code",), registry=registry)
+        self.database_seconds = prom.Histogram("autogen_chat_database_seconds", "Database calls, by the store's"
+                                               " method", ("op",), buckets=DATABASE_BUCKETS,
+                                               registry=registry)  # fmt: skip
+        info = prom.Gauge("autogen_chat_info", "The server's version and model", ("version", "model"),
+                          multiprocess_mode="max", registry=registry)  # fmt: skip
+        info.labels(__version__, settings.model_name).set(1)
+
+    def count_tokens(self, tokens: Tokens) -> None:
+        values = (tokens.prompt, tokens.completion, tokens.cached, tokens.reasoning)
+        for counter, value in zip(self.token_counts, values, strict=True):
+            if value:
+                counter.inc(value)
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """The metrics in the format the scraper asks for (Prometheus' text, or OpenMetrics). Run
+        on a thread: in multiprocess mode this reads every worker's files."""
+        encode, content_type = self.choose_encoder(accept)
+        if self.multiprocess:
+            self._forget_dead_workers()
+        return encode(self.exposed), content_type
+
+    def _forget_dead_workers(self) -> None:
+        """A worker killed before its lifespan ended left its live gauges behind: open_turns would
+        count its turns for ever. (Counters stay: totals never go back.)"""
+        for path in Path(self.directory).glob("gauge_live*_*.db"):
+            pid = whole_number(path.stem.rpartition("_")[2])
+            if pid is not None and not process_alive(pid):
+                with suppress(FileNotFoundError):  # another worker's scrape was first
+                    self.mark_process_dead(pid, self.directory)
+
+    def close(self) -> None:
+        if self.multiprocess:
+            self.mark_process_dead(os.getpid(), self.directory)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        pass
+    return True
+
+
+def metrics_directory(workers: int) -> str | None:
+    """Before the workers start: the directory of prometheus-client's multiprocess mode, empty. A
+    PROMETHEUS_MULTIPROC_DIR of the user's is emptied of its files (a past run's values would
+    count again); with none and WORKERS > 1 one is made, and returned, to be removed at exit."""
+    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if named:
+        os.makedirs(named, exist_ok=True)
+        for stale in Path(named).glob("*.db"):
+            stale.unlink()
+        return None
+    if workers == 1:
+        return None
+    made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="autogen-chat-metrics-")
+    return made
+
+
+class TimedStore:
+    """The store with each call timed in autogen_chat_database_seconds{op}, a failed one too (one
+    that timed out shows as DATABASE_TIMEOUT). Anything else is the store's own."""
+
+    def __init__(self, store: Store, seconds: Any) -> None:
+        self.store = store
+        for name in STORE_CALLS:
+            setattr(self, name, timed(getattr(store, name), seconds, name))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def timed(call: Callable[P, Awaitable[T]], seconds: Any, op: str) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(call)
+    async def timed_call(*args: P.args, **kwargs: P.kwargs) -> T:
+        start = time.perf_counter()
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            seconds.labels(op).observe(time.perf_counter() - start)  # a series once the store was called
+
+    return timed_call
+
+
+# ---------------------------------------------------------------------------
+# Metrics and traces: OpenTelemetry, and a turn's watch
+# ---------------------------------------------------------------------------
+
+CLIENT_CLOSED = "client_closed"  # a turn's outcome when its client left before its last event
+TRACES_FLUSH_SECONDS = 5.0  # shutdown waits this long for the last spans; a silent collector holds the SDK 30 s
+
+
+def usage_attributes(tokens: Tokens) -> dict[str, int]:
+    return {
+        "gen_ai.usage.input_tokens": tokens.prompt,
+        "gen_ai.usage.output_tokens": tokens.completion,
+        "gen_ai.usage.cache_read.input_tokens": tokens.cached,
+        "gen_ai.usage.reasoning.output_tokens": tokens.reasoning,
+    }
+
+
+def text_parts(content: Content) -> list[dict[str, str]]:
+    """A message's text as the conventions' parts, for spans that hold content (images left out)."""
+    parts = [content] if isinstance(content, str) else [part for part in content if isinstance(part, str)]
+    return [{"type": "text", "content": part} for part in parts]
+
+
+class Tracing:
+    """Spans to OTLP/HTTP (protobuf) through a BatchSpanProcessor: ending a span only queues it,
+    and a thread of the SDK's exports them. The SDK reads its own variables (OTEL_SERVICE_NAME,
+    OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, OTEL_BSP_*, OTEL_TRACES_SAMPLER, ...) itself."""
+
+    def __init__(self, settings: Settings) -> None:
+        from opentelemetry import context, trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        resource = Resource.create({"service.version": __version__})  # OTEL_SERVICE_NAME, if set, names it
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "autogen-chat"}))
+        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # the lifespan shuts it down
+        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.traces_endpoint)))
+        self.tracer = self.provider.get_tracer("autogen-chat", __version__)
+        self.kinds, self.in_context, self.attach = trace.SpanKind, trace.set_span_in_context, context.attach
+        self.status = functools.partial(trace.Status, trace.StatusCode.ERROR)
+        self.settings, self.capture = settings, settings.capture_content
+        self.model = {"gen_ai.provider.name": provider_name(settings)}
+        self.model["gen_ai.request.model"] = settings.model_name
+        base = urlsplit(settings.base_url)
+        port = base.port or (80 if base.scheme == "http" else 443)
+        self.server = {"server.address": base.hostname or "", "server.port": port}
+
+    def failed(self, span: Any, error_type: str) -> None:
+        span.set_attribute("error.type", error_type)
+        span.set_status(self.status(error_type))
+
+    def error_type(self, exc: BaseException) -> str:
+        """A failed call's error.type: the error code the turn gives for it."""
+        return upstream_error(exc, self.settings).code if isinstance(exc, Exception) else "cancelled"
+
+    async def close(self) -> None:
+        """Send the spans still queued, from a thread of its own that exit does not wait for: the
+        SDK's shutdown blocks, up to 30 s when the collector does not answer."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def shut_down() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        threading.Thread(target=shut_down, name="traces-shutdown", daemon=True).start()
+        await asyncio.wait([done], timeout=TRACES_FLUSH_SECONDS)
+
+
+def _ignore(*args: Any) -> None:
+    pass
+
+
+NO_SPAN = nullcontext()
+NO_TOOL_SPAN = nullcontext(_ignore)
+
+
+class TurnWatch:
+    """One turn as the metrics and traces see it: every event it delivers (event), its model calls
+    and tool calls (the adapter's model_call and tool_call), and its close. Open from the turn's
+    start to its close (autogen_chat_open_turns); counted at its last event, or at its close when
+    its client left first. An answer's tokens cost a type check each."""
+
+    def __init__(self, telemetry: Telemetry, job: TurnJob) -> None:
+        self.telemetry, self.metrics, self.tracing, self.job = telemetry, telemetry.metrics, telemetry.tracing, job
+        self.started = time.perf_counter()
+        self.first_token: float | None = None
+        self.outcome: str | None = None
+        self.tokens = Tokens()
+        self.closed = False
+        self.span: Any = None
+        self.call: Any = None  # the model call's chat span, while it runs
+        self.metrics.open_turns.inc()
+        if self.tracing is not None:
+            self._start_span()
+
+    def _start_span(self) -> None:
+        tracing, job = self.tracing, self.job
+        assert tracing is not None
+        self.conversation = {} if job.history is not None else {"gen_ai.conversation.id": job.conversation_id}
+        attributes = {"gen_ai.operation.name": "invoke_agent", **tracing.model, "gen_ai.agent.name": AGENT_NAME}
+        attributes |= self.conversation
+        if tracing.capture and job.message is not None:
+            attributes["gen_ai.input.messages"] = dumps([{"role": "user", "parts": text_parts(job.message)}])
+        kind = tracing.kinds.INTERNAL
+        self.span = tracing.tracer.start_span(f"invoke_agent {AGENT_NAME}", kind=kind, attributes=attributes)
+        self.parent = tracing.in_context(self.span)
+
+    def context(self) -> contextvars.Context | None:
+        """The context the turn's task runs in: with its span current, for the trace ids of its
+        log lines; None (a copy of the current one) without tracing."""
+        if self.span is None:
+            return None
+        context = contextvars.copy_context()
+        context.run(self.tracing.attach, self.parent)  # type: ignore[union-attr]
+        return context
+
+    def event(self, event: TurnEvent) -> None:
+        if type(event) is TextDelta or type(event) is ReasoningDelta:  # each token of an answer: kept cheap
+            if self.first_token is None:
+                self.first_token = time.perf_counter()
+            return
+        match event:
+            case Usage():
+                self._usage(event)
+            case ToolResult(outcome=outcome):
+                self.metrics.tool_calls.labels(self._tool_label(event), outcome).inc()
+            case Message(content=content) if self.span is not None and self.tracing.capture:  # type: ignore[union-attr]
+                output = [{"role": "assistant", "parts": text_parts(content)}]
+                self.span.set_attribute("gen_ai.output.messages", dumps(output))
+            case Finished():
+                self._finished()
+            case Failed(error=error):
+                self.telemetry.reported.add(error)
+                self.metrics.errors.labels(error.code).inc()
+                self._end(error.code)
+
+    def _usage(self, usage: Usage) -> None:
+        self.metrics.count_tokens(usage.tokens)
+        if self.span is not None:  # the turn's sum, for its span (Tokens' sum costs 20 us)
+            self.tokens += usage.tokens
+        if self.call is not None:
+            self.call.set_attributes(usage_attributes(usage.tokens))
+            self.call.set_attribute("gen_ai.response.finish_reasons", [usage.finish_reason])
+
+    def _tool_label(self, result: ToolResult) -> str:
+        """The tool's name where it is one of the server's; else `client` for a client's tool, and
+        `unknown` for a name the model made up: either could be anything."""
+        if result.server is not None or result.name in BUILT_IN_TOOLS:
+            return result.name
+        return "client" if any(tool["name"] == result.name for tool in self.job.options.client_tools) else "unknown"
+
+    def _finished(self) -> None:
+        face, now = self.job.face, time.perf_counter()
+        self.metrics.turn_seconds.labels(face).observe(now - self.started)
+        if self.first_token is not None:
+            self.metrics.first_token_seconds.labels(face).observe(self.first_token - self.started)
+        self._end("done")
+
+    def _end(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.metrics.turns.labels(self.job.face, outcome).inc()
+        if self.span is not None:
+            self.span.set_attributes(usage_attributes(self.tokens))
+            if outcome != "done":
+                self.tracing.failed(self.span, outcome)  # type: ignore[union-attr]
+            self.span.end()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.metrics.open_turns.dec()
+        if self.outcome is None:
+            self._end(CLIENT_CLOSED)
+
+    def model_call(self) -> AbstractContextManager[Any]:
+        """Around a model call: its chat span (its usage comes with the Usage event)."""
+        return self._model_call() if self.span is not None else NO_SPAN
+
+    @contextmanager
+    def _model_call(self) -> Iterator[None]:
+        tracing = self.tracing
+        assert tracing is not None
+        attributes = {"gen_ai.operation.name": "chat", **tracing.model, **tracing.server, **self.conversation}
+        attributes["gen_ai.request.stream"] = True
+        name = f"chat {tracing.settings.model_name}"
+        self.call = span = tracing.tracer.start_span(name, self.parent, tracing.kinds.CLIENT, attributes)
+        try:
+            yield
+        except BaseException as exc:
+            tracing.failed(span, tracing.error_type(exc))
+            raise
+        finally:
+            self.call = None
+            span.end()
+
+    def tool_call(self, call: FunctionCall) -> AbstractContextManager[Callable[[ToolOutcome, WorkbenchResult], None]]:
+        """Around a tool call: its execute_tool span, which the call ends with its outcome."""
+        return self._tool_call(call) if self.span is not None else NO_TOOL_SPAN
+
+    @contextmanager
+    def _tool_call(self, call: FunctionCall) -> Iterator[Callable[[ToolOutcome, WorkbenchResult], None]]:
+        tracing = self.tracing
+        assert tracing is not None
+        attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": call.name,
+                      "gen_ai.tool.call.id": call.id, "gen_ai.tool.type": "function", **self.conversation}  # fmt: skip
+        if tracing.capture:
+            attributes["gen_ai.tool.call.arguments"] = call.arguments
+        span = tracing.tracer.start_span(f"execute_tool {call.name}", self.parent, tracing.kinds.INTERNAL, attributes)
+
+        def ended(outcome: ToolOutcome, result: WorkbenchResult) -> None:
+            if tracing.capture:
+                span.set_attribute("gen_ai.tool.call.result", result.to_text())
+            if outcome is not ToolOutcome.OK:
+                tracing.failed(span, str(outcome))
+
+        try:
+            yield ended
+        except BaseException as exc:
+            tracing.failed(span, tracing.error_type(exc))
+            raise
+        finally:
+            span.end()
+
+
+class Telemetry:
+    """The app's metrics, and its traces when an endpoint is set, from the lifespan's start to its end."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.metrics = Metrics(settings)
+        self.tracing = Tracing(settings) if settings.traces_endpoint else None
+        self.reported: weakref.WeakSet[ApiError] = weakref.WeakSet()  # turns' errors: counted with their turn
+
+    def turn(self, job: TurnJob) -> TurnWatch:
+        return TurnWatch(self, job)
+
+    def timed(self, store: Store) -> Store:
+        return TimedStore(store, self.metrics.database_seconds)  # type: ignore[return-value]
+
+    def refused(self, route: Any, method: str, error: ApiError) -> None:
+        """An error a request got. On a turn's route (its face named), a refused turn too, unless the
+        error is one its turn ended with (a JSON reply raises it)."""
+        if error in self.reported:
+            return
+        self.metrics.errors.labels(error.code).inc()
+        face = getattr(route, "face", None)
+        if face is not None and method in route.methods:
+            self.metrics.turns.labels(face, error.code).inc()
+
+    async def close(self) -> None:
+        self.metrics.close()
+        if self.tracing is not None:
+            await self.tracing.close()
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: each line one JSON object, with the trace and span it was logged in when
+    there is one (a turn's, with tracing on). Of the standard library only: serve() hands its
+    source to the process that starts the workers, which does not import this module."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        line = {
+            "time": stamp.replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        trace = sys.modules.get("opentelemetry.trace")  # never imported for this (AutoGen imports it)
+        span = trace.get_current_span().get_span_context() if trace is not None else None
+        if span is not None and span.is_valid:
+            line["trace_id"], line["span_id"] = format(span.trace_id, "032x"), format(span.span_id, "016x")
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 # ---------------------------------------------------------------------------
 # Lifespan and shutdown
 # ---------------------------------------------------------------------------
@@ -4621,6 +5130,7 @@ class AppContext:
     store: Store
     model_api: ModelAPI | DemoModelAPI
     tools: ToolSet
+    telemetry: Telemetry
     openapi: bytes = b""
     turns: set[Turn] = field(default_factory=set)
     approvals: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)  # waiting here, to wake at once
@@ -4670,13 +5180,17 @@ def watch_for_shutdown(ctx: AppContext) -> Callable[[], None]:
     return restore
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging plus the app's lines on stderr; uvicorn applies it in every worker."""
+def log_config(level: str, json_lines: type[logging.Formatter] | str | None = None) -> dict[str, Any]:
+    """uvicorn's logging plus the app's lines on stderr; uvicorn applies it in every worker. With
+    `json_lines` (LOG_FORMAT=json: JsonFormatter, or for the workers the path they import it by)
+    each line is one JSON object, uvicorn's own too."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["formatters"]["app"] = {"format": LOG_FORMAT}
+    config["formatters"]["app"] = {"format": TEXT_LOG_FORMAT}
+    if json_lines is not None:
+        config["formatters"] = {name: {"()": json_lines} for name in ("default", "access", "app")}
     config["handlers"]["app"] = {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"}
     config["root"] = {"handlers": ["app"], "level": level}
     return config
@@ -4687,7 +5201,7 @@ def use_logging(settings: Settings) -> None:
     configures only its own loggers."""
     if not logging.getLogger().handlers and not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(settings.log_level)
@@ -4724,7 +5238,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     model_api = ModelAPI(settings) if settings.api_key else DemoModelAPI()
     tools = ToolSet(settings)
     await tools.start()
-    ctx = app.state.ctx = AppContext(settings, store, model_api, tools, openapi_document(settings))
+    telemetry = Telemetry(settings)
+    store = telemetry.timed(store)
+    ctx = app.state.ctx = AppContext(settings, store, model_api, tools, telemetry, openapi_document(settings))
     log_start(settings)
     restore_signals = watch_for_shutdown(ctx)
     # What start-up built lives as long as the process. Frozen, it is left out of the garbage
@@ -4743,6 +5259,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await tools.stop()
         await model_api.close()
         await store.close()
+        await telemetry.close()
 
 
 # ---------------------------------------------------------------------------
@@ -4751,7 +5268,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 class Guard:
-    """A route's guard, for every /api and /v1 route: a page of an origin that may not call is
+    """A route's guard, for every /api and /v1 route and /metrics: a page of an origin that may not call is
     refused (see origin_allowed), and with SERVER_API_KEY set the route needs
     'Authorization: Bearer <key>'. Applied per route (``middleware=GUARDED``), never by path
     prefix: behind ``--root-path`` uvicorn puts the prefix into ``scope["path"]``."""
@@ -4779,18 +5296,23 @@ def bearer_matches(header: str, key: str) -> bool:
 GUARDED = [Middleware(Guard)]
 
 
-def face_route(path: str, endpoint: Callable[..., Any], errors: ErrorShape, **options: Any) -> Route:
-    """A route whose errors come in `errors`' shape."""
+def face_route(
+    path: str, endpoint: Callable[..., Any], errors: ErrorShape, face: str | None = None, **options: Any
+) -> Route:
+    """A route whose errors come in `errors`' shape; a turn's route names its face (the metrics
+    count the turns it refuses)."""
     route = Route(path, endpoint, **options)
     route.errors = errors  # type: ignore[attr-defined]
+    route.face = face  # type: ignore[attr-defined]
     return route
 
 
 routes = [
     face_route("/", index, API_ERRORS),
     face_route("/health", health, API_ERRORS),
-    face_route("/api/chat", chat, API_ERRORS, methods=["POST"], middleware=GUARDED),
-    face_route("/api/chat/stream", chat_stream, API_ERRORS, methods=["POST"], middleware=GUARDED),
+    face_route("/metrics", metrics, API_ERRORS, middleware=GUARDED),
+    face_route("/api/chat", chat, API_ERRORS, API_JSON.name, methods=["POST"], middleware=GUARDED),
+    face_route("/api/chat/stream", chat_stream, API_ERRORS, API_STREAM.name, methods=["POST"], middleware=GUARDED),
     face_route("/api/conversations", list_conversations, API_ERRORS, middleware=GUARDED),
     face_route(
         "/api/conversations/{conversation_id}", conversation, API_ERRORS, methods=["GET", "DELETE"], middleware=GUARDED
@@ -4802,9 +5324,16 @@ routes = [
         methods=["POST"],
         middleware=GUARDED,
     ),
-    face_route("/api/ag-ui", ag_ui, API_ERRORS, methods=["POST"], middleware=GUARDED),
+    face_route("/api/ag-ui", ag_ui, API_ERRORS, AgUiRun.name, methods=["POST"], middleware=GUARDED),
     face_route("/v1/models", v1_models, OPENAI_ERRORS, middleware=GUARDED),
-    face_route("/v1/chat/completions", v1_chat_completions, OPENAI_ERRORS, methods=["POST"], middleware=GUARDED),
+    face_route(
+        "/v1/chat/completions",
+        v1_chat_completions,
+        OPENAI_ERRORS,
+        V1Completion.name,
+        methods=["POST"],
+        middleware=GUARDED,
+    ),
     face_route("/openapi.json", openapi_json, API_ERRORS),
     face_route("/docs", docs_page, API_ERRORS),
     face_route("/redoc", docs_page, API_ERRORS),
@@ -4824,10 +5353,12 @@ def error_shape(scope: Scope) -> ErrorShape:
 
 
 def refuse(request: Request, error: ApiError) -> Response:
-    """The error's response, and one log line for a refused request (a 5xx logs its own cause)."""
+    """The error's response, counted, and one log line for a refused request (a 5xx logs its own cause)."""
     shape = error_shape(request.scope)
     if error.status_code < 500:
         logger.info("%s %s -> %s %s", request.method, request.url.path, shape.status(error), error.code)
+    if (ctx := getattr(request.app.state, "ctx", None)) is not None:
+        ctx.telemetry.refused(request.scope.get("route"), request.method, error)
     return shape.response(error)
 
 
@@ -4846,11 +5377,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def database_error(request: Request, exc: Exception) -> Response:
     logger.warning("%s %s -> 503 database_unavailable (%s)", request.method, request.url.path, exc)
-    return error_shape(request.scope).response(ApiError("database_unavailable"))
+    return refuse(request, ApiError("database_unavailable"))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    return error_shape(request.scope).response(ApiError("internal_error"))
+    return refuse(request, ApiError("internal_error"))
 
 
 # ---------------------------------------------------------------------------
@@ -4936,23 +5467,45 @@ app = LazyApp()
 # ---------------------------------------------------------------------------
 
 
+# The process that starts the workers, which import the app by its import string: a fresh
+# interpreter with only uvicorn, about 85 MiB less than this one. It removes the metrics directory
+# serve() made for the workers when it exits. Under LOG_FORMAT=json its own lines take JsonFormatter
+# too, made from its source (the standard library's only) under the name the workers import it by.
+SUPERVISOR = """\
+import json, logging, shutil, sys, types
+from datetime import UTC, datetime
+options, formatter, made = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+if formatter:
+    module = sys.modules["server"] = types.ModuleType("server")
+    module.__dict__.update(json=json, logging=logging, sys=sys, UTC=UTC, datetime=datetime)
+    exec(formatter, module.__dict__)
+import uvicorn
+try:
+    uvicorn.run("server:app", **options)
+finally:
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+"""
+
+
 def serve(settings: Settings) -> None:
     """Run uvicorn as `python server.py` does: WORKERS processes, the busy rule holding across
-    them through the database's leases."""
+    them through the database's leases, the metrics summed over them."""
+    json_lines = settings.log_format == "json"
     options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level.lower()}
-    options["log_config"] = log_config(settings.log_level)
+    options["log_config"] = log_config(settings.log_level, JsonFormatter if json_lines else None)
     if exposed := exposure_warning(settings):
         logging.config.dictConfig(options["log_config"])
         logger.warning(exposed)
     port_free(settings)
+    made = metrics_directory(settings.workers)  # before the workers import prometheus-client
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)
         return
-    # Workers import the app by its import string. The process that starts them needs none of
-    # it: it goes on as a fresh interpreter with only uvicorn, about 85 MiB less than this one.
     options |= {"workers": settings.workers, "app_dir": str(HERE)}
-    code = "import json, sys, uvicorn; uvicorn.run('server:app', **json.loads(sys.argv[1]))"
-    os.execv(sys.executable, [sys.executable, "-c", code, json.dumps(options)])
+    options["log_config"] = log_config(settings.log_level, "server.JsonFormatter" if json_lines else None)
+    formatter = inspect.getsource(JsonFormatter) if json_lines else ""
+    os.execv(sys.executable, [sys.executable, "-c", SUPERVISOR, json.dumps(options), formatter, made or ""])
 
 
 def port_free(settings: Settings) -> None:

@@ -16,6 +16,7 @@ import email.utils
 import functools
 import gc
 import importlib.metadata
+import io
 import itertools
 import json
 import logging
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -49,8 +51,15 @@ import uvicorn
 from ag_ui import core as agui
 from jsonschema import Draft202012Validator  # openapi-spec-validator's own dependency
 from openapi_spec_validator import OpenAPIV31SpecValidator
+from opentelemetry import trace as trace_api
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.trace import TracerProvider
 from playwright.sync_api import Page, Playwright, expect, sync_playwright
 from playwright.sync_api import Route as BrowserRoute
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -1622,7 +1631,8 @@ def test_every_response_the_document_lists_is_given_and_validates(
 ) -> None:
     app = server.create_app(settings_for(CORS_ORIGINS="https://app.example"))
     with ServerThread(app) as service, httpx.Client(base_url=service.url) as http:
-        given = [http.get(path) for path in ("/", "/health", "/openapi.json", "/docs", "/redoc", "/static/none")]
+        paths = ("/", "/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/static/none")
+        given = [http.get(path) for path in paths]
         given += [http.get("/health?check=model"), http.get("/health?check=all")]
         given.append(http.get("/chat"))
         given.append(http.get("/chat", headers={"If-None-Match": given[-1].headers["ETag"]}))
@@ -1645,7 +1655,7 @@ def test_every_response_the_document_lists_is_given_and_validates(
         elsewhere = {"Origin": "https://elsewhere.example"}
         given += [http.request(method, path, headers=elsewhere) for method, path in (
             ("GET", "/api/conversations"), ("GET", "/api/conversations/c"), ("DELETE", "/api/conversations/c"),
-            ("GET", "/v1/models"))]  # fmt: skip
+            ("GET", "/v1/models"), ("GET", "/metrics"))]  # fmt: skip
         upstream.reset(Reply(content="a b c d", fault="hang"))
         with held_stream(service.url, {"message": "wait", "conversation_id": "c"}, upstream):
             given += turn_requests(http, "c") + [http.delete("/api/conversations/c")]
@@ -1836,6 +1846,8 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
         ("REASONING_EFFORT", "medium"),
         ("DATABASE_URL", "mysql://db.example/chat"),
         ("DATABASE_POOL_SIZE", "0"),
+        ("LOG_FORMAT", "xml"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
     ],
     ids=[
         "port-text",
@@ -1851,6 +1863,8 @@ def test_redoc_shows_every_operation_and_finds_them_with_no_other_host(tab: Tab,
         "effort",
         "database-url",
         "pool-size",
+        "log-format",
+        "otlp-endpoint",
     ],
 )
 def test_a_malformed_setting_stops_start_up_naming_the_variable_and_value(
@@ -1884,12 +1898,15 @@ def test_the_dotenv_beside_server_py_is_found_from_any_working_directory(tmp_pat
 
 
 def test_a_misspelt_setting_in_dotenv_is_warned_about_naming_the_right_one(tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("APIKEY=sk-1\nMODEL=gpt-4o\nGITHUB_TOKEN=x\n", encoding="utf-8")
-    notes = server.load_settings(tmp_path / ".env").notes
-    assert [note.split(" in ")[0] + " -> " + note.rsplit(" ", 1)[1] for note in notes] == [
+    (tmp_path / ".env").write_text(
+        "APIKEY=sk-1\nMODEL=gpt-4o\nGITHUB_TOKEN=x\nOTEL_SERVICE_NAME=chat\n", encoding="utf-8"
+    )
+    *misspelt, sdk_only = server.load_settings(tmp_path / ".env").notes
+    assert [note.split(" in ")[0] + " -> " + note.rsplit(" ", 1)[1] for note in misspelt] == [
         "APIKEY -> API_KEY?",
         "MODEL -> MODEL_NAME?",
     ]
+    assert sdk_only.startswith("OTEL_SERVICE_NAME in ") and sdk_only.endswith("from the real environment only")
 
 
 class ReadNames(dict):
@@ -1915,11 +1932,12 @@ def test_importing_server_reads_no_file_and_starts_nothing(tmp_path: Path) -> No
     home.mkdir()
     shutil.copy(HERE / "server.py", home)
     (home / ".env").write_text("PORT=eighty\n", encoding="utf-8")
-    code = "import gc, threading, server; print(gc.get_freeze_count(), threading.active_count(), server.app.app)"
+    code = "import gc, sys, threading, server; print(gc.get_freeze_count(), threading.active_count(), server.app.app)"
+    code += "; print('prometheus_client' in sys.modules)"  # it reads /proc as it loads
     env = {name: value for name, value in os.environ.items() if name not in ENV_NAMES}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(home)},
                          capture_output=True, text=True, check=True)  # fmt: skip
-    assert out.stdout.split() == ["0", "1", "None"] and out.stderr == ""
+    assert out.stdout.split() == ["0", "1", "None", "False"] and out.stderr == ""
     assert not [path for path in home.rglob("*.db")]
 
 
@@ -4701,6 +4719,339 @@ def test_ag_ui_runs_pass_the_ag_ui_clients_own_verifier(
     seen = json.loads(done.stdout.splitlines()[-1])
     assert seen["seen"][0] == "RUN_STARTED" and seen["seen"][-1] == "RUN_FINISHED"
     assert seen["messages"] == ["user", "reasoning", "assistant", "tool", "reasoning", "assistant"]
+
+
+# ---------------------------------------------------------------------------
+# Metrics and traces
+# ---------------------------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str, **kwargs: Any) -> Samples:
+    """Every sample /metrics gives: (name, sorted labels) -> value."""
+    response = httpx.get(url + "/metrics", timeout=10, **kwargs)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert "_created" not in response.text
+    families = text_string_to_metric_families(response.text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+def moved(before: Samples, after: Samples) -> dict[str, float]:
+    """What moved between two scrapes, as `name{label=value,...}`; sums and buckets but +Inf
+    left out (where a duration falls is not for a test to say)."""
+    changes = {}
+    for (name, labels), value in after.items():
+        if name.endswith("_sum") or (name.endswith("_bucket") and dict(labels)["le"] != "+Inf"):
+            continue
+        if value != before.get((name, labels), 0.0):
+            shown = ",".join(f"{key}={item}" for key, item in labels)
+            changes[f"{name}{{{shown}}}"] = value - before.get((name, labels), 0.0)
+    return changes
+
+
+def counted(name: str, label: str, counts: dict[str, int]) -> dict[str, float]:
+    """A histogram's movements as `moved` shows them: its count and +Inf bucket, by a label's values."""
+    movements: dict[str, float] = {}
+    for value, count in counts.items():
+        movements[f"{name}_count{{{label}={value}}}"] = count
+        movements[f"{name}_bucket{{{','.join(sorted([f'{label}={value}', 'le=+Inf']))}}}"] = count
+    return movements
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_exactly_with_the_turns_and_refusals_of_every_face(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    before = scrape(service.url)
+    upstream.reset(
+        Reply(content="plain"),
+        Reply(tool_calls=[("calculate", {"expression": "6*7"})]),
+        Reply(content="42"),
+        Reply(content="via v1"),
+        Reply(status=500),
+        Reply(content="a b c d", fault="hold"),
+    )
+    with httpx.Client(base_url=service.url, timeout=10) as http:
+        assert stream(service.url, {"message": "hi", "conversation_id": "plain"})[0].status_code == 200
+        assert http.post("/api/chat", json={"message": "6*7?", "conversation_id": "tool"}).status_code == 200
+        assert http.post("/v1/chat/completions", json={"messages": ASK}).status_code == 200
+        assert http.post("/api/chat", json={"message": "fail", "conversation_id": "fail"}).status_code == 502
+        assert http.post("/v1/chat/completions", json={"messages": []}).status_code == 400
+        assert http.get("/api/conversations/none").status_code == 404
+        with held_stream(service.url, {"message": "wait", "conversation_id": "busy"}, upstream) as (_, rest):
+            busy = http.post("/api/chat/stream", json={"message": "again", "conversation_id": "busy"})
+            upstream.end_hang()
+            assert "event: done" in "".join(rest)
+    assert busy.status_code == 409
+    assert wait_until(lambda: not service.app_ctx.turns)
+    after = scrape(service.url)
+    completed = {"api_stream": 2, "api_json": 1, "v1": 1}
+    assert moved(before, after) == {
+        "autogen_chat_turns_total{face=api_stream,outcome=done}": 2,
+        "autogen_chat_turns_total{face=api_json,outcome=done}": 1,
+        "autogen_chat_turns_total{face=v1,outcome=done}": 1,
+        "autogen_chat_turns_total{face=api_json,outcome=upstream_error}": 1,
+        "autogen_chat_turns_total{face=v1,outcome=validation_error}": 1,
+        "autogen_chat_turns_total{face=api_stream,outcome=conversation_busy}": 1,
+        "autogen_chat_errors_total{code=upstream_error}": 1,
+        "autogen_chat_errors_total{code=validation_error}": 1,
+        "autogen_chat_errors_total{code=not_found}": 1,
+        "autogen_chat_errors_total{code=conversation_busy}": 1,
+        "autogen_chat_tokens_total{type=input}": 5 * 11,  # one model call each, two for the tool turn
+        "autogen_chat_tokens_total{type=output}": 5 * 7,
+        "autogen_chat_tool_calls_total{outcome=ok,tool=calculate}": 1,
+        **counted("autogen_chat_turn_duration_seconds", "face", completed),
+        **counted("autogen_chat_time_to_first_token_seconds", "face", completed),
+        # Each stored turn takes the lease and loads its conversation, and a completed one saves
+        # (which lets the lease go); a failed one lets it go; the busy one asks twice (a turn here
+        # holds it: it waits that turn's handover time first).
+        **counted("autogen_chat_database_seconds", "op", {"acquire_lease": 6, "load_state": 4, "save_turn": 3,
+                                                          "release_lease": 1, "get_conversation": 1}),
+    }  # fmt: skip
+    assert sample(after, "autogen_chat_turn_duration_seconds_sum", face="api_json") > 0
+    assert sample(after, "autogen_chat_info", version=server.__version__, model="deepseek-flash") == 1
+
+
+def test_tokens_are_counted_by_type_as_the_model_api_reports_them(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    before = scrape(service.url)
+    upstream.reset(Reply(content="cached", usage=(100, 40), cached_tokens=30, reasoning_tokens=10), strict="deepseek")
+    assert stream(service.url, {"message": "hi"})[0].status_code == 200
+    after = scrape(service.url)
+    tokens = {kind: sample(after, "autogen_chat_tokens_total", type=kind) - sample(before, "autogen_chat_tokens_total",
+              type=kind) for kind in ("input", "output", "cached_input", "reasoning")}  # fmt: skip
+    assert tokens == {"input": 100, "output": 40, "cached_input": 30, "reasoning": 10}
+
+
+def test_open_turns_counts_a_stream_while_it_runs_and_not_after(service: ServerThread, upstream: FakeModelAPI) -> None:
+    assert sample(scrape(service.url), "autogen_chat_open_turns") == 0
+    upstream.reset(Reply(content="a b c d", fault="hold"))
+    with held_stream(service.url, {"message": "wait"}, upstream) as (_, rest):
+        assert sample(scrape(service.url), "autogen_chat_open_turns") == 1
+        upstream.end_hang()
+        assert "event: done" in "".join(rest)
+    assert wait_until(lambda: sample(scrape(service.url), "autogen_chat_open_turns") == 0)
+
+
+def test_metrics_need_the_server_key_when_one_is_set(settings_for: Callable[..., server.Settings]) -> None:
+    with ServerThread(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as service:
+        refused = httpx.get(service.url + "/metrics")
+        wrong = httpx.get(service.url + "/metrics", headers={"Authorization": "Bearer wrong"})
+        samples = scrape(service.url, headers={"Authorization": f"Bearer {SERVER_KEY}"})
+        document = httpx.get(service.url + "/openapi.json").json()
+    assert refused.status_code == wrong.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    assert sample(samples, "autogen_chat_errors_total", code="unauthorized") == 2
+    assert document["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+
+
+def worker_environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(pair.decode().split("=", 1) for pair in pairs if b"=" in pair)
+
+
+def test_with_two_workers_metrics_sum_every_worker_even_killed_ones_and_logs_are_json(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    env = process_env(settings_for, WORKERS="2", LOG_FORMAT="json")
+    log = tmp_path / "server.log"
+    upstream.reset(*[Reply(content=f"answer {index}") for index in range(6)], Reply(content="a b c d", fault="hang"))
+    with log.open("wb") as output, service_processes(1, env, tmp_path, "server.py", output=output) as [(process, url)]:
+        workers = child_processes(process.pid)
+        directory = Path(worker_environ(workers[0])["PROMETHEUS_MULTIPROC_DIR"])
+        assert "pydantic_core" not in Path(f"/proc/{process.pid}/maps").read_text()  # its JSON lines need no app
+        for index in range(6):
+            assert httpx.post(url + "/api/chat", json={"message": f"q{index}"}, timeout=10).status_code == 200
+        with held_stream(url, {"message": "wait"}, upstream):
+            assert sample(scrape(url), "autogen_chat_open_turns") == 1
+            for pid in workers:  # the held turn's worker among them: it never gets to its lifespan's end
+                os.kill(pid, signal.SIGKILL)
+            assert wait_until(lambda: len(set(child_processes(process.pid)) - set(workers)) == 2, timeout=30)
+        assert wait_until(lambda: health_status(url) == 200, timeout=30)
+        after = scrape(url)  # answered by a new worker, which ran no turn
+    assert sample(after, "autogen_chat_turns_total", face="api_json", outcome="done") == 6
+    assert sample(after, "autogen_chat_tokens_total", type="input") == 6 * 11  # the held call never ended
+    assert sample(after, "autogen_chat_open_turns") == 0
+    assert sample(after, "autogen_chat_info", version=server.__version__, model="deepseek-flash") == 1
+    assert not directory.exists()  # made for the workers, removed when the server stopped
+    lines = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert any(line["logger"] == "uvicorn.error" and "parent process" in line["message"] for line in lines)
+    assert any(line["logger"] == "autogen_chat" and line["message"].startswith("model ") for line in lines)
+
+
+class TraceCollector:
+    """An OTLP/HTTP collector on loopback: the spans it was sent, decoded from protobuf."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.app = Starlette(routes=[Route("/v1/traces", self.export, methods=["POST"])])
+
+    async def export(self, request: Request) -> Response:
+        assert request.headers["content-type"] == "application/x-protobuf"
+        sent = ExportTraceServiceRequest.FromString(await request.body())
+        for resource in sent.resource_spans:
+            service_name = {kv.key: any_value(kv.value) for kv in resource.resource.attributes}["service.name"]
+            for scope in resource.scope_spans:
+                self.spans += [span_fields(span, scope.scope.name, service_name) for span in scope.spans]
+        return Response(ExportTraceServiceResponse().SerializeToString(), media_type="application/x-protobuf")
+
+    def named(self, prefix: str) -> list[dict[str, Any]]:
+        return [span for span in self.spans if span["name"].startswith(prefix)]
+
+
+def span_fields(span: Any, scope: str, service_name: str) -> dict[str, Any]:
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "scope": scope,
+        "service": service_name,
+        "trace_id": span.trace_id.hex(),
+        "span_id": span.span_id.hex(),
+        "parent": span.parent_span_id.hex() or None,
+        "start": span.start_time_unix_nano,
+        "status": span.status.code,
+        "attributes": {kv.key: any_value(kv.value) for kv in span.attributes},
+    }
+
+
+def any_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [any_value(item) for item in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[TraceCollector, ServerThread]]:
+    received = TraceCollector()
+    with ServerThread(received.app) as thread:
+        yield received, thread
+
+
+def test_each_turn_is_one_invoke_agent_span_with_its_model_and_tool_calls_under_it(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, collector: tuple[TraceCollector, Any]
+) -> None:
+    received, receiver = collector
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(server.JsonFormatter())
+    logging.getLogger("autogen_chat").addHandler(handler)
+    calls = [("calculate", {"expression": "6*7"}), ("calculate", {"expression": "1/0"})]
+    upstream.reset(Reply(tool_calls=calls), Reply(content="42"), Reply(status=500))
+    try:
+        with ServerThread(server.create_app(settings_for(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url))) as service:
+            with httpx.Client(base_url=service.url, timeout=10) as http:
+                assert http.post("/api/chat", json={"message": "6*7?", "conversation_id": "traced"}).status_code == 200
+                assert "event: error" in http.post("/api/chat/stream", json={"message": "x"}).text
+    finally:
+        logging.getLogger("autogen_chat").removeHandler(handler)
+    assert wait_until(lambda: len(received.named("invoke_agent")) == 2)  # sent as the server stopped, at the latest
+    tool_turn, failed = sorted(received.named("invoke_agent"), key=lambda span: "error.type" in span["attributes"])
+    assert tool_turn["name"] == "invoke_agent assistant" and tool_turn["kind"] == 1 and tool_turn["parent"] is None
+    assert tool_turn["attributes"] == {
+        "gen_ai.operation.name": "invoke_agent", "gen_ai.provider.name": "127.0.0.1",
+        "gen_ai.request.model": "deepseek-flash", "gen_ai.agent.name": "assistant",
+        "gen_ai.conversation.id": "traced", "gen_ai.usage.input_tokens": 22, "gen_ai.usage.output_tokens": 14,
+        "gen_ai.usage.cache_read.input_tokens": 0, "gen_ai.usage.reasoning.output_tokens": 0,
+    }  # fmt: skip
+    assert failed["attributes"]["error.type"] == "upstream_error" and failed["status"] == 2
+    chats = sorted((span for span in received.named("chat ") if span["parent"] == tool_turn["span_id"]),
+                   key=lambda span: span["start"])  # fmt: skip
+    assert [span["attributes"]["gen_ai.response.finish_reasons"] for span in chats] == [["tool_calls"], ["stop"]]
+    assert {span["name"] for span in chats} == {"chat deepseek-flash"} and {span["kind"] for span in chats} == {3}
+    assert {key: value for key, value in chats[0]["attributes"].items() if "finish" not in key} == {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "127.0.0.1", "gen_ai.request.model": "deepseek-flash",
+        "gen_ai.request.stream": True, "server.address": "127.0.0.1", "server.port": upstream_port(settings_for),
+        "gen_ai.conversation.id": "traced", "gen_ai.usage.input_tokens": 11, "gen_ai.usage.output_tokens": 7,
+        "gen_ai.usage.cache_read.input_tokens": 0, "gen_ai.usage.reasoning.output_tokens": 0,
+    }  # fmt: skip
+    tool, failed_tool = sorted(
+        received.named("execute_tool"), key=lambda span: span["attributes"]["gen_ai.tool.call.id"]
+    )
+    assert tool["name"] == "execute_tool calculate" and tool["kind"] == 1 and tool["parent"] == tool_turn["span_id"]
+    assert tool["attributes"] == {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "calculate",
+                                  "gen_ai.tool.call.id": "call_0", "gen_ai.tool.type": "function",
+                                  "gen_ai.conversation.id": "traced"}  # fmt: skip
+    assert failed_tool["attributes"]["error.type"] == "error" and failed_tool["status"] == 2  # division by zero
+    [failed_chat] = [span for span in received.named("chat ") if span["parent"] == failed["span_id"]]
+    assert failed_chat["attributes"]["error.type"] == "upstream_error" and failed_chat["status"] == 2
+    assert len(received.spans) == 7
+    assert {span["trace_id"] for span in [tool_turn, *chats, tool, failed_tool]} == {tool_turn["trace_id"]}
+    assert failed["trace_id"] != tool_turn["trace_id"]
+    assert {(span["scope"], span["service"]) for span in received.spans} == {("autogen-chat", "autogen-chat")}
+    assert not isinstance(trace_api.get_tracer_provider(), TracerProvider)  # AutoGen's spans still go nowhere
+    logged = [json.loads(line) for line in lines.getvalue().splitlines()]
+    [failure] = [line for line in logged if "failed" in line["message"]]
+    assert failure["trace_id"] == failed["trace_id"] and failure["span_id"] == failed["span_id"]
+    assert all("trace_id" not in line for line in logged if line is not failure)
+
+
+def upstream_port(settings_for: Callable[..., server.Settings]) -> int:
+    return urlsplit(settings_for().base_url).port  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("capture", ["true", ""], ids=["opted-in", "default"])
+def test_spans_hold_messages_and_tool_arguments_only_when_the_user_opts_in(
+    settings_for: Callable[..., server.Settings],
+    upstream: FakeModelAPI,
+    collector: tuple[TraceCollector, Any],
+    capture: str,
+) -> None:
+    received, receiver = collector
+    upstream.reset(Reply(tool_calls=[("calculate", {"expression": "6*7"})]), Reply(content="它是 42"))
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url + "/v1/traces",
+           "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": capture}  # fmt: skip
+    with ServerThread(server.create_app(settings_for(**env))) as service:
+        assert httpx.post(service.url + "/api/chat", json={"message": "6*7 是多少？"}, timeout=10).status_code == 200
+    assert wait_until(lambda: len(received.named("invoke_agent")) == 1 and received.named("execute_tool"))
+    [turn], [tool] = received.named("invoke_agent"), received.named("execute_tool")
+    content = {key: value for span in (turn, tool) for key, value in span["attributes"].items()
+               if key.endswith(("messages", "arguments", "result"))}  # fmt: skip
+    expected = {
+        "gen_ai.input.messages": [{"role": "user", "parts": [{"type": "text", "content": "6*7 是多少？"}]}],
+        "gen_ai.output.messages": [{"role": "assistant", "parts": [{"type": "text", "content": "它是 42"}]}],
+        "gen_ai.tool.call.arguments": {"expression": "6*7"},
+        "gen_ai.tool.call.result": "42",
+    }
+    decoded = {key: value if key.endswith("result") else json.loads(value) for key, value in content.items()}
+    assert decoded == (expected if capture else {})
+
+
+def test_without_an_endpoint_nothing_of_the_opentelemetry_sdk_is_loaded(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, tmp_path: Path
+) -> None:
+    code = """if True:
+        import json, sys, warnings
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+        import server
+        settings = server.Settings.from_env(json.loads(sys.argv[1]))
+        with TestClient(server.create_app(settings)) as client:
+            assert client.post("/api/chat", json={"message": "hi"}).json()["message"] == "echo: hi"
+        print(sorted(name for name in sys.modules if name.startswith(("opentelemetry.sdk", "opentelemetry.exporter"))))
+    """
+    env = {**process_env(settings_for), "DATABASE_PATH": str(tmp_path / "chat.db")}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(env)], cwd=HERE, capture_output=True, text=True,
+                         check=True, env={k: v for k, v in os.environ.items() if k not in ENV_NAMES})  # fmt: skip
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "env, endpoint",
+    [({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}, "http://collector:4318/v1/traces"),
+     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT":
+       "https://traces.example/otlp"}, "https://traces.example/otlp"), ({}, None)],
+    ids=["base", "traces", "none"],
+)  # fmt: skip
+def test_traces_go_to_the_traces_endpoint_as_set_else_under_the_base_endpoint(
+    env: dict[str, str], endpoint: str | None
+) -> None:
+    assert server.Settings.from_env(env).traces_endpoint == endpoint
 
 
 # ---------------------------------------------------------------------------
