@@ -458,12 +458,17 @@ def misspelt_settings(dotenv: Mapping[str, str], env_file: Path, mcp_text: str) 
 # OPENAI_ERRORS; inside a stream as the face's own error event.
 ERRORS: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "The request body is not valid JSON."),
+    "previous_response_not_found": (400, "No stored response has this previous_response_id."),
     "unauthorized": (401, "Send the server key as 'Authorization: Bearer <SERVER_API_KEY>'."),
     "origin_not_allowed": (403, "Pages of this origin may not call this server: list it in CORS_ORIGINS."),
     "not_found": (404, "Not found."),
     "method_not_allowed": (405, "Method not allowed."),
     "conversation_busy": (409, "A turn of this conversation is still running; try again."),
     "turn_superseded": (409, "Another turn took this conversation over while this one ran; nothing was saved."),
+    "response_not_latest": (
+        409,
+        "A later turn continued this response's conversation: continue from its last response.",
+    ),
     "approval_decided": (409, "This tool call was decided already, or its time to decide ran out."),
     "payload_too_large": (413, "The request is too large."),
     "unsupported_media_type": (415, "Send the body as JSON (Content-Type: application/json)."),
@@ -1163,6 +1168,15 @@ class ToolSet:
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """A face's own record of a turn (a Responses API object), saved with the turn by its id."""
+
+    conversation_id: str
+    body: dict[str, Any]
+    latest: bool  # no turn of its conversation came after
+
+
 class Store(Protocol):
     """Where conversations live, and the leases that let one turn at a time run on each.
     SQLiteStore (DATABASE_PATH) and PostgresStore (DATABASE_URL) keep it alike, with the same
@@ -1202,8 +1216,8 @@ class Store(Protocol):
         artifact of it by its id) and delete its lease, in one transaction; LeaseLost, and nothing
         stored, if the lease is gone."""
 
-    async def artifact(self, artifact_id: str) -> tuple[str, dict[str, Any]] | None:
-        """(its conversation's id, the body) of an artifact a face saved with a turn."""
+    async def artifact(self, artifact_id: str) -> Artifact | None:
+        """An artifact a face saved with a turn."""
 
     async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         """A page of conversation summaries, most recently updated first, and how many there are."""
@@ -1279,6 +1293,7 @@ CREATE TABLE IF NOT EXISTS call_reasoning (
 CREATE TABLE IF NOT EXISTS artifacts (
     id text PRIMARY KEY,
     conversation_id text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    position integer NOT NULL,
     body text NOT NULL
 );
 """
@@ -1294,8 +1309,9 @@ STATEMENTS = {
     " SET state = excluded.state, message_count = conversations.message_count + excluded.message_count,"
     " updated_at = excluded.updated_at RETURNING message_count",
     "save_message": "INSERT INTO messages VALUES (%s, %s, %s)",
-    "save_artifact": "INSERT INTO artifacts VALUES (%s, %s, %s)",
-    "artifact": "SELECT conversation_id, body FROM artifacts WHERE id = %s",
+    "save_artifact": "INSERT INTO artifacts VALUES (%s, %s, %s, %s)",
+    "artifact": "SELECT a.conversation_id, a.body, a.position = c.message_count FROM artifacts a"
+    " JOIN conversations c ON c.id = a.conversation_id WHERE a.id = %s",
     "list_conversations": "SELECT id, title, message_count, created_at, updated_at FROM conversations"
     " ORDER BY updated_at DESC, id LIMIT %s OFFSET %s",
     "count_conversations": "SELECT count(*) FROM conversations",
@@ -1358,7 +1374,7 @@ def conversation_row(row: Sequence[Any], bodies: Sequence[Sequence[str]]) -> dic
 
 def conversation_values(conversation_id: str, state: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> tuple:
     """The parameters of save_conversation: the title is the first message's start."""
-    now, first = utc_now(), records[0].get("content")
+    now, first = utc_now(), records[0].get("content") if records else None
     title = first[:80] if isinstance(first, str) else ""
     return conversation_id, title, dumps(state), len(records), now, now
 
@@ -1515,12 +1531,12 @@ class SQLiteStore:
             (count,) = db.execute(SQLITE.sql("save_conversation"), values).fetchone()
             db.executemany(SQLITE.sql("save_message"), message_values(conversation_id, count, records))
             if artifact is not None:
-                db.execute(SQLITE.sql("save_artifact"), (artifact[0], conversation_id, dumps(artifact[1])))
+                db.execute(SQLITE.sql("save_artifact"), (artifact[0], conversation_id, count, dumps(artifact[1])))
 
     @off_the_loop_if_locked
-    def artifact(self, artifact_id: str) -> tuple[str, dict[str, Any]] | None:
+    def artifact(self, artifact_id: str) -> Artifact | None:
         row = self.db.execute(SQLITE.sql("artifact"), (artifact_id,)).fetchone()
-        return (row[0], json.loads(row[1])) if row else None
+        return Artifact(row[0], json.loads(row[1]), bool(row[2])) if row else None
 
     @staticmethod
     @contextmanager
@@ -1751,7 +1767,7 @@ class PostgresStore:
                         )
                     if artifact is not None:
                         await db.execute(
-                            POSTGRES.sql("save_artifact"), (artifact[0], conversation_id, dumps(artifact[1]))
+                            POSTGRES.sql("save_artifact"), (artifact[0], conversation_id, count, dumps(artifact[1]))
                         )
                     stage = "committing"  # a failure from here on may have committed
             except psycopg.OperationalError as exc:
@@ -1759,9 +1775,9 @@ class PostgresStore:
 
         await self._call(save)
 
-    async def artifact(self, artifact_id: str) -> tuple[str, dict[str, Any]] | None:
+    async def artifact(self, artifact_id: str) -> Artifact | None:
         rows = await self._rows("artifact", artifact_id)
-        return (rows[0][0], json.loads(rows[0][1])) if rows else None
+        return Artifact(rows[0][0], json.loads(rows[0][1]), rows[0][2]) if rows else None
 
     async def list_conversations(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         async def page(db: psycopg.AsyncConnection) -> tuple[list[dict[str, Any]], int]:
@@ -2295,10 +2311,16 @@ def history_window(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
     """System messages at the start (a client's, on /v1), then the last `size` messages,
     widened back to a user message so no tool result is cut from its call (the current turn
     stays whole even when it alone is longer)."""
+    head = system_head(messages)
+    return messages[:head] + _recent(messages[head:], size)
+
+
+def system_head(messages: Sequence[LLMMessage]) -> int:
+    """How many system messages the messages start with."""
     head = 0
     while head < len(messages) and isinstance(messages[head], SystemMessage):
         head += 1
-    return messages[:head] + _recent(messages[head:], size)
+    return head
 
 
 def _recent(messages: list[LLMMessage], size: int) -> list[LLMMessage]:
@@ -2352,6 +2374,13 @@ class HistoryWindow(ChatCompletionContext):
             for message in self._messages:  # version 1 kept AutoGen's meaning: the text beside the calls
                 if isinstance(message, AssistantMessage) and isinstance(message.content, list) and message.thought:
                     self.call_texts[message.content[0].id], message.thought = message.thought, None
+
+
+def with_instructions(messages: Sequence[LLMMessage], instructions: str) -> list[LLMMessage]:
+    """The messages with a request's instructions after their system messages (which the
+    request joins into one): the server's system message first, then the client's."""
+    head = system_head(messages)
+    return [*messages[:head], SystemMessage(content=instructions), *messages[head:]]
 
 
 def openai_messages(messages: Sequence[LLMMessage], memory: HistoryWindow, thinking: bool) -> list[dict[str, Any]]:
@@ -2446,6 +2475,7 @@ class ModelOptions:
     client_tools: Sequence[ToolSchema] = ()
     tool_choice: Any = None  # the client's; for the turn's first model call only
     parallel_tool_calls: bool | None = None
+    instructions: str | None = None  # after the system messages, for this turn's model calls only
 
 
 class AgentModel(ChatCompletionClient):
@@ -2479,6 +2509,8 @@ class AgentModel(ChatCompletionClient):
     def body(self, messages: Sequence[LLMMessage], tools: Sequence[Any], tool_choice: Any) -> dict[str, Any]:
         settings, options = self.settings, self.options
         thinking = settings.thinking_api and settings.thinking != "disabled"
+        if options.instructions:
+            messages = with_instructions(messages, options.instructions)
         body: dict[str, Any] = {
             "model": settings.model_name,
             "messages": openai_messages(messages, self.memory, thinking),
@@ -2845,11 +2877,12 @@ class Reply:
         return bool(self.text) and self.after_tools
 
     def _call(self, call: ToolCall) -> None:
-        if call.client:
-            self.handed_over.append(call)
-            return
         shown = {"id": call.id, "name": call.name, "arguments": call.arguments} | server_field(call.server)
-        self.tool_calls[call.id] = {**shown, "result": None, "is_error": False}
+        if call.client:  # recorded, for a stored conversation; the client runs it and answers
+            self.handed_over.append(call)
+            shown["client"] = True
+        else:
+            self.tool_calls[call.id] = {**shown, "result": None, "is_error": False}
         last = self.records[-1] if self.records else {}
         if last.get("role") == "assistant" and "tool_calls" in last and not self.segment and not self.thought:
             last["tool_calls"].append(shown)  # another call of the same model reply
@@ -3106,11 +3139,11 @@ class Turn:
         self.stop_reason = "internal_error"
         self.events: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
         self.reply = Reply(job.conversation_id)
-        if isinstance(job.message, str):
-            self.reply.records.append({"role": "user", "content": job.message, "created_at": utc_now()})
         for result in job.results:  # the client ran its tools: their results are the turn's start
             body = {"call_id": result.call_id, "name": result.name, "content": result.content, "is_error": False}
             self.reply.records.append({"role": "tool", **body, "client": True, "created_at": utc_now()})
+        if isinstance(job.message, str):
+            self.reply.records.append({"role": "user", "content": job.message, "created_at": utc_now()})
         self.token = CancellationToken()
         self.gate = TurnGate(job.approvals, self.emit, ctx, job.conversation_id)
         self.gate.decided = job.decided
@@ -3525,6 +3558,15 @@ def _messages_of(item: Said, waiting: dict[str, FunctionCall], history: list[LLM
     return []
 
 
+def with_reasoning(said: list[Said]) -> list[Said]:
+    """The messages less the reasoning ones, whose text goes to the tool calls after them: a
+    thinking model wants it back there."""
+    for before, item in itertools.pairwise(said):
+        if before.role == "reasoning" and item.calls:
+            item.thought = without_face_marks(str(before.content))  # the agent's tool lines are not its thought
+    return [item for item in said if item.role not in {"reasoning", "other"}]
+
+
 def client_tool_schemas(tools: Sequence[tuple[str, str, Any]], taken: Collection[str], param: str) -> list[ToolSchema]:
     """The client's tools as the model sees them: (name, description, JSON schema of the arguments).
     A name the agent's own tools have, or a name no API takes, is a 400."""
@@ -3775,7 +3817,7 @@ def parse_v1_request(
         include_usage=options.get("include_usage") is True,
         options=ModelOptions(
             sampling=v1_sampling(data),
-            response_format=v1_response_format(data, settings),
+            response_format=v1_response_format(data.get("response_format"), settings),
             client_tools=tools,
             tool_choice=v1_tool_choice(data.get("tool_choice")) if tools else None,
             parallel_tool_calls=data.get("parallel_tool_calls") if tools else None,
@@ -3975,11 +4017,8 @@ def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
             sampling[name] = value
     # max_completion_tokens wins, sent as max_tokens: the name DeepSeek and local servers read.
     for name, low in (("max_tokens", 1), ("max_completion_tokens", 1), ("seed", -(2**63))):
-        value = data.get(name)
-        if value is not None:
-            if not is_number(value) or value != int(value) or value < low:
-                raise invalid(f"'{name}' must be a whole number of at least {low}.", name)
-            sampling["max_tokens" if name == "max_completion_tokens" else name] = int(value)
+        if data.get(name) is not None:
+            sampling["max_tokens" if name == "max_completion_tokens" else name] = whole_field(data, name, low)
     stop = data.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None:
@@ -3989,9 +4028,15 @@ def v1_sampling(data: dict[str, Any]) -> dict[str, Any]:
     return sampling
 
 
-def v1_response_format(data: dict[str, Any], settings: Settings) -> dict[str, Any] | None:
+def whole_field(data: Mapping[str, Any], name: str, low: int) -> int:
+    value = data.get(name)
+    if not is_number(value) or value != int(value) or value < low:
+        raise invalid(f"'{name}' must be a whole number of at least {low}.", name)
+    return int(value)
+
+
+def v1_response_format(given: Any, settings: Settings, param: str = "response_format") -> dict[str, Any] | None:
     """response_format for the answer: JSON, or JSON of a schema, where the model can."""
-    given = data.get("response_format")
     if given is None or (isinstance(given, dict) and given.get("type") == "text"):
         return None
     kind = given.get("type") if isinstance(given, dict) else None
@@ -3999,12 +4044,10 @@ def v1_response_format(data: dict[str, Any], settings: Settings) -> dict[str, An
         {"json_object": "json_output", "json_schema": "structured_output"}.get(kind) if isinstance(kind, str) else None
     )
     if needs is None or (kind == "json_schema" and not isinstance(given.get("json_schema"), dict)):
-        raise invalid(
-            '\'response_format\' must be {"type": "text" | "json_object" | "json_schema", ...}.', "response_format"
-        )
+        raise invalid(f'\'{param}\' must be {{"type": "text" | "json_object" | "json_schema", ...}}.', param)
     if not settings.model_info[needs]:
         flag = next(name for name, key in MODEL_INFO_FLAGS.items() if key == needs)
-        raise invalid(f"This model cannot answer in {kind} ({flag}=false).", "response_format")
+        raise invalid(f"This model cannot answer in {kind} ({flag}=false).", param)
     return given
 
 
@@ -4126,8 +4169,9 @@ def v1_reasoning(reply: Reply) -> str:
     for record in reply.records:
         if record["role"] == "assistant":
             parts.append(record.get("thought") or "")
-            parts += [tool_line(ToolCall(c["id"], c["name"], c["arguments"])) for c in record.get("tool_calls") or ()]
-        elif record["role"] == "tool":
+            calls = [c for c in record.get("tool_calls") or () if not c.get("client")]
+            parts += [tool_line(ToolCall(c["id"], c["name"], c["arguments"])) for c in calls]
+        elif record["role"] == "tool" and not record.get("client"):
             parts.append(
                 tool_line(ToolResult(record["call_id"], record["name"], record["content"], record["is_error"]))
             )
@@ -4195,7 +4239,7 @@ def parse_ag_ui(body: bytes, settings: Settings, taken: Collection[str]) -> AgUi
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise invalid(f"Not a RunAgentInput: {where}: {first['msg']}.", where) from None
     decided = agui_decisions(run.resume or [])
-    said = agui_reasoned([agui_said(message, index, settings) for index, message in enumerate(run.messages)])
+    said = with_reasoning([agui_said(message, index, settings) for index, message in enumerate(run.messages)])
     said.extend(agui_context(run.context or []))
     message, history = client_history(sorted(said, key=lambda s: s.role != "system"), decided)
     check_length(message, settings, "messages")
@@ -4227,15 +4271,6 @@ def agui_said(message: Any, index: int, settings: Settings) -> Said:
     if isinstance(message, agui.ReasoningMessage):
         return Said("reasoning", message.content, where=where)
     return Said("other", where=where)  # activity messages: the agent has no use for them
-
-
-def agui_reasoned(said: list[Said]) -> list[Said]:
-    """The messages less the reasoning ones, whose text goes to the tool calls after them: a
-    thinking model wants it back there."""
-    for before, item in itertools.pairwise(said):
-        if before.role == "reasoning" and item.calls:
-            item.thought = str(before.content)
-    return [item for item in said if item.role not in {"reasoning", "other"}]
 
 
 def agui_content(content: Any, where: str, settings: Settings) -> Content:
@@ -4404,6 +4439,541 @@ async def ag_ui(request: Request) -> Response:
     job = TurnJob(run.thread_id, run.message, run.history, options=options, approvals=Approvals.HAND_OVER,
                   decided=run.decided, face="ag_ui")  # fmt: skip
     return TurnStream(await start_turn(ctx, job), AgUiRun(run.thread_id, run.run_id, ctx.settings))
+
+
+# ---------------------------------------------------------------------------
+# Face: /v1/responses, OpenAI's Responses API (openai-agents, Codex, the Vercel AI SDK): reading a request
+# ---------------------------------------------------------------------------
+# With store (the default) a response is a turn of a stored conversation: a new one, seeded with
+# the input, or, with previous_response_id, the conversation of that response, which must be
+# its last turn (a conversation here has one line of turns, not branches). Without store it is
+# stateless, as /v1 is. The input's items are read as a client's messages (Said); the client's
+# function tools are the client tools of /v1. Fields the agent has no use for are ignored.
+
+RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})")
+# The ids of the output items of this server's responses: their response's and their place in it.
+OUR_ITEM_ID = re.compile(r"(?:rs|msg|fc)_([0-9a-f]{32})_[0-9]+")
+RESPONSE_ROLES = {"user", "assistant", "system", "developer"}
+RESPONSE_TEXT_PARTS = {"input_text", "output_text", "text", "refusal"}
+OUTPUT_ITEMS = {"reasoning", "function_call"}  # and assistant messages: what a response said
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    """What the agent uses of a Responses API request, and what the Response echoes of it."""
+
+    model: str
+    said: list[Said]
+    previous_response_id: str | None
+    store: bool
+    stream: bool
+    options: ModelOptions
+    echo: dict[str, Any]
+
+
+def parse_responses_request(data: Any, settings: Settings, taken: Collection[str]) -> ResponsesRequest:
+    """The request, checked (its item references already resolved: see referenced_items)."""
+    if not isinstance(data, dict):
+        raise invalid("The body must be a JSON object with 'input'.")
+    for name in ("stream", "store", "parallel_tool_calls", "background"):
+        if not _optional(bool, data.get(name)):
+            raise invalid(f"'{name}' must be true or false.", name)
+    if data.get("background") is True:
+        raise invalid("This server answers while the client waits: 'background' must be false.", "background")
+    previous, store = previous_response_id(data.get("previous_response_id")), data.get("store") is not False
+    said = responses_input(data.get("input"), settings, continuing=previous is not None)
+    if store and any(not isinstance(item.content, str) for item in said):
+        raise invalid('A stored conversation keeps text: send images with "store": false.', "input")
+    if not _optional(str, data.get("instructions")):
+        raise invalid("'instructions' must be a string.", "instructions")
+    tools = responses_tools(data.get("tools"), taken)
+    options = ModelOptions(
+        sampling=responses_sampling(data),
+        response_format=responses_format(data.get("text"), settings),
+        client_tools=[tool for tool, _ in tools],
+        tool_choice=responses_tool_choice(data.get("tool_choice")) if tools else None,
+        parallel_tool_calls=data.get("parallel_tool_calls") if tools else None,
+        instructions=data.get("instructions") or None,
+    )
+    model = v1_model(data.get("model"), settings)
+    return ResponsesRequest(
+        model, said, previous, store, data.get("stream") is True, options, responses_echo(data, tools)
+    )
+
+
+def previous_response_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid("'previous_response_id' must be a string.", "previous_response_id")
+    if not RESPONSE_ID.fullmatch(value):  # not one of ours: no need to ask the database
+        raise not_stored(value)
+    return value
+
+
+def not_stored(response_id: str) -> ApiError:
+    message = f"Previous response with id {response_id[:80]!r} not found."
+    return ApiError("previous_response_not_found", message, param="previous_response_id")
+
+
+def responses_input(given: Any, settings: Settings, continuing: bool) -> list[Said]:
+    """The input as the client's messages. Continuing a response, what a response of this server
+    said is in its conversation already: those items are passed over (clients send them back)."""
+    if isinstance(given, str):
+        return [Said("user", given, where="input")]
+    if not isinstance(given, list) or not given:
+        raise invalid("'input' must be a string or a non-empty list of items.", "input")
+    said: list[Said] = []
+    for index, item in enumerate(given):
+        where = f"input[{index}]"
+        if not isinstance(item, dict):
+            raise invalid(f"{where} must be an object.", where)
+        kind = item.get("type", "message" if "role" in item else None)
+        said_before = kind in OUTPUT_ITEMS or (kind == "message" and item.get("role") == "assistant")
+        if continuing and said_before and isinstance(item.get("id"), str) and OUR_ITEM_ID.fullmatch(item["id"]):
+            continue
+        if continuing and said_before:
+            raise invalid(f"{where}: with previous_response_id, send only what is new: a user message, or "
+                          "function_call_output items.", where)  # fmt: skip
+        joined_calls(said, responses_item(kind, item, where, settings))
+    return with_reasoning(said)
+
+
+def joined_calls(said: list[Said], item: Said) -> None:
+    """The item after the others; the calls of one model reply (its text, then each function_call
+    item) make one assistant message."""
+    last = said[-1] if said else None
+    if item.calls and last is not None and last.role == "assistant":
+        last.calls += item.calls
+    else:
+        said.append(item)
+
+
+def responses_item(kind: Any, item: dict[str, Any], where: str, settings: Settings) -> Said:
+    if kind == "message":
+        return responses_message(item, where, settings)
+    if kind == "function_call":
+        fields = {name: item.get(name) for name in ("call_id", "name", "arguments")}
+        if not _strings(fields):
+            raise invalid(f"{where} needs a call_id, a name and arguments (a JSON string).", where)
+        return Said("assistant", "", [FunctionCall(id=fields["call_id"], name=fields["name"],
+                                                   arguments=fields["arguments"])], where=where)  # fmt: skip
+    if kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise invalid(f"{where}.call_id must name the function_call this output answers.", f"{where}.call_id")
+        output = item.get("output")
+        text = output if isinstance(output, str) else responses_text(output, f"{where}.output")
+        return Said("tool", text, call_id=item["call_id"], where=where)
+    if kind == "reasoning":
+        parts = item.get("content") or item.get("summary") or []
+        return Said("reasoning", responses_text(parts, where), where=where)
+    if kind == "item_reference":
+        raise invalid(f"{where} names an item that no stored response of this server holds.", where)
+    raise invalid(f"{where} has type {kind!r}: the agent reads message, function_call, function_call_output and "
+                  "reasoning items.", where)  # fmt: skip
+
+
+def responses_message(item: dict[str, Any], where: str, settings: Settings) -> Said:
+    role, content = item.get("role"), item.get("content")
+    if role not in RESPONSE_ROLES:
+        raise invalid(f"{where}.role must be one of {', '.join(sorted(RESPONSE_ROLES))}.", f"{where}.role")
+    if isinstance(content, str):
+        text: Content = content
+    elif role == "user" and isinstance(content, list):
+        text = responses_parts(content, f"{where}.content", settings)
+    else:
+        text = responses_text(content, f"{where}.content")
+    if role == "assistant":
+        return Said("assistant", without_face_marks(str(text)), where=where)
+    return Said("system" if role == "developer" else role, text, where=where)
+
+
+def responses_text(parts: Any, where: str) -> str:
+    """The text of a list of text parts (input_text, output_text, reasoning_text, summary_text)."""
+    if not isinstance(parts, list):
+        raise invalid(f"{where} must be a string or a list of text parts.", where)
+    texts = [part.get("text") if isinstance(part, dict) else None for part in parts]
+    if not all(isinstance(text, str) for text in texts):
+        raise invalid(f"{where} holds a part that is not text.", where)
+    return "\n".join(texts)  # type: ignore[arg-type]
+
+
+def responses_parts(parts: list[Any], where: str, settings: Settings) -> Content:
+    """A user message's text and images (input_image with a data: URI, when MODEL_VISION)."""
+    read: list[str | Image] = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in RESPONSE_TEXT_PARTS and isinstance(part.get("text"), str):
+            read.append(part["text"])
+        elif kind == "input_image" and settings.model_info["vision"]:
+            read.append(client_image(part.get("image_url"), where))
+        else:
+            no_images = "" if settings.model_info["vision"] else f"; images need a vision model ({NO_VISION})"
+            raise invalid(f"{where} has a part of type {kind!r}: the agent reads input_text and input_image"
+                          f"{no_images}.", where)  # fmt: skip
+    texts = [part for part in read if isinstance(part, str)]
+    return "\n".join(texts) if len(texts) == len(read) else read
+
+
+def responses_tools(tools: Any, taken: Collection[str]) -> list[tuple[ToolSchema, dict[str, Any]]]:
+    """The client's function tools (the Responses API's flat shape), each with the shape it echoes."""
+    if tools is None or tools == []:
+        return []
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) and tool.get("type") == "function"
+                                              for tool in tools):  # fmt: skip
+        raise invalid('\'tools\' must be a list of {"type": "function", "name": ..., "parameters": ...}: '
+                      "the server runs its own tools, the client its functions.", "tools")  # fmt: skip
+    schemas = client_tool_schemas([(t.get("name"), t.get("description"), t.get("parameters")) for t in tools],
+                                  taken, "tools")  # fmt: skip
+    return [(schema, {"type": "function", **schema, "strict": tool.get("strict") is True})
+            for schema, tool in zip(schemas, tools, strict=True)]  # fmt: skip
+
+
+def responses_tool_choice(choice: Any) -> Any:
+    """tool_choice in the chat completions shape: a function is named flat here, nested there."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return v1_tool_choice(choice)
+
+
+def responses_format(text: Any, settings: Settings) -> dict[str, Any] | None:
+    """text.format as chat completions' response_format: a json_schema is flat here, nested there."""
+    given = text.get("format") if isinstance(text, dict) else None
+    if not _optional(dict, text) or not _optional(dict, given):
+        raise invalid("'text' must be an object, and its 'format' too.", "text.format")
+    if given is not None and given.get("type") == "json_schema":
+        if not isinstance(given.get("name"), str) or not isinstance(given.get("schema"), dict):
+            raise invalid("A json_schema format needs a 'name' and a 'schema'.", "text.format")
+        nested = {key: given[key] for key in ("name", "schema", "description", "strict") if key in given}
+        given = {"type": "json_schema", "json_schema": nested}
+    return v1_response_format(given, settings, "text.format")
+
+
+def responses_sampling(data: dict[str, Any]) -> dict[str, Any]:
+    sampling = v1_sampling({name: data.get(name) for name in ("temperature", "top_p")})
+    if data.get("max_output_tokens") is not None:
+        sampling["max_tokens"] = whole_field(data, "max_output_tokens", 1)
+    return sampling
+
+
+def responses_echo(data: dict[str, Any], tools: list[tuple[ToolSchema, dict[str, Any]]]) -> dict[str, Any]:
+    """The request's settings as the Response repeats them, OpenAI's defaults where none was given."""
+    metadata = data.get("metadata")
+    return {
+        "tools": [shown for _, shown in tools],
+        "tool_choice": data.get("tool_choice") if tools and data.get("tool_choice") is not None else "auto",
+        "parallel_tool_calls": data.get("parallel_tool_calls") is not False,
+        "text": {"format": (data.get("text") or {}).get("format") or {"type": "text"}},
+        "temperature": data.get("temperature") if data.get("temperature") is not None else 1,
+        "top_p": data.get("top_p") if data.get("top_p") is not None else 1,
+        "max_output_tokens": data.get("max_output_tokens"),
+        "metadata": metadata if isinstance(metadata, dict) else {},
+        "user": data.get("user") if isinstance(data.get("user"), str) else None,
+        "store": data.get("store") is not False,
+        "reasoning": data.get("reasoning") if isinstance(data.get("reasoning"), dict) else None,
+        "truncation": "disabled", "background": False, "service_tier": "default", "top_logprobs": 0,
+        "presence_penalty": 0, "frequency_penalty": 0, "max_tool_calls": None,
+        "safety_identifier": None, "prompt_cache_key": None,
+    }  # fmt: skip
+
+
+async def referenced_items(store: Store, items: list[Any]) -> list[Any]:
+    """The input with each item_reference to an output item of a stored response (the Vercel AI
+    SDK sends them) replaced by that item."""
+    stored: dict[str, Artifact | None] = {}
+    resolved = []
+    for item in items:
+        reference = reference_of(item)
+        ours = OUR_ITEM_ID.fullmatch(reference)
+        if ours is not None:
+            response_id = f"resp_{ours[1]}"
+            if response_id not in stored:
+                stored[response_id] = await store.artifact(response_id)
+            artifact = stored[response_id]
+            outputs = artifact.body.get("output", []) if artifact is not None else []
+            item = next((output for output in outputs if output.get("id") == reference), item)
+        resolved.append(item)
+    return resolved
+
+
+def reference_of(item: Any) -> str:
+    """The id an item_reference names ("type" may be left out), else ""."""
+    if not isinstance(item, dict) or item.get("type", "item_reference") != "item_reference" or "role" in item:
+        return ""
+    return item["id"] if isinstance(item.get("id"), str) else ""
+
+
+def continued_input(said: list[Said], awaited: Mapping[str, str]) -> tuple[Content | None, list[Any], list[str]]:
+    """(the message, the results of the client's functions, system texts) of the input that
+    continues a response: the function_call_output of each call it handed over, and a message."""
+    results = [
+        FunctionExecutionResult(content=str(item.content), name=awaited.get(item.call_id, ""), call_id=item.call_id,
+                                is_error=False)
+        for item in said if item.role == "tool"
+    ]  # fmt: skip
+    answered = [result.call_id for result in results]
+    if sorted(answered) != sorted(awaited):
+        waiting = ", ".join(sorted(awaited)) or "none"
+        raise invalid(f"The input must answer each function call of the previous response with one "
+                      f"function_call_output (calls: {waiting}).", "input")  # fmt: skip
+    users = [item for item in said if item.role == "user"]
+    if len(users) > 1 or (users and said[-1] is not users[0]) or not (users or results):
+        raise invalid("With previous_response_id, 'input' is one user message, or the function_call_output "
+                      "items (and then a user message).", "input")  # fmt: skip
+    system = [str(item.content) for item in said if item.role == "system"]
+    return (users[0].content if users else None), results, system
+
+
+# ---------------------------------------------------------------------------
+# Face: /v1/responses: the Response, its stream, and the routes
+# ---------------------------------------------------------------------------
+# The output is built from pieces of reasoning (the thinking, and a line for each of the agent's
+# tool calls and results) and of text; a piece of another kind than the last starts a new item.
+# The stream builds it from the turn's events and a stored or JSON Response from the turn's
+# records (response_pieces), the same pieces in the same order, so all three hold the same
+# items with the same ids. The client's function calls come last, when the turn ends.
+
+RESPONSE_PARTS = {  # kind: (item type, id prefix, part type, its delta and done events)
+    "reasoning": ("reasoning", "rs", "reasoning_text", "response.reasoning_text"),
+    "text": ("message", "msg", "output_text", "response.output_text"),
+}
+
+
+class ResponseOutput:
+    """A response's output items, and the stream events that build them."""
+
+    def __init__(self, response_id: str) -> None:
+        self.tag = response_id.removeprefix("resp_")
+        self.items: list[dict[str, Any]] = []
+        self.open: str | None = None  # the kind of the last item, while it may still grow
+
+    def add(self, kind: str, text: str) -> list[dict[str, Any]]:
+        """Events for a piece of reasoning or text: it joins the last item, or starts one."""
+        if not text:
+            return []
+        events = [] if self.open == kind else self.close() + self._start(kind)
+        index, item = len(self.items) - 1, self.items[-1]
+        item["content"][0]["text"] += text
+        delta = {"type": f"{RESPONSE_PARTS[kind][3]}.delta", "item_id": item["id"], "output_index": index,
+                 "content_index": 0, "delta": text}  # fmt: skip
+        return events + [delta | ({"logprobs": []} if kind == "text" else {})]
+
+    def _start(self, kind: str) -> list[dict[str, Any]]:
+        item_type, prefix, part_type, _ = RESPONSE_PARTS[kind]
+        index, self.open = len(self.items), kind
+        item: dict[str, Any] = {"type": item_type, "id": f"{prefix}_{self.tag}_{index}", "status": "completed"}
+        item |= {"role": "assistant"} if kind == "text" else {"summary": []}
+        part = {"type": part_type, "text": ""} | ({"annotations": [], "logprobs": []} if kind == "text" else {})
+        self.items.append(item | {"content": [part]})
+        added = {"type": "response.output_item.added", "output_index": index,
+                 "item": item | {"status": "in_progress", "content": []}}  # fmt: skip
+        return [added, {"type": "response.content_part.added", "item_id": item["id"], "output_index": index,
+                        "content_index": 0, "part": dict(part)}]  # fmt: skip
+
+    def close(self, status: str = "completed") -> list[dict[str, Any]]:
+        """Events ending the last item, if it may still grow."""
+        if self.open is None:
+            return []
+        index, item, kind = len(self.items) - 1, self.items[-1], self.open
+        self.open, item["status"], part = None, status, item["content"][0]
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        done = {"type": f"{RESPONSE_PARTS[kind][3]}.done", **where, "text": part["text"]}
+        return [done | ({"logprobs": []} if kind == "text" else {}),
+                {"type": "response.content_part.done", **where, "part": part},
+                {"type": "response.output_item.done", "output_index": index, "item": item}]  # fmt: skip
+
+    def call(self, call: ToolCall) -> list[dict[str, Any]]:
+        """Events for a call of the client's function: the client runs it."""
+        events, index = self.close(), len(self.items)
+        item = {"type": "function_call", "id": f"fc_{self.tag}_{index}", "call_id": call.id, "name": call.name,
+                "arguments": call.arguments, "status": "completed"}  # fmt: skip
+        self.items.append(item)
+        where = {"item_id": item["id"], "output_index": index}
+        return events + [
+            {"type": "response.output_item.added", "output_index": index,
+             "item": item | {"arguments": "", "status": "in_progress"}},
+            {"type": "response.function_call_arguments.delta", **where, "delta": call.arguments},
+            {"type": "response.function_call_arguments.done", **where, "name": call.name, "arguments": call.arguments},
+            {"type": "response.output_item.done", "output_index": index, "item": item},
+        ]  # fmt: skip
+
+    def finish(self, calls: Sequence[ToolCall], cut: bool) -> list[dict[str, Any]]:
+        """The last events: the open item ends (incomplete, where the answer was cut), then the calls."""
+        events = self.close("incomplete" if cut and not calls else "completed")
+        return events + [event for call in calls for event in self.call(call)]
+
+
+def response_pieces(reply: Reply) -> Iterator[tuple[str, str]]:
+    """The pieces of a turn's output, from its records, in the order its events brought them."""
+    for record in reply.records:
+        if record["role"] == "assistant":
+            yield "reasoning", record.get("thought") or ""
+            yield "text", record.get("content") or ""
+            for call in record.get("tool_calls") or ():
+                if not call.get("client"):
+                    yield "reasoning", tool_line(ToolCall(call["id"], call["name"], call["arguments"]))
+        elif record["role"] == "tool" and not record.get("client"):
+            result = ToolResult(record["call_id"], record["name"], record["content"], record["is_error"])
+            yield "reasoning", tool_line(result)
+    yield "reasoning", "".join(reply.thought)
+
+
+def responses_usage(tokens: Tokens) -> dict[str, Any]:
+    return {
+        "input_tokens": tokens.prompt,
+        "input_tokens_details": {"cached_tokens": tokens.cached},
+        "output_tokens": tokens.completion,
+        "output_tokens_details": {"reasoning_tokens": tokens.reasoning},
+        "total_tokens": tokens.prompt + tokens.completion,
+    }
+
+
+class ResponseObject:
+    """One Response: its id and time, what it echoes of the request, and its body at each point."""
+
+    def __init__(self, asked: ResponsesRequest) -> None:
+        self.asked = asked
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.created_at = int(time.time())
+        self.completed_at: int | None = None
+        self.conversation_id: str | None = None  # once stored
+
+    def body(self, status: str, output: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        asked = self.asked
+        if status != "in_progress" and self.completed_at is None:
+            self.completed_at = int(time.time())  # once: the stored Response and the client's agree
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at,
+            "completed_at": self.completed_at if status == "completed" else None, "status": status,
+            "error": None, "incomplete_details": None, "model": asked.model,
+            "previous_response_id": asked.previous_response_id, "instructions": asked.options.instructions,
+            "conversation": {"id": self.conversation_id} if self.conversation_id else None,
+            "output": output, "usage": None, **asked.echo, **fields,
+        }  # fmt: skip
+
+    def ended(self, output: list[dict[str, Any]], tokens: Tokens, cut: bool) -> dict[str, Any]:
+        """The Response of a turn that ended: completed, or incomplete at the token limit."""
+        incomplete = {"incomplete_details": {"reason": "max_output_tokens"}} if cut else {}
+        usage = responses_usage(tokens)
+        return self.body("incomplete" if cut else "completed", output, usage=usage, **incomplete)
+
+    def reply(self, reply: Reply) -> dict[str, Any]:
+        """The Response of a turn, from its records."""
+        output = ResponseOutput(self.id)
+        for kind, text in response_pieces(reply):
+            output.add(kind, text)
+        cut = reply.cut and not reply.handed_over
+        output.finish(reply.handed_over, cut)
+        return self.ended(output.items, reply.tokens, cut)
+
+    def artifact(self, reply: Reply) -> tuple[str, dict[str, Any]]:
+        return self.id, self.reply(reply)
+
+
+class ResponsesStream:
+    """A Response streamed as the Responses API's events, each with its `event:` line and its
+    sequence_number; after the last (response.completed, .incomplete or .failed), data: [DONE],
+    which Open Responses asks for and OpenAI's SDKs pass over."""
+
+    name = "v1_responses"
+    errors = OPENAI_ERRORS
+
+    def __init__(self, response: ResponseObject) -> None:
+        self.response = response
+        self.output = ResponseOutput(response.id)
+        self.calls: list[ToolCall] = []  # the client's: they come last, as in a stored Response
+        self.sequence = 0
+
+    def render(self, event: TurnEvent) -> bytes:
+        match event:
+            case ReasoningDelta(text=text):
+                return self._events(self.output.add("reasoning", text))
+            case TextDelta(text=text, separator=False):
+                return self._events(self.output.add("text", text))
+            case ToolCall(client=True):
+                self.calls.append(event)
+            case ToolCall() | ToolResult():
+                return self._events(self.output.add("reasoning", tool_line(event)))
+            case Ping():
+                return SSE_PING
+            case Started():
+                body = self.response.body("in_progress", [])
+                return self._events([{"type": "response.created", "response": body},
+                                     {"type": "response.in_progress", "response": body}])  # fmt: skip
+            case Finished():
+                return self._finished(event)
+            case Failed(error=error):
+                events = self.output.close("incomplete")
+                failed = self.response.body("failed", self.output.items, error=responses_error(error))
+                return self._events([*events, {"type": "response.failed", "response": failed}]) + V1_DONE
+        return b""
+
+    def _finished(self, done: Finished) -> bytes:
+        cut = done.finish_reason == "length"
+        events = self.output.finish(self.calls, cut)
+        body = self.response.ended(self.output.items, done.tokens, cut)
+        kind = "response.incomplete" if cut else "response.completed"
+        return self._events([*events, {"type": kind, "response": body}]) + V1_DONE
+
+    def _events(self, events: list[dict[str, Any]]) -> bytes:
+        frames = []
+        for event in events:
+            frames.append(f"event: {event['type']}\ndata: {dumps(event | {'sequence_number': self.sequence})}\n\n")
+            self.sequence += 1
+        return "".join(frames).encode()
+
+
+def responses_error(error: ApiError) -> dict[str, str]:
+    return {"code": error.code, "message": error.message}
+
+
+async def responses_job(ctx: AppContext, asked: ResponsesRequest, response: ResponseObject) -> TurnJob:
+    """The turn: of a new conversation or, with previous_response_id, of that response's; or stateless."""
+    artifact = response.artifact if asked.store else None
+    if asked.previous_response_id is None:
+        message, history = client_history(asked.said)
+        check_length(message, ctx.settings, "input")
+        conversation_id = f"conv_{response.id.removeprefix('resp_')}" if asked.store else response.id
+        response.conversation_id = conversation_id if asked.store else None
+        return TurnJob(conversation_id, message, history, asked.store, asked.options, artifact=artifact,
+                       face=ResponsesStream.name)  # fmt: skip
+    previous = await ctx.store.artifact(asked.previous_response_id)
+    if previous is None:
+        raise not_stored(asked.previous_response_id)
+    if not previous.latest:
+        raise ApiError("response_not_latest", param="previous_response_id")
+    awaited = {item["call_id"]: item["name"] for item in previous.body["output"] if item["type"] == "function_call"}
+    message, results, system = continued_input(asked.said, awaited)
+    check_length(message, ctx.settings, "input")
+    instructions = "\n".join(text for text in [*system, asked.options.instructions or ""] if text) or None
+    options = dataclasses.replace(asked.options, instructions=instructions)
+    response.conversation_id = previous.conversation_id if asked.store else None
+    return TurnJob(previous.conversation_id, message, None, asked.store, options, results=results,
+                   artifact=artifact, face=ResponsesStream.name)  # fmt: skip
+
+
+async def v1_responses(request: Request) -> Response:
+    ctx = context(request)
+    body = await turn_body(request, ctx.settings.v1_max_body_bytes, "V1_MAX_BODY_BYTES")
+    data = await off_the_loop(len(body), parse_json, body)
+    if isinstance(data, dict) and isinstance(data.get("input"), list):
+        data["input"] = await referenced_items(ctx.store, data["input"])
+    taken = [spec.schema["name"] for spec in ctx.tools.specs]
+    asked = await off_the_loop(len(body), parse_responses_request, data, ctx.settings, taken)
+    response = ResponseObject(asked)
+    turn = await start_turn(ctx, await responses_job(ctx, asked, response))
+    if asked.stream:
+        return TurnStream(turn, ResponsesStream(response))
+    return await json_reply(request, turn, response.reply)
+
+
+async def v1_response(request: Request) -> JSONResponse:
+    """A stored Response, as it was when its turn was saved."""
+    response_id = request.path_params["response_id"]
+    stored = await context(request).store.artifact(response_id) if RESPONSE_ID.fullmatch(response_id) else None
+    if stored is None:
+        raise ApiError("not_found", f"Response with id {response_id[:80]!r} not found.")
+    return JSONResponse(stored.body)
 
 
 # ---------------------------------------------------------------------------
@@ -4622,6 +5192,8 @@ async def index(request: Request) -> JSONResponse:
                 "metrics": "GET /metrics",
                 "openai_chat": "POST /v1/chat/completions",
                 "openai_models": "GET /v1/models",
+                "openai_responses": "POST /v1/responses",
+                "openai_response": "GET /v1/responses/{response_id}",
             },
             "docs": {"openapi": "/openapi.json", "swagger_ui": "/docs", "redoc": "/redoc"},
             "chat_page": "/chat",
@@ -5334,6 +5906,10 @@ routes = [
         methods=["POST"],
         middleware=GUARDED,
     ),
+    face_route(
+        "/v1/responses", v1_responses, OPENAI_ERRORS, ResponsesStream.name, methods=["POST"], middleware=GUARDED
+    ),
+    face_route("/v1/responses/{response_id}", v1_response, OPENAI_ERRORS, middleware=GUARDED),
     face_route("/openapi.json", openapi_json, API_ERRORS),
     face_route("/docs", docs_page, API_ERRORS),
     face_route("/redoc", docs_page, API_ERRORS),

@@ -4722,6 +4722,415 @@ def test_ag_ui_runs_pass_the_ag_ui_clients_own_verifier(
 
 
 # ---------------------------------------------------------------------------
+# /v1/responses
+# ---------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                "strict": True}  # fmt: skip
+
+
+@pytest.fixture
+def strict_sdk(service: ServerThread) -> Iterator[openai.OpenAI]:
+    """The SDK validating every Response against its own models (a missing required field fails)."""
+    with openai.OpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0,
+                       _strict_response_validation=True) as client:  # fmt: skip
+        yield client
+
+
+def responses_events(text: str) -> list[dict[str, Any]]:
+    """The events of a /v1/responses stream: each `event:` line names its data's type; [DONE] ends it."""
+    blocks = [block for block in text.split("\n\n") if block and not block.startswith(":")]
+    assert blocks[-1] == "data: [DONE]"
+    events = []
+    for block in blocks[:-1]:
+        name, data = block.split("\n")
+        events.append(json.loads(data.removeprefix("data: ")))
+        assert name == f"event: {events[-1]['type']}"
+    return events
+
+
+def post_response(url: str, **body: Any) -> httpx.Response:
+    return httpx.post(url + "/v1/responses", json=body, timeout=10)
+
+
+def test_responses_create_answers_a_response_of_reasoning_then_message_with_usage_details(
+    strict_sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(reasoning="France, so Paris.", content="Paris.", cached_tokens=4, reasoning_tokens=3))
+    response = strict_sdk.responses.create(model="my-model", input="Capital of France?")
+    assert re.fullmatch(r"resp_[0-9a-f]{32}", response.id) and response.object == "response"
+    assert (response.status, response.model, response.output_text) == ("completed", "my-model", "Paris.")
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "France, so Paris."  # type: ignore[union-attr]
+    assert message.type == "message" and message.content[0].annotations == []  # type: ignore[union-attr]
+    usage = response.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (11, 7, 18)  # type: ignore[union-attr]
+    assert usage.input_tokens_details.cached_tokens == 4 and usage.output_tokens_details.reasoning_tokens == 3  # type: ignore[union-attr]
+    assert response.created_at > 0 and response.store is True  # type: ignore[attr-defined]
+
+
+def test_responses_stream_sends_each_item_in_open_responses_order_with_increasing_sequence_numbers(
+    sdk: openai.OpenAI, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(reasoning="think hard", content="It is 4."), Reply(reasoning="think hard", content="It is 4."))
+    with sdk.responses.stream(model="m", input="2+2?") as stream:
+        seen = list(stream)
+        final = stream.get_final_response()
+    assert final.output_text == "It is 4." and [e.sequence_number for e in seen] == list(range(len(seen)))
+    events = responses_events(post_response(service.url, input="2+2?", stream=True).text)
+    kinds = [event["type"].removeprefix("response.") for event in events]
+    item = ["output_item.added", "content_part.added"]
+    done = ["content_part.done", "output_item.done"]
+    assert kinds == ["created", "in_progress", *item, "reasoning_text.delta", "reasoning_text.delta",
+                     "reasoning_text.done", *done, *item, "output_text.delta", "output_text.delta",
+                     "output_text.delta", "output_text.done", *done, "completed"]  # fmt: skip
+    assert [e.type for e in seen] == [event["type"] for event in events]
+    assert events[0]["response"]["output"] == [] and events[-1]["response"]["status"] == "completed"
+    streamed = ["".join(e["delta"] for e in events if e.get("output_index") == i and "delta" in e) for i in (0, 1)]
+    assert [item["content"][0]["text"] for item in events[-1]["response"]["output"]] == streamed
+    assert [event["output_index"] for event in events if "delta" in event] == [0, 0, 1, 1, 1]
+
+
+@BOTH_DATABASES
+def test_responses_previous_response_id_continues_one_stored_conversation_over_three_turns_and_a_restart(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(content="Hi Ada."), Reply(content="Noted: tea."), Reply(content="Ada, who likes tea."))
+    settings, previous, ids = settings_for(), None, []
+    for text in ("I am Ada.", "I like tea.", "Who am I?"):
+        with ServerThread(server.create_app(settings)) as service:  # a new server for each turn
+            with openai.OpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0) as sdk:
+                response = sdk.responses.create(model="m", input=text, previous_response_id=previous)
+            previous = response.id
+            ids.append(response.id)
+    sent = [(m["role"], m["content"]) for m in upstream.requests[2]["messages"][1:]]
+    assert sent == [("user", "I am Ada."), ("assistant", "Hi Ada."), ("user", "I like tea."),
+                    ("assistant", "Noted: tea."), ("user", "Who am I?")]  # fmt: skip
+    with ServerThread(server.create_app(settings)) as service, httpx.Client(base_url=service.url) as http:
+        [listed] = http.get("/api/conversations").json()["conversations"]
+        stored = [http.get(f"/v1/responses/{response_id}").json() for response_id in ids]
+    assert listed["message_count"] == 6 and {s["conversation"]["id"] for s in stored} == {listed["conversation_id"]}
+    assert [s["previous_response_id"] for s in stored] == [None, ids[0], ids[1]]
+    assert stored[2]["output"][0]["content"][0]["text"] == "Ada, who likes tea."
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_responses_retrieve_gives_the_stored_response_as_the_client_got_it(
+    sdk: openai.OpenAI, service: ServerThread, upstream: FakeModelAPI, stream: bool
+) -> None:
+    upstream.reset(Reply(tool_calls=[("calculate", {"expression": "6*7"})], content="Let me see."),
+                   Reply(reasoning="so", content="42."))  # fmt: skip
+    answered = post_response(service.url, input="6*7?", stream=stream)
+    got = responses_events(answered.text)[-1]["response"] if stream else answered.json()
+    assert sdk.responses.retrieve(got["id"]).model_dump(exclude_unset=True) == got
+    assert httpx.get(f"{service.url}/v1/responses/{got['id']}", timeout=10).json() == got
+    assert [item["type"] for item in got["output"]] == ["message", "reasoning", "message"]
+    assert "🔧 calculate → 42" in got["output"][1]["content"][0]["text"]
+
+
+def test_responses_an_unknown_or_deleted_response_is_404_and_an_unknown_previous_one_400(
+    sdk: openai.OpenAI, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    response = sdk.responses.create(model="m", input="hi")
+    assert httpx.delete(f"{service.url}/api/conversations/{response.conversation.id}", timeout=10).status_code == 204  # type: ignore[union-attr]
+    for gone in (response.id, "resp_nope", "x" * 300):
+        with pytest.raises(openai.NotFoundError) as missing:
+            sdk.responses.retrieve(gone)
+        assert missing.value.body["type"] == "invalid_request_error" and missing.value.code == "not_found"  # type: ignore[index]
+    for previous in (response.id, "resp_" + "0" * 32, "not-ours"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.responses.create(model="m", input="again", previous_response_id=previous)
+        assert (refused.value.code, refused.value.param) == ("previous_response_not_found", "previous_response_id")
+    assert len(upstream.requests) == 1
+
+
+def test_responses_continuing_a_response_that_is_not_the_last_of_its_conversation_is_409(
+    sdk: openai.OpenAI, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    first = sdk.responses.create(model="m", input="one")
+    sdk.responses.create(model="m", input="two", previous_response_id=first.id)
+    with pytest.raises(openai.ConflictError) as refused:
+        sdk.responses.create(model="m", input="branch", previous_response_id=first.id)
+    assert refused.value.code == "response_not_latest" and len(upstream.requests) == 2
+
+
+def test_responses_with_store_false_keep_nothing(sdk: openai.OpenAI, service: ServerThread) -> None:
+    response = sdk.responses.create(model="m", input="hi", store=False)
+    assert response.output_text == "echo: hi" and response.conversation is None  # type: ignore[attr-defined]
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(response.id)
+    assert stored_total(service.url) == 0
+
+
+def test_responses_input_items_and_instructions_become_what_the_model_reads(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    items = [
+        {"type": "message", "role": "developer", "content": "Answer in French."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Bonjour"}]},
+        {"role": "user", "content": "Thanks"},
+    ]
+    sdk.responses.create(model="m", input=items, instructions="Be brief.", temperature=0.2, max_output_tokens=50)  # type: ignore[arg-type]
+    sent = upstream.requests[0]
+    assert [(m["role"], m["content"]) for m in sent["messages"]] == [
+        ("system", f"{SYSTEM}\nAnswer in French.\nBe brief."), ("user", "Hello"), ("assistant", "Bonjour"),
+        ("user", "Thanks"),
+    ]  # fmt: skip
+    assert (sent["temperature"], sent["max_tokens"]) == (0.2, 50)
+
+
+def test_responses_instructions_apply_to_their_own_turn_only(sdk: openai.OpenAI, upstream: FakeModelAPI) -> None:
+    first = sdk.responses.create(model="m", input="one", instructions="Be brief.")
+    second = sdk.responses.create(model="m", input="two", previous_response_id=first.id)
+    assert [m["content"] for m in upstream.requests[1]["messages"] if m["role"] == "system"] == [SYSTEM]
+    assert (first.instructions, second.instructions) == ("Be brief.", None)
+
+
+def test_responses_a_cut_answer_is_incomplete_for_max_output_tokens(sdk: openai.OpenAI, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(content="the start of", finish_reason="length"))
+    response = sdk.responses.create(model="m", input="Tell me a story.", max_output_tokens=3)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
+    assert response.output[-1].status == "incomplete" and response.output_text == "the start of"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["previous-response", "items-sent-back"])
+def test_responses_a_client_function_call_goes_to_the_client_and_its_output_brings_the_answer(
+    sdk: openai.OpenAI, upstream: FakeModelAPI, store: bool
+) -> None:
+    upstream.reset(Reply(reasoning="I need the weather.", tool_calls=[("get_weather", {"city": "Oslo"})]),
+                   Reply(content="Snow in Oslo."))  # fmt: skip
+    first = sdk.responses.create(model="m", input="Weather in Oslo?", tools=[WEATHER_TOOL], store=store)  # type: ignore[list-item]
+    call = first.output[-1]
+    assert call.type == "function_call" and (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})  # type: ignore[union-attr]
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "snow"}'}  # type: ignore[union-attr]
+    if store:
+        second = sdk.responses.create(model="m", input=[output], tools=[WEATHER_TOOL], previous_response_id=first.id)  # type: ignore[list-item]
+    else:  # as openai-agents does: the items of the first response, sent back
+        items = [{"role": "user", "content": "Weather in Oslo?"}, *[i.model_dump() for i in first.output], output]
+        second = sdk.responses.create(model="m", input=items, tools=[WEATHER_TOOL], store=False)  # type: ignore[arg-type, list-item]
+    assert second.output_text == "Snow in Oslo."
+    sent = upstream.requests[1]["messages"]
+    assert sent[-2]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert sent[-1] == {"role": "tool", "tool_call_id": call.call_id, "content": '{"sky": "snow"}'}  # type: ignore[union-attr]
+    assert upstream.requests[0]["tools"][-1]["function"]["name"] == "get_weather"
+
+
+def test_responses_a_reply_calling_an_agent_tool_and_a_client_function_streams_what_it_stores(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(tool_calls=[("get_weather", {"city": "Oslo"}), ("calculate", {"expression": "6*7"})]))
+    streamed = responses_events(post_response(service.url, input="Both?", tools=[WEATHER_TOOL], stream=True).text)
+    completed = streamed[-1]["response"]
+    assert httpx.get(f"{service.url}/v1/responses/{completed['id']}", timeout=10).json() == completed
+    assert [item["type"] for item in completed["output"]] == ["reasoning", "function_call"]
+    added = [event["item"]["type"] for event in streamed if event["type"] == "response.output_item.added"]
+    assert added == ["reasoning", "function_call"]
+
+
+def test_responses_continuing_with_the_items_a_client_sends_back_reads_only_the_new_ones(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(reasoning="hm", content="Hi Ada."), Reply(content="You are Ada."))
+    first = sdk.responses.create(model="m", input="I am Ada.")
+    items = [{"role": "user", "content": "I am Ada."}, *[i.model_dump() for i in first.output],
+             {"role": "user", "content": "Who am I?"}]  # fmt: skip
+    with pytest.raises(openai.BadRequestError):  # the user message it sent before is not new
+        sdk.responses.create(model="m", input=items, previous_response_id=first.id)  # type: ignore[arg-type]
+    second = sdk.responses.create(model="m", input=items[1:], previous_response_id=first.id)  # type: ignore[arg-type]
+    assert second.output_text == "You are Ada."
+    sent = [(m["role"], m["content"]) for m in upstream.requests[1]["messages"][1:]]
+    assert sent == [("user", "I am Ada."), ("assistant", "Hi Ada."), ("user", "Who am I?")]
+
+
+def test_responses_continuing_a_function_call_without_its_output_is_refused(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(tool_calls=[("get_weather", {"city": "Oslo"})]))
+    first = sdk.responses.create(model="m", input="Weather?", tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.responses.create(model="m", input="never mind", previous_response_id=first.id)
+    assert refused.value.param == "input" and "function_call_output" in refused.value.message
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_responses_an_upstream_failure_mid_answer_fails_the_response_and_stores_nothing(
+    sdk: openai.OpenAI, service: ServerThread, upstream: FakeModelAPI, stream: bool
+) -> None:
+    upstream.reset(Reply(content="a b c d", fault="drop"))
+    answered = post_response(service.url, input="hi", stream=stream)
+    if stream:
+        events = responses_events(answered.text)
+        assert events[-1]["type"] == "response.failed" and events[-1]["response"]["status"] == "failed"
+        assert events[-1]["response"]["error"] == {
+            "code": "upstream_error",
+            "message": server.ERRORS["upstream_error"][1],
+        }
+        assert httpx.get(f"{service.url}/v1/responses/{events[0]['response']['id']}", timeout=10).status_code == 404
+    else:
+        assert answered.status_code == 502 and answered.json()["error"]["code"] == "upstream_error"
+    assert stored_total(service.url) == 0
+
+
+RESPONSES_BAD_INPUT = [
+    ("no-input", {}, "input"),
+    ("input-number", {"input": 5}, "input"),
+    ("unknown-item", {"input": [{"type": "web_search_call", "id": "x"}]}, "input[0]"),
+    ("unknown-reference", {"input": [{"type": "item_reference", "id": "msg_nope"}]}, "input[0]"),
+    ("output-without-call", {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input[0]"),
+    ("bad-role", {"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+    ("hosted-tool", {"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
+    ("tool-named-as-ours", {"input": "hi", "tools": [{**WEATHER_TOOL, "name": "calculate"}]}, "tools[0]"),
+    ("bad-format", {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+    ("bad-tokens", {"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ("bad-temperature", {"input": "hi", "temperature": 3}, "temperature"),
+    ("background", {"input": "hi", "background": True}, "background"),
+    ("image-no-vision", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input[0].content"),
+    ("previous-not-a-string", {"input": "hi", "previous_response_id": 5}, "previous_response_id"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body, param", [c[1:] for c in RESPONSES_BAD_INPUT], ids=[c[0] for c in RESPONSES_BAD_INPUT])
+def test_responses_bad_input_gets_a_400_in_openais_shape_naming_the_field_and_changes_nothing(
+    service: ServerThread, upstream: FakeModelAPI, body: dict[str, Any], param: str
+) -> None:
+    refused = post_response(service.url, model="m", **body)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == param and error["type"] == "invalid_request_error"
+    assert upstream.requests == [] and stored_total(service.url) == 0
+
+
+def test_responses_take_the_server_key_and_a_busy_conversation_is_409(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    with ServerThread(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as service:
+        with openai.OpenAI(base_url=service.url + "/v1", api_key="wrong", max_retries=0) as wrong:
+            with pytest.raises(openai.AuthenticationError):
+                wrong.responses.create(model="m", input="hi")
+            with pytest.raises(openai.AuthenticationError):
+                wrong.responses.retrieve("resp_" + "0" * 32)
+        with openai.OpenAI(base_url=service.url + "/v1", api_key=SERVER_KEY, max_retries=0) as right:
+            first = right.responses.create(model="m", input="hi")
+            upstream.reset(Reply(content="a b c d", fault="hang"))
+            with right.responses.stream(model="m", input="slow", previous_response_id=first.id) as slow:
+                next(iter(slow))
+                with pytest.raises(openai.ConflictError) as busy:
+                    right.responses.create(model="m", input="meanwhile", previous_response_id=first.id)
+    assert busy.value.code == "conversation_busy"
+
+
+def test_responses_with_images_store_nothing_or_are_refused_for_a_stored_conversation(
+    settings_for: Callable[..., server.Settings], upstream: FakeModelAPI
+) -> None:
+    parts = [
+        {"type": "input_text", "text": "What is this?"},
+        {"type": "input_image", "image_url": png(1, 1, b"\x00\x00")},
+    ]
+    upstream.reset(Reply(content="A pixel."))
+    with ServerThread(server.create_app(settings_for(MODEL_VISION="true"))) as service:
+        refused = post_response(service.url, input=[{"role": "user", "content": parts}])
+        answered = post_response(service.url, input=[{"role": "user", "content": parts}], store=False)
+        assert stored_total(service.url) == 0
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
+    assert answered.status_code == 200 and len(upstream.requests) == 1
+    assert upstream.requests[0]["messages"][-1]["content"][1]["type"] == "image_url"
+
+
+def test_responses_an_item_reference_to_a_stored_item_is_read_as_that_item(
+    sdk: openai.OpenAI, upstream: FakeModelAPI
+) -> None:
+    first = sdk.responses.create(model="m", input="I am Ada.")
+    items = [{"role": "user", "content": "I am Ada."}, {"type": "item_reference", "id": first.output[-1].id},
+             {"role": "user", "content": "Who am I?"}]  # fmt: skip
+    sdk.responses.create(model="m", input=items)  # type: ignore[arg-type]
+    sent = [(m["role"], m["content"]) for m in upstream.requests[1]["messages"][1:]]
+    assert sent == [("user", "I am Ada."), ("assistant", "echo: I am Ada."), ("user", "Who am I?")]
+
+
+def test_responses_openai_agents_runs_with_its_default_responses_model_and_a_function_tool(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    import agents  # openai-agents: the README's test command installs it
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"snow in {city}"
+
+    upstream.reset(Reply(reasoning="look it up", tool_calls=[("get_weather", {"city": "Oslo"})]),
+                   Reply(content="It snows in Oslo."), Reply(content="Still snowing."))  # fmt: skip
+    agents.set_tracing_disabled(True)
+
+    async def run() -> tuple[str, str]:
+        async with openai.AsyncOpenAI(base_url=service.url + "/v1", api_key="any", max_retries=0) as client:
+            model = agents.OpenAIResponsesModel(model="m", openai_client=client)
+            agent = agents.Agent(name="Assistant", instructions="Be brief.", model=model, tools=[get_weather])
+            first = await agents.Runner.run(agent, "Weather in Oslo?")
+            streamed = agents.Runner.run_streamed(agent, "And now?", previous_response_id=first.last_response_id)
+            async for _ in streamed.stream_events():
+                pass
+            return first.final_output, streamed.final_output
+
+    assert asyncio.run(run()) == ("It snows in Oslo.", "Still snowing.")
+    assert upstream.requests[1]["messages"][-1]["content"] == "snow in Oslo"
+    assert [m["content"] for m in upstream.requests[2]["messages"] if m["role"] == "user"][-1] == "And now?"
+
+
+AI_SDK_CHECK = """
+import { createOpenAI } from "@ai-sdk/openai";
+import { generateText, streamText, tool, stepCountIs } from "ai";
+import { z } from "zod";
+const openai = createOpenAI({ baseURL: process.argv[2], apiKey: "any" });
+const weather = tool({ description: "The weather in a city.", inputSchema: z.object({ city: z.string() }),
+                       execute: async ({ city }) => `snow in ${city}` });
+const first = await generateText({ model: openai.responses("m"), prompt: "Weather in Oslo?",
+                                   tools: { get_weather: weather }, stopWhen: stepCountIs(3) });
+const second = streamText({ model: openai.responses("m"), prompt: "And now?",
+                            providerOptions: { openai: { previousResponseId: first.response.id } } });
+let text = "";
+for await (const part of second.textStream) text += part;
+console.log(JSON.stringify({ first: first.text, steps: first.steps.length, second: text }));
+"""
+
+
+@pytest.fixture(scope="session")
+def ai_sdk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Vercel AI SDK and its OpenAI provider from the npm registry, in a folder of the tests' own."""
+    if shutil.which("npm") is None:
+        pytest.fail("The AI SDK test runs the ai package under Node: apt-get install -y nodejs npm")
+    folder = tmp_path_factory.mktemp("ai-sdk")
+    packages = ["ai@7.0.173", "@ai-sdk/openai@4.0.118", "zod@4"]
+    subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", *packages], cwd=folder, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    (folder / "check.mjs").write_text(AI_SDK_CHECK, encoding="utf-8")
+    return folder
+
+
+def test_responses_the_vercel_ai_sdk_runs_a_tool_loop_and_continues_by_previous_response_id(
+    ai_sdk: Path, service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(tool_calls=[("get_weather", {"city": "Oslo"})]), Reply(content="It snows in Oslo."),
+                   Reply(content="Still snowing."))  # fmt: skip
+    done = subprocess.run(["node", "check.mjs", service.url + "/v1"], cwd=ai_sdk, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"first": "It snows in Oslo.", "steps": 2,
+                                                        "second": "Still snowing."}  # fmt: skip
+    assert upstream.requests[1]["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": "call_0",
+        "content": "snow in Oslo",
+    }
+    assert [m["content"] for m in upstream.requests[2]["messages"] if m["role"] == "user"] == [
+        "Weather in Oslo?",
+        "And now?",
+    ]
+
+
+# ---------------------------------------------------------------------------
 # Metrics and traces
 # ---------------------------------------------------------------------------
 
