@@ -4519,10 +4519,10 @@ def not_stored(response_id: str) -> ApiError:
 def responses_input(given: Any, settings: Settings, continuing: bool) -> list[Said]:
     """The input as the client's messages. Continuing a response, what a response of this server
     said is in its conversation already: those items are passed over (clients send them back)."""
-    if isinstance(given, str):
+    if isinstance(given, str) and has_content(given):
         return [Said("user", given, where="input")]
     if not isinstance(given, list) or not given:
-        raise invalid("'input' must be a string or a non-empty list of items.", "input")
+        raise invalid("'input' must be a text or a non-empty list of items.", "input")
     said: list[Said] = []
     for index, item in enumerate(given):
         where = f"input[{index}]"
@@ -5154,9 +5154,10 @@ def openapi_document(settings: Settings) -> bytes:
     schemas["ChatRequest"]["properties"]["message"]["maxLength"] = settings.max_message_chars
     if not settings.model_info["vision"]:
         schemas["V1UserPart"] = {"$ref": "#/components/schemas/V1TextPart"}
-    formats = schemas["V1ResponseFormat"]["oneOf"]
+        schemas["V1ResponsesUserPart"] = {"$ref": "#/components/schemas/V1ResponsesTextPart"}
     taken = {"json_object": settings.model_info["json_output"], "json_schema": settings.model_info["structured_output"]}
-    schemas["V1ResponseFormat"]["oneOf"] = [f for f in formats if taken.get(f.get("title", ""), True)]
+    for name in ("V1ResponseFormat", "V1ResponsesTextFormat"):
+        schemas[name]["oneOf"] = [f for f in schemas[name]["oneOf"] if taken.get(f.get("title", ""), True)]
     if settings.server_api_key:
         for path, item in document["paths"].items():
             if path.startswith(SECURED_PREFIXES):

@@ -1642,8 +1642,18 @@ def test_every_response_the_document_lists_is_given_and_validates(
         upstream.reset(Reply(tool_calls=[("get_current_time", {"timezone": "UTC"})]), Reply(content="noon"))
         given += turn_requests(http, "c")
         given.append(http.post("/v1/chat/completions", json={"messages": ASK, "stream": True}))
+        upstream.reset(Reply(reasoning="hm", tool_calls=[("calculate", {"expression": "1+1"}), ("mine", {})]))
+        tools = [{"type": "function", "name": "mine"}]
+        given.append(http.post("/v1/responses", json={"input": "hi", "stream": True, "tools": tools}))
+        upstream.reset(Reply(content="a b c", fault="drop"))
+        given.append(http.post("/v1/responses", json={"input": "hi", "stream": True}))
         given += [http.get("/api/conversations"), http.get("/api/conversations/c"), http.get("/api/conversations/x")]
         given += [http.delete("/api/conversations/x"), http.get("/v1/models")]
+        first = http.post("/v1/responses", json={"input": "one"})
+        later = {"input": "two", "previous_response_id": first.json()["id"]}
+        given += [first, http.post("/v1/responses", json=later), http.post("/v1/responses", json=later)]  # then 409
+        given += [http.get(f"/v1/responses/{first.json()['id']}"), http.get("/v1/responses/resp_nope")]
+        given.append(http.post("/v1/responses", content=b"x" * (server.Settings.from_env({}).v1_max_body_bytes + 1)))
         service.call(service.app_ctx.store.ask_approval("c", "call_x", 300))  # as a turn waiting for a decision does
         decision = "/api/conversations/c/approvals/call_x"
         given += [http.post(decision, json={"decision": "approve"}), http.post(decision, json={"decision": "deny"})]
@@ -1655,7 +1665,7 @@ def test_every_response_the_document_lists_is_given_and_validates(
         elsewhere = {"Origin": "https://elsewhere.example"}
         given += [http.request(method, path, headers=elsewhere) for method, path in (
             ("GET", "/api/conversations"), ("GET", "/api/conversations/c"), ("DELETE", "/api/conversations/c"),
-            ("GET", "/v1/models"), ("GET", "/metrics"))]  # fmt: skip
+            ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/v1/responses/resp_nope"))]  # fmt: skip
         upstream.reset(Reply(content="a b c d", fault="hang"))
         with held_stream(service.url, {"message": "wait", "conversation_id": "c"}, upstream):
             given += turn_requests(http, "c") + [http.delete("/api/conversations/c")]
@@ -1669,13 +1679,15 @@ def test_every_response_the_document_lists_is_given_and_validates(
         for connection in (service.app_ctx.store.blocking, service.app_ctx.store.quick):
             connection.set_progress_handler(lambda: 1, 1)
         given += [http.get("/health"), http.get("/api/conversations"), http.get("/api/conversations/c")]
+        given.append(http.get(f"/v1/responses/{first.json()['id']}"))
         given.append(http.delete("/api/conversations/c"))
         given.append(http.post(decision, json={"decision": "deny"}))
     monkeypatch.undo()
-    upstream.reset(Reply(status=429), Reply(status=500), Reply(fault="stall"))
+    upstream.reset(*[Reply(status=429), Reply(status=500), Reply(fault="stall")] * 2)
     with ServerThread(server.create_app(settings_for(REQUEST_TIMEOUT="0.5"))) as service:
         with httpx.Client(base_url=service.url) as http:
             given += [http.post("/v1/chat/completions", json={"messages": ASK}) for _ in range(3)]
+            given += [http.post("/v1/responses", json={"input": "hi"}) for _ in range(3)]
     with TestClient(server.create_app(settings_for(SERVER_API_KEY=SERVER_KEY))) as client:
         given += [client.request(method.upper(), path.replace("{conversation_id}", "c")) for method, path in OPERATIONS]
     for response in given:
@@ -1684,6 +1696,7 @@ def test_every_response_the_document_lists_is_given_and_validates(
     seen |= {(method, path.split("?")[0], status) for _, method, path, _, status, _ in BAD_REQUESTS}
     seen |= {("POST", "/api/chat", status) for *_, status in FAULTS}
     seen |= {("POST", "/v1/chat/completions", status) for _, _, status, _, _ in V1_BAD_REQUESTS}
+    seen |= {("POST", "/v1/responses", 400) for _ in RESPONSES_BAD_INPUT}
     given_by_operation = {(method, template_of(method, path), status) for method, path, status in seen}
     listed = {
         (method.upper(), path, int(status)) for method, path in OPERATIONS for status in responses_of(method, path)
@@ -1699,6 +1712,7 @@ def turn_requests(http: httpx.Client, conversation_id: str | None = None, **kwar
         "/api/chat/stream": {"message": "hi", **named},
         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], **named},
         "/api/ag-ui": {"threadId": conversation_id or "t", "messages": [{"id": "m", "role": "user", "content": "hi"}]},
+        "/v1/responses": {"input": "hi"},
     }
     kwargs.setdefault("headers", {"Content-Type": "application/json"})
     return [http.post(path, content=json.dumps(body), **kwargs) for path, body in bodies.items()]
@@ -2000,12 +2014,17 @@ def test_tools_setting_empty_turns_tools_off(
 # The README's examples
 # ---------------------------------------------------------------------------
 
-README_SECTIONS = ("快速开始", "API", "OpenAI 兼容接口（`/v1`）", "AG-UI（CopilotKit、`@ag-ui/client`）")
+README_SECTIONS = (
+    "快速开始", "API", "OpenAI 兼容接口（`/v1`）", "AG-UI（CopilotKit、`@ag-ui/client`）",
+    "Responses API（`/v1/responses`）",
+)  # fmt: skip
 # What changes from one run to the next: ids, times, and the numbers that follow from them.
 VOLATILE = [
     (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<uuid>"),
     (re.compile(r"call_[0-9a-f]{12}"), "<call>"),
     (re.compile(r"chatcmpl-[0-9a-f]{32}"), "<chatcmpl>"),
+    (re.compile(r"\b(resp|rs|msg|fc|conv)_[0-9a-f]{32}"), r"\1_<id>"),
+    (re.compile(r'"(created|completed)_at":\d+'), r'"\1_at":<t>'),
     (re.compile(r"\b[0-9a-f]{32}\b"), "<id>"),
     (re.compile(r'"created":\d+'), '"created":<t>'),
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:Z|[+-]\d\d:\d\d)?"), "<time>"),
@@ -2066,7 +2085,7 @@ def run_readme_block(block: ReadmeBlock, home: Path, port: int, env: dict[str, s
     return done.stdout
 
 
-TEST_TOOLS = {"pytest", "playwright", "openapi-spec-validator"}
+TEST_TOOLS = {"pytest", "playwright", "openapi-spec-validator", "openai-agents"}
 
 
 def test_the_runtime_install_pulls_no_test_tools_and_the_readmes_test_command_pins_them() -> None:
@@ -4998,6 +5017,7 @@ def test_responses_bad_input_gets_a_400_in_openais_shape_naming_the_field_and_ch
     service: ServerThread, upstream: FakeModelAPI, body: dict[str, Any], param: str
 ) -> None:
     refused = post_response(service.url, model="m", **body)
+    assert_documented(refused)
     error = refused.json()["error"]
     assert refused.status_code == 400 and error["param"] == param and error["type"] == "invalid_request_error"
     assert upstream.requests == [] and stored_total(service.url) == 0
