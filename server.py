@@ -3150,6 +3150,7 @@ class Turn:
         self.renewal: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
+        self.database_down = False  # the turn failed because the database did: its lease's release is not waited for
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
         self.watch = ctx.telemetry.turn(job)  # the metrics and traces of the turn
         self.task = asyncio.create_task(self._pump(), context=self.watch.context())
@@ -3242,7 +3243,8 @@ class Turn:
         finally:
             self.timer.cancel()  # no ping or renewal follows the end
             try:
-                if (releasing := self._release()) is not None and not releasing.done():
+                releasing = self._release()
+                if releasing is not None and not releasing.done() and not self.database_down:
                     await asyncio.wait([releasing])
             finally:
                 self.events.put_nowait(None)
@@ -3280,10 +3282,12 @@ class Turn:
 
     async def _end(self, event: Finished | Failed) -> None:
         """The last event. Before the client can read it, the lease goes: a client that sends its
-        next message as soon as it reads the last event never meets this turn's lease."""
+        next message as soon as it reads the last event never meets this turn's lease. Unless the
+        database is what failed: its release would wait out the same time limit, the error first."""
         self._move(TurnState.ENDING)
         self.timer.cancel()
-        if (releasing := self._release()) is not None and not releasing.done():
+        self.database_down = isinstance(event, Failed) and event.error.code == "database_unavailable"
+        if (releasing := self._release()) is not None and not releasing.done() and not self.database_down:
             await asyncio.wait([releasing])
         self.emit(event)
 

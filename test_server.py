@@ -3145,6 +3145,8 @@ def test_postgresql_stopped_and_started_under_a_running_server(
                 refused = http.post("/api/chat", json={"message": "hi"})
                 upstream.end_hang()
                 seen += "".join(rest)  # the answer streams, then its save fails
+                # The error comes first: the lease's release, which waits out the database's time limit, follows.
+                release_first = "could not release the lease" in log.read_text()
             index = http.get("/")
             cluster.start()
             upstream.reset()
@@ -3166,6 +3168,7 @@ def test_postgresql_stopped_and_started_under_a_running_server(
     events = parse_sse(seen)
     assert "message" in names(events) and names(events).count("error") == 1
     assert events[-1][0] == "error" and events[-1][1]["code"] == "database_unavailable"
+    assert not release_first
     assert again.status_code == 200 and names(parse_sse(across))[-1] == "done"
     assert [m["content"] for m in stored] == ["first", "kept", "again", "echo: again", "across", "a b c d"]
     for text in (index.text, health.text, refused.text, seen, log.read_text()):
