@@ -1953,13 +1953,23 @@ class ModelAPI:
         """Whether the model API answers, asked for its model list (no tokens spent); kept for a while."""
         now = time.monotonic()
         if self.checked is None or now - self.checked[0] > MODEL_CHECK_SECONDS:
-            try:
-                await self.client.with_options(max_retries=0).models.list(timeout=MODEL_CHECK_TIMEOUT)
-                self.checked = (now, "ok")
-            except openai.APIError as exc:
-                error = upstream_error(exc, self.settings)
-                self.checked = (now, f"failed: {error.code}: {error.message}")
+            self.checked = (now, await self._list_models())
         return self.checked[1]
+
+    async def _list_models(self) -> str:
+        options: Any = {"max_retries": 0, "timeout": MODEL_CHECK_TIMEOUT}
+        try:
+            # Read as plain JSON: a gateway may answer 200 with a sign-in page, which the SDK's
+            # models.list() returns as text and then fails on.
+            listed = await self.client.get("/models", cast_to=object, options=options)
+        except openai.APIError as exc:
+            error = upstream_error(exc, self.settings)
+            return f"failed: {error.code}: {error.message}"
+        except ValueError:  # a JSON content type on a body that is not JSON
+            listed = None
+        if not isinstance(listed, dict) or not isinstance(listed.get("data"), list):
+            return "failed: upstream_error: GET /models did not answer a model list: is BASE_URL the API's?"
+        return "ok"
 
     async def close(self) -> None:
         await self.client.close()
@@ -3722,9 +3732,10 @@ async def decide(request: Request) -> Response:
     if not CALL_ID_PATTERN.fullmatch(call_id):
         raise invalid("'call_id' must match ^[A-Za-z0-9_.:-]{1,128}$.", "call_id")
     data = parse_json(await read_body(request, ctx.settings.max_body_bytes, "MAX_BODY_BYTES"))
-    if not isinstance(data, dict) or set(data) != {"decision"} or data["decision"] not in DECISIONS:
+    decision = data.get("decision") if isinstance(data, dict) and set(data) == {"decision"} else None
+    if not isinstance(decision, str) or decision not in DECISIONS:
         raise invalid('The body must be {"decision": "approve"} or {"decision": "deny"}.', "decision")
-    moved, state = await ctx.store.decide_approval(conversation_id, call_id, DECISIONS[data["decision"]])
+    moved, state = await ctx.store.decide_approval(conversation_id, call_id, DECISIONS[decision])
     if state is None:
         raise ApiError(
             "not_found", f"No tool call {call_id!r} of conversation {conversation_id!r} waits for a decision."
@@ -3804,6 +3815,7 @@ def parse_v1_request(
         raise invalid("'parallel_tool_calls' must be true or false.", "parallel_tool_calls")
     if named and tools:
         raise invalid("A stored conversation runs the server's tools only: 'tools' is for stateless requests.", "tools")
+    tool_choice = v1_tool_choice(data.get("tool_choice"))  # checked even when there are no tools to choose
     options = {} if data.get("stream_options") is None else data["stream_options"]
     if not isinstance(options, dict):
         raise invalid("'stream_options' must be an object.", "stream_options")
@@ -3823,7 +3835,7 @@ def parse_v1_request(
             sampling=v1_sampling(data),
             response_format=v1_response_format(data.get("response_format"), settings),
             client_tools=tools,
-            tool_choice=v1_tool_choice(data.get("tool_choice")) if tools else None,
+            tool_choice=tool_choice if tools else None,
             parallel_tool_calls=data.get("parallel_tool_calls") if tools else None,
         ),
         model=v1_model(data.get("model"), settings),
@@ -3850,7 +3862,8 @@ TOOL_CHOICES = {"none", "auto", "required"}
 
 def v1_tool_choice(choice: Any) -> Any:
     """tool_choice as the model API takes it: none, auto, required, or a function by name."""
-    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    named = function.get("name") if isinstance(function, dict) else None
     if (
         choice is None
         or (isinstance(choice, str) and choice in TOOL_CHOICES)
@@ -4490,12 +4503,12 @@ def parse_responses_request(data: Any, settings: Settings, taken: Collection[str
         raise invalid('A stored conversation keeps text: send images with "store": false.', "input")
     if not _optional(str, data.get("instructions")):
         raise invalid("'instructions' must be a string.", "instructions")
-    tools = responses_tools(data.get("tools"), taken)
+    tools, tool_choice = responses_tools(data.get("tools"), taken), responses_tool_choice(data.get("tool_choice"))
     options = ModelOptions(
         sampling=responses_sampling(data),
         response_format=responses_format(data.get("text"), settings),
         client_tools=[tool for tool, _ in tools],
-        tool_choice=responses_tool_choice(data.get("tool_choice")) if tools else None,
+        tool_choice=tool_choice if tools else None,
         parallel_tool_calls=data.get("parallel_tool_calls") if tools else None,
         instructions=data.get("instructions") or None,
     )

@@ -62,7 +62,7 @@ from playwright.sync_api import Route as BrowserRoute
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 with warnings.catch_warnings():
@@ -1461,6 +1461,16 @@ def test_health_asks_the_model_api_only_when_told_to_and_not_again_for_a_while(
     with TestClient(server.create_app(settings_for(BASE_URL=f"http://127.0.0.1:{free_port()}/v1"))) as down:
         failed = down.get("/health?check=model").json()
     assert failed["status"] == "degraded" and failed["model_api"].startswith("failed: upstream_unreachable")
+
+
+def test_health_says_a_gateway_that_answers_its_model_list_with_a_page_failed(
+    settings_for: Callable[..., server.Settings],
+) -> None:
+    page = Starlette(routes=[Route("/v1/models", lambda _: HTMLResponse("<html>sign in</html>"))])
+    with ServerThread(page) as gateway, TestClient(server.create_app(settings_for(BASE_URL=gateway.url + "/v1"))) as c:
+        response = c.get("/health?check=model")
+    body = response.json()
+    assert body["status"] == "degraded" and body["model_api"].startswith("failed: upstream_error: GET /models")
 
 
 def test_under_uvicorn_the_apps_lines_carry_their_level_and_time(
@@ -3406,6 +3416,28 @@ def approval_stream(url: str, body: dict[str, Any]) -> Iterator[tuple[list[str],
         yield seen, received
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"decision": {}},
+        {"decision": ["approve"]},
+        {"decision": None},
+        {"decision": "approve", "why": "ok"},
+        ["deny"],
+        5.1,
+    ],
+    ids=["an-object", "a-list", "null", "another-field", "a-list-body", "a-number-body"],
+)
+def test_a_decision_that_is_not_approve_or_deny_is_refused_and_the_call_still_waits(
+    service: ServerThread, body: Any
+) -> None:
+    service.call(service.app_ctx.store.ask_approval("c", "call_x", 300))
+    path = f"{service.url}/api/conversations/c/approvals/call_x"
+    refused = httpx.post(path, json=body, timeout=10)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "validation_error"
+    assert approve(service.url, "c", "call_x", "deny").status_code == 204
+
+
 def test_an_mcp_tool_runs_once_a_person_approves_it(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, mcp_file: Path, tmp_path: Path
 ) -> None:
@@ -4218,6 +4250,39 @@ def test_autogens_own_openai_client_reads_a_v1_stream_with_its_finish_reason_and
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (11, 7)
 
 
+def test_autogens_own_assistant_agent_runs_its_tool_through_v1_beside_the_agents_tools(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+    ran: list[str] = []
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return "sunny, 21 °C"
+
+    async def ask() -> str:
+        info = {"vision": False, "function_calling": True, "json_output": False, "family": "unknown",
+                "structured_output": False}  # fmt: skip
+        client = OpenAIChatCompletionClient(model="autogen-agent", base_url=service.url + "/v1", api_key="any",
+                                            model_info=info, max_retries=0)  # fmt: skip
+        agent = AssistantAgent("app", model_client=client, tools=[get_weather], reflect_on_tool_use=True)
+        try:
+            result = await agent.run(task="Weather in Paris?")
+        finally:
+            await client.close()
+        return str(result.messages[-1].content)
+
+    upstream.reset(Reply(tool_calls=[("get_weather", {"city": "Paris"})]), Reply(content="Sunny in Paris."))
+    assert asyncio.run(ask()) == "Sunny in Paris." and ran == ["Paris"]
+    names = [t["function"]["name"] for t in upstream.requests[0]["tools"]]
+    assert names == ["get_current_time", "calculate", "get_weather"]
+    last = upstream.requests[1]["messages"][-1]
+    assert (last["role"], last["content"]) == ("tool", "sunny, 21 °C")
+
+
 CLIENT_TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
                                       "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -4419,6 +4484,11 @@ V1_BAD_REQUESTS = [
     ("message-too-long", {"json": {"messages": [{"role": "user", "content": "x" * 32001}]}},
      400, INVALID, "messages[0].content"),
     ("stream-options-not-object", {"json": {"messages": ASK, "stream_options": False}}, 400, INVALID, "stream_options"),
+    ("tool-choice-named-by-an-object-without-tools",
+     {"json": {"messages": ASK, "tool_choice": {"type": "function", "function": {"name": {}}}}},
+     400, INVALID, "tool_choice"),
+    ("tool-choice-function-a-list", {"json": {"messages": ASK, "tool_choice": {"type": "function", "function": [1]}}},
+     400, INVALID, "tool_choice"),
     ("max-tokens-bad-beside-max-completion-tokens",
      {"json": {"messages": ASK, "max_completion_tokens": 5, "max_tokens": "x"}}, 400, INVALID, "max_tokens"),
     ("empty-conversation-header", {"json": {"messages": ASK}, "headers": {"X-Conversation-Id": ""}},
@@ -5012,6 +5082,7 @@ RESPONSES_BAD_INPUT = [
     ("image-no-vision", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input[0].content"),
     ("previous-not-a-string", {"input": "hi", "previous_response_id": 5}, "previous_response_id"),
+    ("tool-choice-without-tools", {"input": "hi", "tool_choice": {"type": "function", "name": {}}}, "tool_choice"),
 ]  # fmt: skip
 
 
