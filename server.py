@@ -2628,10 +2628,17 @@ async def add_client_results(memory: ChatCompletionContext, results: Sequence[Fu
     if not results:
         return
     messages = await memory.get_messages()
-    waiting = {call.id for call in calls_of(messages[-1])} if messages else set()
+    # Where the model called the agent's tools too, their results follow the calls already.
+    answered = messages[-1] if messages and isinstance(messages[-1], FunctionExecutionResultMessage) else None
+    asked = messages[-2] if answered is not None and len(messages) > 1 else messages[-1] if messages else None
+    done = {result.call_id for result in answered.content} if answered is not None else set()
+    waiting = {call.id for call in calls_of(asked)} - done if asked is not None else set()
     if not waiting or {result.call_id for result in results} - waiting:
         raise invalid("The results answer no tool call that this conversation's last turn handed over.", "input")
-    await memory.add_message(FunctionExecutionResultMessage(content=list(results)))
+    if answered is not None:
+        answered.content = [*answered.content, *results]
+    else:
+        await memory.add_message(FunctionExecutionResultMessage(content=list(results)))
 
 
 async def forget_stopped(memory: ChatCompletionContext, gate: TurnGate) -> None:
@@ -2878,7 +2885,7 @@ class Reply:
                 self._result(event)
             case Usage(tokens=tokens, finish_reason=reason):
                 self.tokens += tokens
-                self.cut = self.cut or reason == "length"
+                self.cut = reason == "length"  # the last model call's: a cut call the agent went on from is not
             case Message():
                 self._record(content="".join(self.segment), usage=usage_fields(self.tokens))
 
@@ -3136,6 +3143,9 @@ class TurnJob:
     # The face's own record of the turn, saved with it by its id (a Responses API object): from the Reply.
     artifact: Callable[[Reply], tuple[str, Mapping[str, Any]]] | None = None
     face: str = "api_stream"  # for the logs and the metrics
+    # What must still hold once the stored turn has its conversation's lease (it raises ApiError if not):
+    # a face's check made before the lease is taken may be stale by then.
+    precondition: Callable[[], Awaitable[Any]] | None = None
 
 
 class Turn:
@@ -3320,6 +3330,12 @@ async def start_turn(ctx: AppContext, job: TurnJob) -> Turn:
     lease = await Lease.take(ctx, job.conversation_id)
     if lease is None:
         raise ApiError("conversation_busy")
+    if job.precondition is not None:
+        try:
+            await job.precondition()
+        except BaseException:
+            await lease.release()
+            raise
     return Turn(ctx, job, lease)
 
 
@@ -3525,13 +3541,15 @@ class Said:
     where: str = ""  # its place in the request, for an error
 
 
-def client_history(said: Sequence[Said], decided: Collection[str] = ()) -> tuple[Content | None, list[LLMMessage]]:
+def client_history(
+    said: Sequence[Said], decided: Collection[str] = (), param: str = "messages"
+) -> tuple[Content | None, list[LLMMessage]]:
     """(the turn's message, the history before it) of a client's messages: the last message is a
     user's to answer, or the results of tool calls to go on from (None). Every tool call needs its
     result before the next message, but the last message's, where the request decides them."""
     last = said[-1] if said else None
     if last is None or last.role not in {"user", "tool"} and not (last.calls and decided):
-        raise invalid("The last message must be a user's, or the results of the assistant's tool calls.", "messages")
+        raise invalid("The last message must be a user's, or the results of the assistant's tool calls.", param)
     message = last.content if last.role == "user" else None
     history: list[LLMMessage] = [SystemMessage(content=s.content) for s in said if s.role == "system" and s.content]
     waiting: dict[str, FunctionCall] = {}
@@ -3540,7 +3558,7 @@ def client_history(said: Sequence[Said], decided: Collection[str] = ()) -> tuple
         history += _messages_of(item, waiting, history)
     unanswered = [call_id for call_id in waiting if call_id not in decided]
     if unanswered:
-        raise invalid(f"Tool call {unanswered[0]!r} has no result: send it as a tool message.", "messages")
+        raise invalid(f"Tool call {unanswered[0]!r} has no result: send its result.", param)
     return message, history
 
 
@@ -3896,7 +3914,7 @@ def v1_conversation(messages: Any, settings: Settings) -> tuple[Content | None, 
             raise invalid("'messages' has no user message with text or an image.", "messages")
         said = said[: last + 1]
     message, history = client_history([item for item in said if item.role != "other"])
-    check_length(message, settings, f"messages[{len(said) - 1}].content")
+    check_message(message, settings, f"messages[{len(said) - 1}].content")
     return message, history
 
 
@@ -4259,7 +4277,7 @@ def parse_ag_ui(body: bytes, settings: Settings, taken: Collection[str]) -> AgUi
     said = with_reasoning([agui_said(message, index, settings) for index, message in enumerate(run.messages)])
     said.extend(agui_context(run.context or []))
     message, history = client_history(sorted(said, key=lambda s: s.role != "system"), decided)
-    check_length(message, settings, "messages")
+    check_message(message, settings, "messages")
     tools = [(tool.name, tool.description, tool.parameters) for tool in run.tools or []]
     return AgUiRequest(run.thread_id, run.run_id, message, history, decided, client_tool_schemas(tools, taken, "tools"))
 
@@ -4330,8 +4348,11 @@ def agui_decisions(resume: Sequence[Any]) -> dict[str, bool]:
     return decided
 
 
-def check_length(message: Content | None, settings: Settings, param: str) -> None:
+def check_message(message: Content | None, settings: Settings, param: str) -> None:
+    """The turn's message (None: the turn goes on from tool results) is not empty, nor too long."""
     text = message if isinstance(message, str) else "\n".join(p for p in message or [] if isinstance(p, str))
+    if message is not None and not has_content(message):
+        raise invalid("The last user message is empty.", param)
     if len(text) > settings.max_message_chars:
         raise invalid(f"The last user message is longer than MAX_MESSAGE_CHARS ({settings.max_message_chars}).", param)
 
@@ -4546,6 +4567,8 @@ def responses_input(given: Any, settings: Settings, continuing: bool) -> list[Sa
         if not isinstance(item, dict):
             raise invalid(f"{where} must be an object.", where)
         kind = item.get("type", "message" if "role" in item else None)
+        if not isinstance(kind, str | None):
+            raise invalid(f"{where}.type must be a string.", f"{where}.type")
         said_before = kind in OUTPUT_ITEMS or (kind == "message" and item.get("role") == "assistant")
         if continuing and said_before and isinstance(item.get("id"), str) and OUR_ITEM_ID.fullmatch(item["id"]):
             continue
@@ -4592,7 +4615,7 @@ def responses_item(kind: Any, item: dict[str, Any], where: str, settings: Settin
 
 def responses_message(item: dict[str, Any], where: str, settings: Settings) -> Said:
     role, content = item.get("role"), item.get("content")
-    if role not in RESPONSE_ROLES:
+    if not isinstance(role, str) or role not in RESPONSE_ROLES:
         raise invalid(f"{where}.role must be one of {', '.join(sorted(RESPONSE_ROLES))}.", f"{where}.role")
     if isinstance(content, str):
         text: Content = content
@@ -4619,7 +4642,7 @@ def responses_parts(parts: list[Any], where: str, settings: Settings) -> Content
     """A user message's text and images (input_image with a data: URI, when MODEL_VISION)."""
     read: list[str | Image] = []
     for part in parts:
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = part.get("type") if isinstance(part, dict) and isinstance(part.get("type"), str) else None
         if kind in RESPONSE_TEXT_PARTS and isinstance(part.get("text"), str):
             read.append(part["text"])
         elif kind == "input_image" and settings.model_info["vision"]:
@@ -4650,7 +4673,9 @@ def responses_tool_choice(choice: Any) -> Any:
     """tool_choice in the chat completions shape: a function is named flat here, nested there."""
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    return v1_tool_choice(choice)
+    if choice is None or (isinstance(choice, str) and choice in TOOL_CHOICES):
+        return choice
+    raise invalid('\'tool_choice\' must be none, auto, required or {"type": "function", "name": ...}.', "tool_choice")
 
 
 def responses_format(text: Any, settings: Settings) -> dict[str, Any] | None:
@@ -4948,25 +4973,33 @@ async def responses_job(ctx: AppContext, asked: ResponsesRequest, response: Resp
     """The turn: of a new conversation or, with previous_response_id, of that response's; or stateless."""
     artifact = response.artifact if asked.store else None
     if asked.previous_response_id is None:
-        message, history = client_history(asked.said)
-        check_length(message, ctx.settings, "input")
+        message, history = client_history(asked.said, param="input")
+        check_message(message, ctx.settings, "input")
         conversation_id = f"conv_{response.id.removeprefix('resp_')}" if asked.store else response.id
         response.conversation_id = conversation_id if asked.store else None
         return TurnJob(conversation_id, message, history, asked.store, asked.options, artifact=artifact,
                        face=ResponsesStream.name)  # fmt: skip
-    previous = await ctx.store.artifact(asked.previous_response_id)
-    if previous is None:
-        raise not_stored(asked.previous_response_id)
-    if not previous.latest:
-        raise ApiError("response_not_latest", param="previous_response_id")
+    previous = await latest_response(ctx.store, asked.previous_response_id)
     awaited = {item["call_id"]: item["name"] for item in previous.body["output"] if item["type"] == "function_call"}
     message, results, system = continued_input(asked.said, awaited)
-    check_length(message, ctx.settings, "input")
+    check_message(message, ctx.settings, "input")
     instructions = "\n".join(text for text in [*system, asked.options.instructions or ""] if text) or None
     options = dataclasses.replace(asked.options, instructions=instructions)
     response.conversation_id = previous.conversation_id if asked.store else None
+    # Another turn of the conversation may end while this one waits for the lease: check again under it.
+    still = functools.partial(latest_response, ctx.store, asked.previous_response_id)
     return TurnJob(previous.conversation_id, message, None, asked.store, options, results=results,
-                   artifact=artifact, face=ResponsesStream.name)  # fmt: skip
+                   artifact=artifact, face=ResponsesStream.name, precondition=still)  # fmt: skip
+
+
+async def latest_response(store: Store, response_id: str) -> Artifact:
+    """The stored response a request continues: it must be its conversation's latest (no branches)."""
+    previous = await store.artifact(response_id)
+    if previous is None:
+        raise not_stored(response_id)
+    if not previous.latest:
+        raise ApiError("response_not_latest", param="previous_response_id")
+    return previous
 
 
 async def v1_responses(request: Request) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
@@ -4987,6 +4988,12 @@ def test_responses_a_cut_answer_is_incomplete_for_max_output_tokens(sdk: openai.
     assert response.output[-1].status == "incomplete" and response.output_text == "the start of"  # type: ignore[union-attr]
 
 
+def test_responses_an_answer_after_a_cut_tool_call_is_complete(sdk: openai.OpenAI, upstream: FakeModelAPI) -> None:
+    upstream.reset(Reply(tool_calls=[("calculate", {"expression": "1+1"})], finish_reason="length"), Reply(content="2"))
+    response = sdk.responses.create(model="m", input="1+1?")
+    assert response.status == "completed" and response.output[-1].status == "completed"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("store", [True, False], ids=["previous-response", "items-sent-back"])
 def test_responses_a_client_function_call_goes_to_the_client_and_its_output_brings_the_answer(
     sdk: openai.OpenAI, upstream: FakeModelAPI, store: bool
@@ -5019,6 +5026,47 @@ def test_responses_a_reply_calling_an_agent_tool_and_a_client_function_streams_w
     assert [item["type"] for item in completed["output"]] == ["reasoning", "function_call"]
     added = [event["item"]["type"] for event in streamed if event["type"] == "response.output_item.added"]
     assert added == ["reasoning", "function_call"]
+
+
+def test_responses_a_reply_calling_an_agent_tool_and_a_client_function_is_continued_by_the_functions_output(
+    service: ServerThread, upstream: FakeModelAPI
+) -> None:
+    upstream.reset(Reply(tool_calls=[("get_weather", {"city": "Oslo"}), ("calculate", {"expression": "6*7"})]),
+                   Reply(content="Snow, and 42."))  # fmt: skip
+    first = post_response(service.url, input="Both?", tools=[WEATHER_TOOL]).json()
+    output = {"type": "function_call_output", "call_id": first["output"][-1]["call_id"], "output": "snow"}
+    second = post_response(service.url, input=[output], tools=[WEATHER_TOOL], previous_response_id=first["id"])
+    assert second.status_code == 200 and second.json()["output"][-1]["content"][0]["text"] == "Snow, and 42."
+    sent = upstream.requests[1]["messages"]
+    assert [m["role"] for m in sent[-3:]] == ["assistant", "tool", "tool"]
+    assert {m["tool_call_id"]: m["content"] for m in sent[-2:]} == {"call_0": "snow", "call_1": "42"}
+
+
+def test_responses_a_turn_that_ends_while_another_waits_for_the_lease_makes_that_one_409(
+    service: ServerThread, upstream: FakeModelAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = post_response(service.url, input="I am Ada.").json()
+    store, checked = service.app_ctx.store, threading.Event()
+    loop = service.server.servers[0].get_loop()  # type: ignore[attr-defined]
+    other_done = asyncio.Event()
+    real = store.artifact
+
+    async def pausing_after_the_first_check(artifact_id: str) -> Any:
+        found = await real(artifact_id)
+        if not checked.is_set():  # the first request: it has checked, and now the other one runs to its end
+            checked.set()
+            await other_done.wait()
+        return found
+
+    monkeypatch.setattr(store, "artifact", pausing_after_the_first_check)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post_response, service.url, input="B", previous_response_id=first["id"])
+        assert checked.wait(10)
+        other = post_response(service.url, input="A", previous_response_id=first["id"])
+        loop.call_soon_threadsafe(other_done.set)
+        refused = waiting.result(10)
+    assert other.status_code == 200 and refused.status_code == 409
+    assert refused.json()["error"]["code"] == "response_not_latest" and len(upstream.requests) == 2
 
 
 def test_responses_continuing_with_the_items_a_client_sends_back_reads_only_the_new_ones(
@@ -5083,6 +5131,15 @@ RESPONSES_BAD_INPUT = [
      "input[0].content"),
     ("previous-not-a-string", {"input": "hi", "previous_response_id": 5}, "previous_response_id"),
     ("tool-choice-without-tools", {"input": "hi", "tool_choice": {"type": "function", "name": {}}}, "tool_choice"),
+    ("tool-choice-chat-shaped",
+     {"input": "hi", "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     "tool_choice"),
+    ("type-a-list", {"input": [{"type": [], "role": "user", "content": "hi"}]}, "input[0].type"),
+    ("role-a-list", {"input": [{"role": [], "content": "hi"}]}, "input[0].role"),
+    ("part-type-an-object", {"input": [{"role": "user", "content": [{"type": {}}]}]}, "input[0].content"),
+    ("empty-message", {"input": [{"role": "user", "content": ""}]}, "input"),
+    ("empty-parts", {"input": [{"role": "user", "content": []}]}, "input"),
+    ("only-reasoning", {"input": [{"type": "reasoning", "summary": []}]}, "input"),
 ]  # fmt: skip
 
 
