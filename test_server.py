@@ -2030,6 +2030,7 @@ README_SECTIONS = (
     "Responses API（`/v1/responses`）",
 )  # fmt: skip
 # What changes from one run to the next: ids, times, and the numbers that follow from them.
+README_CLOCK = "@2026-12-01 13:51:00"  # UTC
 VOLATILE = [
     (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<uuid>"),
     (re.compile(r"call_[0-9a-f]{12}"), "<call>"),
@@ -2123,6 +2124,9 @@ def test_every_example_of_the_readmes_quick_start_and_api_runs_as_written_agains
     subprocess.run(["cp", ".env.example", ".env"], cwd=home, check=True)  # as the quick start's block does
     port = free_port()
     server_env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}  # the environment wins over .env: loopback only
+    # The demo model's answers name the day and its token counts follow the tool's text: the server
+    # runs from the moment the README's outputs were taken (2026-12-01 22:51 in Tokyo, a Tuesday).
+    server_env |= faked_clock(README_CLOCK) | {"TZ": "UTC"}
     with subprocess.Popen([sys.executable, "server.py"], cwd=home, env=server_env, start_new_session=True) as process:
         try:
             assert wait_until(lambda: health_status(f"http://127.0.0.1:{port}") == 200, 30), "server.py did not start"
@@ -3255,6 +3259,14 @@ def test_a_role_that_may_only_read_and_write_the_tables_runs_the_server(
     assert answered.status_code == 200 and deleted.status_code == 204
 
 
+def faked_clock(faketime: str) -> dict[str, str]:
+    """The environment that runs a process on another clock (libfaketime's FAKETIME), its monotonic clock real."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not found:
+        pytest.fail("This test runs a process on another clock with libfaketime: apt-get install -y faketime")
+    return {"LD_PRELOAD": str(found[0]), "FAKETIME": faketime, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
 def readme_grants() -> str:
     """The grants the README gives a role that only reads and writes the tables."""
     blocks = re.findall(r"```sql\n(.*?)```", (HERE / "README.md").read_text(encoding="utf-8"), re.DOTALL)
@@ -3265,12 +3277,9 @@ def test_leases_run_on_the_databases_clock_whatever_the_instances_clocks_say(
     settings_for: Callable[..., server.Settings], upstream: FakeModelAPI, postgres_url: str, tmp_path: Path
 ) -> None:
     # Instance B's clock is two hours ahead: on its own clock, A's lease would look expired long ago.
-    faketime = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
-    if not faketime:
-        pytest.fail("The clock test needs libfaketime: apt-get install -y faketime")
     empty_postgres(postgres_url)
     env = process_env(settings_for, DATABASE_URL=postgres_url)
-    ahead = {**env, "LD_PRELOAD": str(faketime[0]), "FAKETIME": "+2h", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    ahead = {**env, **faked_clock("+2h")}
     upstream.reset(Reply(content="a b c d", fault="stall"))
     with service_process(env, tmp_path) as (_, a), service_process(ahead, tmp_path) as (b_process, b):
         clock = httpx.get(b + "/health").headers["date"]
