@@ -3170,7 +3170,6 @@ class Turn:
         self.renewal: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.last_event = self.renewed = self.loop.time()
-        self.database_down = False  # the turn failed because the database did: its lease's release is not waited for
         self.timer = self.loop.call_later(self._next_tick(), self._tick)
         self.watch = ctx.telemetry.turn(job)  # the metrics and traces of the turn
         self.task = asyncio.create_task(self._pump(), context=self.watch.context())
@@ -3263,8 +3262,9 @@ class Turn:
         finally:
             self.timer.cancel()  # no ping or renewal follows the end
             try:
+                # _end waited for the release already, or knew better than to (the database failed).
                 releasing = self._release()
-                if releasing is not None and not releasing.done() and not self.database_down:
+                if releasing is not None and not releasing.done() and self.state is not TurnState.ENDING:
                     await asyncio.wait([releasing])
             finally:
                 self.events.put_nowait(None)
@@ -3306,8 +3306,8 @@ class Turn:
         database is what failed: its release would wait out the same time limit, the error first."""
         self._move(TurnState.ENDING)
         self.timer.cancel()
-        self.database_down = isinstance(event, Failed) and event.error.code == "database_unavailable"
-        if (releasing := self._release()) is not None and not releasing.done() and not self.database_down:
+        database_down = isinstance(event, Failed) and event.error.code == "database_unavailable"
+        if (releasing := self._release()) is not None and not releasing.done() and not database_down:
             await asyncio.wait([releasing])
         self.emit(event)
 
